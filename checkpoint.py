@@ -1,0 +1,91 @@
+"""One file format for everything a run saves: a dict of tensors, state_dicts and plain config, written
+atomically and read with torch.load(weights_only=True).
+
+- Model files (cifar10.model, discriminator.model, generator.model): {"kind", "config", "state_dict"}.
+  Both discriminator files load through load_model(path, "discriminator").
+- Training checkpoints (baseline.ckpt, gan.ckpt): {"job", "config", "epoch", "batch", ...} with the
+  models' and optimizers' state_dicts; "epoch"/"batch" say how far training got.
+"""
+import os
+
+import torch
+
+from models import Discriminator, Generator
+from runtime import UserError
+
+MODEL_CLASSES = {"discriminator": Discriminator, "generator": Generator}
+
+
+def atomic_save(obj, path):
+    """Write to a temporary file, then rename: a run killed mid-write leaves the previous file intact."""
+    tmp = f"{path}.tmp"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}")
+
+
+def _read(path, what):
+    if not os.path.isfile(path):
+        raise UserError(f"{path} does not exist: {what}")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and unpickler errors all mean "not one of our files"
+        raise UserError(f"{path} is not a file this repo wrote ({type(e).__name__}); {what}")
+    if not isinstance(content, dict):
+        raise UserError(f"{path} is not a file this repo wrote; {what}")
+    return content
+
+
+def model_record(model):
+    """What a model file holds: the kind of net, its config and its weights."""
+    kind = {cls: name for name, cls in MODEL_CLASSES.items()}[type(model)]
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {"kind": kind, "config": {"width": model.width}, "state_dict": state}
+
+
+def save_model(model, path):
+    atomic_save(model_record(model), path)
+
+
+def load_model(path, kind, device="cpu"):
+    """The model of `kind` ("discriminator" or "generator") stored at path, in eval mode."""
+    expected = "a discriminator (cifar10.model or discriminator.model)" if kind == "discriminator" \
+        else "a generator (generator.model)"
+    record = _read(path, f"expected {expected} written by train_baseline.py or train_gan.py")
+    if record.get("kind") != kind:
+        found = f"a {record['kind']}" if "kind" in record else "no model"
+        raise UserError(f"{path} holds {found}, expected {expected}")
+    model = MODEL_CLASSES[kind](**record["config"])
+    try:
+        model.load_state_dict(record["state_dict"])
+    except RuntimeError:
+        raise UserError(f"{path}: its weights do not fit a {kind} of width {record['config'].get('width')}")
+    return model.to(device).eval()
+
+
+def restore_model(model, record, path):
+    """Load a model record (as model_record makes it) into an existing model, checking kind and width."""
+    if record.get("kind") != model_record(model)["kind"] or record["config"]["width"] != model.width:
+        raise UserError(f"{path} holds a {record.get('kind')} of width {record['config'].get('width')}, "
+                        f"but this run builds a {type(model).__name__.lower()} of width {model.width}; "
+                        "pass the same --width or another --out-dir")
+    model.load_state_dict(record["state_dict"])
+
+
+def load_checkpoint(path, job, config):
+    """The training checkpoint of `job` at path, or None when there is none. Refuses a checkpoint from
+    another job or with a different model or data config, since resuming it would silently change the run."""
+    if not os.path.exists(path):
+        return None
+    ckpt = _read(path, f"expected a {job} checkpoint; delete it or choose another --out-dir")
+    if ckpt.get("job") != job:
+        raise UserError(f"{path} is a checkpoint of {ckpt.get('job')!r}, not of {job!r}; choose another --out-dir")
+    for key, value in config.items():
+        saved = ckpt["config"].get(key)
+        if saved != value:
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"{path} was trained with {flag} {saved}, this run asks for {value}; "
+                            f"pass {flag} {saved} to resume it, or choose another --out-dir")
+    return ckpt

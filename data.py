@@ -1,0 +1,240 @@
+"""CIFAR-10 as uint8 tensors, and a loader that shuffles and augments whole batches on the device.
+
+Two sources, chosen by what --data-dir holds:
+- an image-folder tree DIR/train/<class>/* and DIR/test/<class>/* (any format Pillow reads), decoded once
+  and cached beside the data as DIR/<split>.uint8.pt;
+- torchvision's CIFAR-10 (DIR/cifar-10-batches-py), downloaded into DIR when DIR is missing or empty.
+The spec's train augmentation (random resized crop, colour jitter, horizontal flip) runs as batched tensor
+ops, so an epoch does no per-image Python work, on the GPU or the CPU alike.
+"""
+import hashlib
+import os
+import pickle
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from runtime import UserError
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+
+# Augmentation of the assignment: crop area fraction, and the colour jitter's magnitudes (torchvision's
+# ColorJitter(0.1, 0.1, 0.1, 0.1): factors drawn from [0.9, 1.1], hue shift from [-0.1, 0.1]).
+CROP_SCALE = (0.7, 1.0)
+JITTER = 0.1
+
+
+def to_float(images):
+    """uint8 [0, 255] -> float [-1, 1] (mean 0.5, std 0.5 on the [0, 1] scale)."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def load_split(data_dir, split, limit=None):
+    """(images uint8 (N, 3, 32, 32), labels int64 (N,)) of the 'train' or 'test' split. With limit, a fixed
+    subset of that many images spread over all classes (the same every run)."""
+    if not data_dir:
+        raise UserError("no --data-dir given")
+    if os.path.isdir(os.path.join(data_dir, split)):
+        images, labels = _load_image_folder(os.path.join(data_dir, split), os.path.join(data_dir, f"{split}.uint8.pt"))
+    else:
+        images, labels = _load_cifar_batches(_cifar_batches_dir(data_dir), split)
+    if limit is not None and limit < len(labels):
+        subset = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:limit].sort().values
+        images, labels = images[subset], labels[subset]
+    return images, labels
+
+
+def _cifar_batches_dir(data_dir):
+    batches = os.path.join(data_dir, "cifar-10-batches-py")
+    if os.path.isdir(batches):
+        return batches
+    if os.path.isdir(data_dir) and os.listdir(data_dir):
+        raise UserError(f"{data_dir} holds neither train/ and test/ class folders nor cifar-10-batches-py/; "
+                        "point --data-dir at one of those, or at a missing or empty folder to download CIFAR-10")
+    import torchvision
+
+    try:
+        torchvision.datasets.CIFAR10(data_dir, train=True, download=True)
+    except Exception as e:  # network and disk errors come in many types; all mean the same to the user
+        raise UserError(f"could not download CIFAR-10 into {data_dir} ({type(e).__name__}: {e}); "
+                        "without a network, pass --data-dir with train/<class>/ and test/<class>/ image folders")
+    return batches
+
+
+def _load_cifar_batches(batches, split):
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    images, labels = [], []
+    for name in names:
+        path = os.path.join(batches, name)
+        if not os.path.isfile(path):
+            raise UserError(f"{path} is missing: the CIFAR-10 download is incomplete; delete {batches} to fetch it again")
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")  # CIFAR-10's own format, as torchvision reads it
+        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(entry["labels"])
+    return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)
+
+
+def _list_image_folder(root):
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    if not classes:
+        raise UserError(f"{root} has no class folders: expected {root}/<class>/<image files>")
+    files = []
+    for label, name in enumerate(classes):
+        folder = os.path.join(root, name)
+        files += [(os.path.join(folder, f), label) for f in sorted(os.listdir(folder))
+                  if f.lower().endswith(IMAGE_SUFFIXES)]
+    if not files:
+        raise UserError(f"{root} has class folders but no images in them")
+    if len(classes) != len(CLASSES):
+        raise UserError(f"{root} has {len(classes)} class folders; CIFAR-10 needs {len(CLASSES)}")
+    return files
+
+
+def _load_image_folder(root, cache_path):
+    files = _list_image_folder(root)
+    stamp = hashlib.sha1()
+    for path, label in files:
+        stat = os.stat(path)
+        stamp.update(f"{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    stamp = stamp.hexdigest()
+    if os.path.isfile(cache_path):
+        try:
+            cached = torch.load(cache_path, weights_only=True)
+            if cached["stamp"] == stamp:
+                return cached["images"], cached["labels"]
+        except Exception:
+            pass  # a damaged or foreign cache is rebuilt below
+    images = np.empty((len(files), 32, 32, 3), dtype=np.uint8)
+    for i, (path, _) in enumerate(files):
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+                if image.size != (32, 32):
+                    image = image.resize((32, 32), Image.BILINEAR)
+                images[i] = np.asarray(image)
+        except OSError as e:
+            raise UserError(f"cannot read image {path}: {e}")
+    images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    try:
+        from checkpoint import atomic_save
+
+        atomic_save({"stamp": stamp, "images": images, "labels": labels}, cache_path)
+    except OSError:
+        pass  # a read-only data folder only costs decoding again next time
+    return images, labels
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batched augmentation. Each op takes per-sample parameters (tensors of shape (N,)), so one call transforms a
+# whole batch with different random parameters per image; the functions follow torchvision's definitions.
+
+def _blend(x, other, factor):
+    return (factor.view(-1, 1, 1, 1) * x + (1 - factor.view(-1, 1, 1, 1)) * other).clamp_(0, 1)
+
+
+def _grayscale(x):
+    return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def _rgb_to_hsv(x):
+    r, g, b = x.unbind(1)
+    maxc, minc = x.max(1).values, x.min(1).values
+    chroma = maxc - minc
+    grey = chroma == 0
+    s = chroma / torch.where(grey, torch.ones_like(maxc), maxc)
+    c = torch.where(grey, torch.ones_like(chroma), chroma)
+    rc, gc, bc = (maxc - r) / c, (maxc - g) / c, (maxc - b) / c
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2 + rc - bc, 4 + gc - rc))
+    h = torch.where(grey, torch.zeros_like(h), h)
+    return torch.stack([(h / 6).remainder(1), s, maxc], 1)
+
+
+def _hsv_to_rgb(x):
+    h, s, v = x.unbind(1)
+    sector = torch.floor(h * 6)
+    f = h * 6 - sector
+    sector = sector.long().remainder(6)
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    # The (r, g, b) of each of the six hue sectors.
+    choices = torch.stack([torch.stack(c, 1) for c in
+                           [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]], 1)
+    return choices.gather(1, sector[:, None, None].expand(-1, 1, 3, *h.shape[1:])).squeeze(1)
+
+
+def color_jitter(x, brightness, contrast, saturation, hue):
+    """x: float images in [0, 1], (N, 3, H, W); factors as torchvision's adjust_brightness/contrast/saturation,
+    hue as its adjust_hue (a shift in [-0.5, 0.5] of the hue circle), one per image."""
+    x = _blend(x, torch.zeros_like(x), brightness)
+    x = _blend(x, _grayscale(x).mean((1, 2, 3), keepdim=True), contrast)
+    x = _blend(x, _grayscale(x), saturation)
+    hsv = _rgb_to_hsv(x)
+    hsv[:, 0] = (hsv[:, 0] + hue.view(-1, 1, 1)).remainder(1)
+    return _hsv_to_rgb(hsv)
+
+
+def resized_crop_flip(x, left, top, side, flip):
+    """Crop the square [left, left+side) x [top, top+side) (pixels, fractional allowed) of each image, resize
+    it bilinearly back to the input size, and mirror the images where flip is True."""
+    n, _, height, width = x.shape
+    theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
+    # affine_grid maps output coordinates in [-1, 1] to input ones; pixel edge p sits at 2p/size - 1.
+    theta[:, 0, 0] = side / width * torch.where(flip, -1.0, 1.0)
+    theta[:, 0, 2] = (2 * left + side) / width - 1
+    theta[:, 1, 1] = side / height
+    theta[:, 1, 2] = (2 * top + side) / height - 1
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def augment(images, rng):
+    """uint8 batch -> augmented float batch in [-1, 1], with random parameters per image drawn from rng."""
+    n, _, size, _ = images.shape
+    draw = lambda low, high: torch.empty(n, device=images.device).uniform_(low, high, generator=rng)
+    side = size * draw(*CROP_SCALE).sqrt()
+    left, top = (size - side) * draw(0, 1), (size - side) * draw(0, 1)
+    flip = draw(0, 1) < 0.5
+    x = resized_crop_flip(images.float() / 255, left, top, side, flip)
+    x = color_jitter(x, draw(1 - JITTER, 1 + JITTER), draw(1 - JITTER, 1 + JITTER),
+                     draw(1 - JITTER, 1 + JITTER), draw(-JITTER, JITTER))
+    return x * 2 - 1
+
+
+class Loader:
+    """Batches of a dataset kept on `device` as uint8. Train mode shuffles each epoch (a permutation fixed
+    by seed and epoch) and drops the last partial batch; eval mode serves every image in order.
+    batch_size is global: with world_size processes, each takes its 1/world_size share of every batch."""
+
+    def __init__(self, images, labels, batch_size, device, train, seed=0, rank=0, world_size=1):
+        self.images, self.labels = images.to(device), labels.to(device)
+        self.batch_size, self.train, self.seed = min(batch_size, len(labels)), train, seed
+        self.rank, self.world_size = rank, world_size
+
+    def __len__(self):
+        n = len(self.labels)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def batches(self, epoch=0, start=0):
+        """Yields (batch index, uint8 images, labels) of the given epoch from batch `start` on."""
+        n = len(self.labels)
+        if self.train:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            order = order.to(self.images.device)
+        else:
+            order = torch.arange(n, device=self.images.device)
+        for b in range(start, len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size][self.rank::self.world_size]
+            yield b, self.images[idx], self.labels[idx]
+
+    @torch.no_grad()
+    def accuracy(self, model):
+        """Fraction of this loader's images (this process's share) whose fc10 argmax is the true label."""
+        correct, count = torch.zeros((), device=self.labels.device), 0
+        for _, images, labels in self.batches():
+            correct += (model(to_float(images))[1].argmax(1) == labels).sum()
+            count += len(labels)
+        return correct.item() / count

@@ -1,0 +1,49 @@
+"""Image grids with readable labels: the one writer every script uses for its PNGs."""
+import os
+
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.utils import make_grid
+
+HEADER = 14  # pixels of the label strip above a grid or a frame
+
+
+def to_unit(x):
+    """[-1, 1] (the networks' scale) -> [0, 1] (display), clipped."""
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+def grid_image(images, nrow, scale=2, column_labels=None, title=None):
+    """A PIL image of images in [0, 1] (N, 3, H, W), nrow per row, enlarged `scale` times (nearest) so that a
+    label fits above each column; a title goes above the whole grid."""
+    grid = make_grid(images.detach().float().cpu(), nrow=nrow, padding=2, pad_value=1.0)
+    if scale != 1:
+        grid = F.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]
+    array = grid.mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+    image = Image.fromarray(array)
+    if column_labels is None and title is None:
+        return image
+    canvas = Image.new("RGB", (image.width, image.height + HEADER), "white")
+    canvas.paste(image, (0, HEADER))
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    if title is not None:
+        draw.text((4, 1), title, fill="black", font=font)
+    else:
+        cell = (images.shape[-1] + 2) * scale
+        for i, label in enumerate(column_labels):
+            width = draw.textlength(label, font=font)
+            draw.text((i * cell + (cell - width) / 2 + scale, 1), label, fill="black", font=font)
+    return canvas
+
+
+def save_png(image, path):
+    """Write a PIL image atomically (a reader never sees half a file)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp"
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def save_grid(images, path, nrow, scale=2, column_labels=None, title=None):
+    """grid_image(...) written to path as PNG."""
+    save_png(grid_image(images, nrow, scale, column_labels, title), path)
