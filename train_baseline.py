@@ -39,6 +39,23 @@ def lr_at(epoch, args):
     return args.lr * (0.01 if epoch >= 0.75 * args.epochs else 0.1 if epoch >= 0.5 * args.epochs else 1.0)
 
 
+def distribute(model, rt):
+    """The model wrapped in DistributedDataParallel under torchrun, else the model. The critic head fc1 is
+    frozen: classification never uses it, and DDP needs every trainable parameter to get a gradient."""
+    model.fc1.requires_grad_(False)
+    return DistributedDataParallel(model) if rt.world_size > 1 else model
+
+
+def train_step(net, optimizer, x, labels):
+    """One Adam step on cross entropy of fc10; returns (loss, number correct) as device tensors."""
+    logits = net(x)[1]
+    loss = F.cross_entropy(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), (logits.argmax(1) == labels).sum()
+
+
 def train(args):
     rt = Runtime(args.device)
     if rt.main:
@@ -63,7 +80,7 @@ def train(args):
         start_epoch, start_batch, partial = ckpt["epoch"], ckpt["batch"], ckpt["partial"]
         if rt.main:
             print(f"resuming {ckpt_path} at epoch {start_epoch + 1}, batch {start_batch}")
-    net = DistributedDataParallel(model) if rt.world_size > 1 else model
+    net = distribute(model, rt)
 
     train_loader = Loader(*load_split(args.data_dir, "train", args.limit_train), args.batch_size, rt.device,
                           train=True, seed=args.seed, rank=rt.rank, world_size=rt.world_size)
@@ -89,14 +106,9 @@ def train(args):
         bar = progress_bar(train_loader.batches(epoch, start_batch), len(train_loader) - start_batch,
                            f"epoch {epoch + 1}/{args.epochs}", rt.main)
         for b, images, labels in bar:
-            x = augment(images, rt.rng(args.seed, epoch, b))
-            logits = net(x)[1]
-            loss = F.cross_entropy(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach() * len(labels)
-            correct += (logits.argmax(1) == labels).sum()
+            loss, batch_correct = train_step(net, optimizer, augment(images, rt.rng(args.seed, epoch, b)), labels)
+            loss_sum += loss * len(labels)
+            correct += batch_correct
             seen += len(labels)
             if (b + 1) % LOG_EVERY == 0:
                 mean_loss = loss_sum.item() / seen
@@ -133,8 +145,7 @@ def train(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    run_main(lambda: train(args))
+    run_main(lambda: train(parse_args(argv)))
 
 
 if __name__ == "__main__":

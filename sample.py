@@ -1,0 +1,67 @@
+"""Draw images of chosen classes from a trained generator into one PNG grid.
+
+    python sample.py --model generator.model --classes cat --n 64 --output cats.png
+    python sample.py --model generator.model --classes 0 ship truck --n 8 --output some.png
+
+One class: an n-image square-ish grid. Several: one column per class, n images each, names on top.
+"""
+import argparse
+import math
+
+import torch
+
+from checkpoint import load_model
+from data import CLASSES
+from images import save_grid, to_unit
+from models import class_noise
+from runtime import Runtime, UserError, run_main
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="generator.model", help="generator file (default: generator.model)")
+    parser.add_argument("--classes", nargs="+", default=list(CLASSES),
+                        help=f"class names or indices 0-9 (default: all ten): {', '.join(CLASSES)}")
+    parser.add_argument("--n", type=int, default=10, help="images per class (default: 10)")
+    parser.add_argument("--output", default="samples.png", help="PNG to write (default: samples.png)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default: 0)")
+    parser.add_argument("--device", default="auto", help="cuda, cpu, or auto: cuda when present (default)")
+    return parser.parse_args(argv)
+
+
+def class_index(name):
+    if name.isdigit() and int(name) < len(CLASSES):
+        return int(name)
+    if name in CLASSES:
+        return CLASSES.index(name)
+    raise UserError(f"unknown class {name!r}; use an index 0-{len(CLASSES) - 1} or one of {', '.join(CLASSES)}")
+
+
+@torch.no_grad()
+def sample(gen, classes, n, seed):
+    """n images of each class in [-1, 1], ordered image-major so that a len(classes)-wide grid has one
+    class per column."""
+    labels = torch.tensor(classes, device=next(gen.parameters()).device).repeat(n)
+    generator = torch.Generator(labels.device).manual_seed(seed)
+    return gen(class_noise(labels, generator))
+
+
+def run(args):
+    if args.n < 1:
+        raise UserError(f"--n must be at least 1, got {args.n}")
+    classes = [class_index(c) for c in args.classes]
+    gen = load_model(args.model, "generator", Runtime(args.device).device)
+    images = to_unit(sample(gen, classes, args.n, args.seed))
+    if len(classes) == 1:
+        save_grid(images, args.output, nrow=math.ceil(math.sqrt(args.n)), title=CLASSES[classes[0]])
+    else:
+        save_grid(images, args.output, nrow=len(classes), column_labels=[CLASSES[c] for c in classes])
+    print(f"wrote {len(images)} images to {args.output}")
+
+
+def main(argv=None):
+    run_main(lambda: run(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

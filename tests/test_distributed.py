@@ -1,0 +1,119 @@
+"""Several processes (torch.distributed with gloo on the CPU) and the schedulers' stop signals."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import torch
+import torch.multiprocessing as mp
+
+import train_baseline
+import train_gan
+from conftest import REPO
+from models import Discriminator, Generator
+from runtime import Runtime, read_metrics
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_a_few_steps(rank, port, out_dir):
+    """Worker: three GAN iterations and three baseline steps on data that differs between the ranks."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    rt = Runtime("cpu")
+    torch.manual_seed(0)
+    gen, disc, classifier = Generator(8), Discriminator(8), Discriminator(8)
+    gen_net, disc_net = train_gan.distribute(gen, disc, rt)
+    opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3, betas=(0.0, 0.9))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-3, betas=(0.0, 0.9))
+    net = train_baseline.distribute(classifier, rt)
+    opt_c = torch.optim.Adam(classifier.parameters(), lr=1e-3)
+    data = torch.Generator().manual_seed(100 + rank)
+    for b in range(3):
+        real = torch.rand(4, 3, 32, 32, generator=data) * 2 - 1
+        labels = torch.randint(0, 10, (4,), generator=data)
+        rng = rt.rng(0, 0, b)
+        train_gan.generator_step(gen_net, disc, opt_g, 4, rng)
+        train_gan.discriminator_step(disc_net, gen_net, opt_d, real, labels, rng, 10.0)
+        train_baseline.train_step(net, opt_c, real, labels)
+    params = {f"{name}.{key}": value for name, model in (("gen", gen), ("disc", disc), ("cls", classifier))
+              for key, value in model.named_parameters()}
+    torch.save({k: v.detach() for k, v in params.items()}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_two_processes_end_with_identical_parameters(tmp_path):
+    mp.spawn(train_a_few_steps, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    torch.manual_seed(0)
+    start = {f"gen.{k}": v for k, v in Generator(8).named_parameters()}
+    for key, value in rank0.items():
+        assert torch.equal(value, rank1[key]), f"{key} differs between the ranks"
+    assert not torch.equal(rank0["gen.fc1.weight"], start["gen.fc1.weight"]), "the generator did not train"
+
+
+def torchrun(script, *args):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(REPO, script), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def python(script, *args, **kwargs):
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], capture_output=True,
+                          text=True, timeout=600, **kwargs)
+
+
+def common_args(data, out):
+    return ["--data-dir", data, "--out-dir", out, "--width", 8, "--batch-size", 32, "--device", "cpu",
+            "--limit-test", 20]
+
+
+def test_gan_under_torchrun_writes_once_and_resumes_in_one_process(tiny_image_folder, tmp_path):
+    out = tmp_path / "run"
+    result = torchrun("train_gan.py", *common_args(tiny_image_folder, out), "--epochs", 1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("saved ") == 1, "only rank 0 prints"
+    assert [r["epoch"] for r in read_metrics(out / "gan_metrics.jsonl") if r["type"] == "epoch"] == [1], "only rank 0 writes"
+    assert sorted(os.listdir(out)) == ["discriminator.model", "gan.ckpt", "gan_metrics.jsonl", "generator.model",
+                                       "output"]
+    assert os.listdir(out / "output") == ["000.png"]
+
+    result = python("train_gan.py", *common_args(tiny_image_folder, out), "--epochs", 2, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming" in result.stdout
+    assert [r["epoch"] for r in read_metrics(out / "gan_metrics.jsonl") if r["type"] == "epoch"] == [1, 2]
+
+
+def test_baseline_under_torchrun_writes_once(tiny_image_folder, tmp_path):
+    out = tmp_path / "run"
+    result = torchrun("train_baseline.py", *common_args(tiny_image_folder, out), "--epochs", 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_metrics(out / "baseline_metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2], "only rank 0 writes"
+    assert sorted(os.listdir(out)) == ["baseline.ckpt", "baseline_metrics.jsonl", "cifar10.model"]
+
+
+def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes(tiny_image_folder, tmp_path):
+    out = tmp_path / "run"
+    # Batch 4 of 260 images: 65 batches, so the signal lands inside the first epoch.
+    args = ["--data-dir", tiny_image_folder, "--out-dir", out, "--width", 8, "--batch-size", 4, "--device", "cpu",
+            "--limit-test", 20, "--epochs", 1]
+    process = subprocess.Popen([sys.executable, "-u", os.path.join(REPO, "train_gan.py"), *map(str, args)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "epoch" in process.stdout.readline()  # the table header: data loaded, the loop is starting
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 75, stderr[-3000:]
+    assert "stopped by SIGTERM" in stdout and "--resume" in stdout
+    ckpt = torch.load(out / "gan.ckpt", weights_only=True)
+    assert ckpt["epoch"] == 0 and 0 < ckpt["batch"] < 65
+
+    result = python("train_gan.py", *args, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming {out / 'gan.ckpt'} at epoch 1, batch {ckpt['batch']}" in result.stdout
+    assert [r["epoch"] for r in read_metrics(out / "gan_metrics.jsonl") if r["type"] == "epoch"] == [1]
+    assert torch.load(out / "gan.ckpt", weights_only=True)["epoch"] == 1

@@ -1,0 +1,189 @@
+"""The GAN's losses and steps against hand computations, and train_gan.py / sample.py through their CLIs."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import train_gan
+from checkpoint import load_model
+from images import HEADER
+from models import NOISE_DIM, NUM_CLASSES, Discriminator, Generator
+from runtime import read_metrics
+from conftest import REPO
+
+
+def run_script(script, *args):
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def tiny_nets(width=8):
+    torch.manual_seed(0)
+    return Generator(width), Discriminator(width)
+
+
+def test_gradient_penalty_of_a_linear_critic():
+    """For D(x) = w.x + b the gradient is w everywhere, so GP = lambda * (|w| - 1)^2."""
+    torch.manual_seed(0)
+    w = (torch.randn(3 * 32 * 32) * 0.05).requires_grad_(True)
+    x_hat = torch.randn(5, 3, 32, 32, requires_grad=True)
+    gp = train_gan.gradient_penalty(x_hat.flatten(1) @ w + 0.3, x_hat, lambda_gp=10.0)
+    norm = w.norm().item()
+    assert gp.item() == pytest.approx(10.0 * (norm - 1) ** 2, rel=1e-5)
+    # Kept in the graph (create_graph): the critic's update sees d GP / d w = 2 lambda (|w| - 1) w / |w|.
+    gp.backward()
+    torch.testing.assert_close(w.grad, 2 * 10.0 * (norm - 1) * w.detach() / norm)
+
+
+def test_discriminator_loss_has_the_five_terms():
+    disc = tiny_nets()[1].double()  # float64, so that batched and separate passes agree to rounding
+    torch.manual_seed(1)
+    real, fake = torch.rand(4, 3, 32, 32).double() * 2 - 1, torch.rand(4, 3, 32, 32).double() * 2 - 1
+    y_real, y_fake, alpha = torch.tensor([0, 1, 2, 3]), torch.tensor([9, 8, 7, 6]), torch.rand(4).double()
+    loss, monitored = train_gan.discriminator_loss(disc, real, y_real, fake, y_fake, alpha, 10.0)
+
+    # By hand: three separate forward passes, the penalty from its definition.
+    x_hat = (alpha.view(-1, 1, 1, 1) * real + (1 - alpha.view(-1, 1, 1, 1)) * fake).requires_grad_(True)
+    s_real, c_real = disc(real)
+    s_fake, c_fake = disc(fake)
+    grad, = torch.autograd.grad(disc(x_hat)[0].sum(), x_hat, create_graph=True)
+    gp = 10.0 * ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
+    expected = s_fake.mean() - s_real.mean() + F.cross_entropy(c_real, y_real) + F.cross_entropy(c_fake, y_fake) + gp
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert monitored[0].item() == pytest.approx(gp.item(), rel=1e-5)
+    assert monitored[5].item() == (c_real.argmax(1) == y_real).float().mean().item()
+
+    # The gradients match too, the penalty's second-order part included.
+    params = list(disc.parameters())
+    got = torch.autograd.grad(loss, params)
+    want = torch.autograd.grad(expected, params)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e)
+
+
+def test_generator_loss_has_the_two_terms():
+    gen, disc = tiny_nets()
+    z, labels = torch.randn(6, NOISE_DIM), torch.tensor([0, 1, 2, 3, 4, 5])
+    fake = gen(z)
+    scores, logits = disc(fake)
+    expected = -scores.mean() + F.cross_entropy(logits, labels)
+    assert train_gan.generator_loss(disc, fake, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_generator_step_leaves_the_discriminator_alone():
+    gen, disc = tiny_nets()
+    opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3, betas=(0.0, 0.9))
+    scores, logits = disc(torch.rand(2, 3, 32, 32))
+    (scores.sum() + logits.sum()).backward()  # give D gradients that must survive
+    d_params = [p.detach().clone() for p in disc.parameters()]
+    d_grads = [p.grad.clone() for p in disc.parameters()]
+    g_params = [p.detach().clone() for p in gen.parameters()]
+    train_gan.generator_step(gen, disc, opt_g, 4, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, p) for a, p in zip(d_params, disc.parameters()))
+    assert all(torch.equal(a, p.grad) for a, p in zip(d_grads, disc.parameters()))
+    assert all(p.requires_grad for p in disc.parameters()), "D must be unfrozen again for its own step"
+    assert any(not torch.equal(a, p) for a, p in zip(g_params, gen.parameters()))
+
+
+def test_discriminator_step_does_not_move_the_generator():
+    gen, disc = tiny_nets()
+    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-3, betas=(0.0, 0.9))
+    g_params = [p.detach().clone() for p in gen.parameters()]
+    d_params = [p.detach().clone() for p in disc.parameters()]
+    real, labels = torch.rand(4, 3, 32, 32) * 2 - 1, torch.tensor([1, 2, 3, 4])
+    train_gan.discriminator_step(disc, gen, opt_d, real, labels, torch.Generator().manual_seed(0), 10.0)
+    assert all(torch.equal(a, p) for a, p in zip(g_params, gen.parameters()))
+    assert all(p.grad is None for p in gen.parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(d_params, disc.parameters()))
+
+
+def test_fixed_noise_has_one_hot_labels_in_column_order():
+    noise = train_gan.fixed_noise(seed=0)
+    assert noise.shape == (100, NOISE_DIM)
+    for i in range(100):
+        # Grid position i sits in column i % 10: that column's class is one-hot in the first 10 entries.
+        assert torch.equal(noise[i, :NUM_CLASSES], F.one_hot(torch.tensor(i % 10), NUM_CLASSES).float())
+    assert noise[:, NUM_CLASSES:].std() > 0.5
+    assert not torch.equal(noise[0, NUM_CLASSES:], noise[10, NUM_CLASSES:])
+
+
+def gan_args(data, out, *extra):
+    return ["--data-dir", data, "--out-dir", out, "--width", 8, "--batch-size", 32, "--device", "cpu",
+            "--limit-test", 40, *extra]
+
+
+def test_cli_two_epochs_then_resume(tiny_image_folder, tmp_path):
+    out = tmp_path / "run"
+    result = run_script("train_gan.py", *gan_args(tiny_image_folder, out, "--epochs", 2))
+    assert result.returncode == 0, result.stderr
+    grid_side = (10 * (32 + 2) + 2) * 2  # make_grid: 10 cells of 32 px + 2 px padding, shown at 2x
+    for name in ("000.png", "001.png"):
+        with Image.open(out / "output" / name) as grid:
+            assert grid.size == (grid_side, grid_side + HEADER)
+    records = [r for r in read_metrics(out / "gan_metrics.jsonl") if r["type"] == "epoch"]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for key in ("test_acc", "seconds", "images_per_s") + train_gan.MONITORED:
+        assert key in records[0]
+    assert load_model(out / "generator.model", "generator").width == 8
+    assert load_model(out / "discriminator.model", "discriminator").width == 8
+    saved = torch.load(out / "discriminator.model", weights_only=True)
+    Discriminator(8).load_state_dict(saved["state_dict"])
+
+    result = run_script("train_gan.py", *gan_args(tiny_image_folder, out, "--epochs", 3, "--resume"))
+    assert result.returncode == 0, result.stderr
+    assert "resuming" in result.stdout and "epoch 3" in result.stdout
+    records = [r for r in read_metrics(out / "gan_metrics.jsonl") if r["type"] == "epoch"]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert sorted(os.listdir(out / "output")) == ["000.png", "001.png", "002.png"]
+    ckpt = torch.load(out / "gan.ckpt", weights_only=True)
+    assert ckpt["epoch"] == 3 and ckpt["batch"] == 0
+    assert torch.equal(ckpt["fixed_noise"], train_gan.fixed_noise(0)), "the fixed noise survives the resume"
+
+
+def test_nan_loss_stops_cleanly_and_keeps_the_checkpoint(tiny_image_folder, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    train_gan.main(list(map(str, gan_args(tiny_image_folder, out, "--epochs", 1))))
+    before = (out / "gan.ckpt").read_bytes()
+    capsys.readouterr()
+    monkeypatch.setattr(train_gan, "gradient_penalty", lambda score, x, lam: score.sum() * float("nan"))
+    with pytest.raises(SystemExit) as exit_info:
+        train_gan.main(list(map(str, gan_args(tiny_image_folder, out, "--epochs", 2, "--resume"))))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    message = err.splitlines()[-1]
+    assert message.startswith("error: ") and "epoch 2, batch 1" in message and "NaN" in message
+    assert "Traceback" not in err
+    assert (out / "gan.ckpt").read_bytes() == before
+
+
+def test_sample_writes_a_grid_of_the_asked_classes(tmp_path):
+    from checkpoint import save_model
+
+    gen = Generator(8)
+    save_model(gen, tmp_path / "generator.model")
+    result = run_script("sample.py", "--model", tmp_path / "generator.model", "--classes", "cat", "--n", 9,
+                        "--output", tmp_path / "cats.png", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "cats.png") as grid:
+        assert grid.size == ((3 * 34 + 2) * 2, (3 * 34 + 2) * 2 + HEADER)
+    result = run_script("sample.py", "--model", tmp_path / "generator.model", "--classes", "2", "ship",
+                        "--n", 4, "--output", tmp_path / "two.png", "--device", "cpu")
+    with Image.open(tmp_path / "two.png") as grid:
+        assert grid.size == ((2 * 34 + 2) * 2, (4 * 34 + 2) * 2 + HEADER)
+    result = run_script("sample.py", "--model", tmp_path / "generator.model", "--classes", "kat")
+    assert result.returncode == 2 and "unknown class 'kat'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sample_classes_follow_the_labels():
+    """The one-hot part of each sample's noise is its class: generating class c twice with the same seed is
+    deterministic, and differs from class c + 1 with the same seed."""
+    import sample
+
+    gen = Generator(8).eval()
+    a = sample.sample(gen, [3], 2, seed=0)
+    assert torch.equal(a, sample.sample(gen, [3], 2, seed=0))
+    assert not torch.allclose(a, sample.sample(gen, [4], 2, seed=0))
