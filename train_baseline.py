@@ -20,8 +20,8 @@ from torch.nn.parallel import DistributedDataParallel
 from checkpoint import atomic_save, load_checkpoint, model_record, restore_model, save_model
 from data import Loader, augment, load_split
 from models import Discriminator
-from runtime import (Runtime, StopSignal, UserError, add_common_args, append_metrics, check_common_args,
-                     prepare_out_dir, progress_bar, run_main)
+from runtime import (Runtime, StopSignal, UserError, adam, add_common_args, append_metrics, autocast,
+                     check_common_args, prepare_out_dir, progress_bar, run_main, setup_speed)
 
 LOG_EVERY = 50  # batches between host syncs: progress-bar values and the non-finite loss check
 
@@ -46,9 +46,11 @@ def distribute(model, rt):
     return DistributedDataParallel(model) if rt.world_size > 1 else model
 
 
-def train_step(net, optimizer, x, labels):
-    """One Adam step on cross entropy of fc10; returns (loss, number correct) as device tensors."""
-    logits = net(x)[1]
+def train_step(net, optimizer, x, labels, bf16=False):
+    """One Adam step on cross entropy of fc10; returns (loss, number correct) as device tensors.
+    bf16: autocast the forward pass to bf16."""
+    with autocast(x.device, bf16):
+        logits = net(x)[1].float()
     loss = F.cross_entropy(logits, labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -72,7 +74,8 @@ def train(args):
 
     torch.manual_seed(args.seed)
     model = Discriminator(args.width).to(rt.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    bf16 = setup_speed(rt.device, args.precision)
+    optimizer = adam(model.parameters(), args.lr, (0.9, 0.999), rt.device)
     start_epoch, start_batch, partial = 0, 0, [0.0, 0.0, 0]
     if ckpt is not None:
         restore_model(model, ckpt["model"], ckpt_path)
@@ -106,7 +109,8 @@ def train(args):
         bar = progress_bar(train_loader.batches(epoch, start_batch), len(train_loader) - start_batch,
                            f"epoch {epoch + 1}/{args.epochs}", rt.main)
         for b, images, labels in bar:
-            loss, batch_correct = train_step(net, optimizer, augment(images, rt.rng(args.seed, epoch, b)), labels)
+            x = augment(images, rt.rng(args.seed, epoch, b))
+            loss, batch_correct = train_step(net, optimizer, x, labels, bf16)
             loss_sum += loss * len(labels)
             correct += batch_correct
             seen += len(labels)

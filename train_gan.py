@@ -25,8 +25,8 @@ from checkpoint import atomic_save, load_checkpoint, model_record, restore_model
 from data import CLASSES, Loader, augment, load_split
 from images import save_grid, to_unit
 from models import NUM_CLASSES, Discriminator, Generator, class_noise
-from runtime import (Runtime, StopSignal, UserError, add_common_args, append_metrics, check_common_args,
-                     prepare_out_dir, progress_bar, run_main)
+from runtime import (Runtime, StopSignal, UserError, adam, add_common_args, append_metrics, autocast,
+                     check_common_args, prepare_out_dir, progress_bar, run_main, setup_speed)
 
 LOG_EVERY = 50  # batches between the printed/logged running means (and the host syncs they need)
 MONITORED = ("gp", "fake_score", "real_score", "real_ce", "fake_ce", "real_acc")
@@ -59,7 +59,7 @@ def discriminator_loss(disc, real, real_labels, fake, fake_labels, alpha, lambda
     so this is the same as three calls, and under DDP it is one forward before one backward."""
     n = len(real)
     x_hat = (alpha.view(-1, 1, 1, 1) * real + (1 - alpha.view(-1, 1, 1, 1)) * fake).requires_grad_(True)
-    scores, logits = disc(torch.cat([real, fake, x_hat]))
+    scores, logits = (t.float() for t in disc(torch.cat([real, fake, x_hat])))
     real_score, fake_score, hat_score = scores[:n].mean(), scores[n:2 * n].mean(), scores[2 * n:]
     real_ce = F.cross_entropy(logits[:n], real_labels)
     fake_ce = F.cross_entropy(logits[n:2 * n], fake_labels)
@@ -71,16 +71,19 @@ def discriminator_loss(disc, real, real_labels, fake, fake_labels, alpha, lambda
 
 def generator_loss(disc, fake, labels):
     """-mean(fc1(G(z))) + CE(fc10(G(z)), label)."""
-    scores, logits = disc(fake)
+    scores, logits = (t.float() for t in disc(fake))
     return -scores.mean() + F.cross_entropy(logits, labels)
 
 
-def generator_step(gen_net, disc, opt_g, n, rng):
+def generator_step(gen_net, disc, opt_g, n, rng, bf16=False):
     """One generator update on fresh noise with random labels. The discriminator (the plain module, not its
-    DDP wrapper) is frozen: its parameters get no gradient and stay as they are."""
+    DDP wrapper) is frozen: its parameters get no gradient and stay as they are. bf16: autocast the
+    discriminator to bf16 (the generator stays fp32: its gradient has come back through both nets)."""
     labels = torch.randint(0, NUM_CLASSES, (n,), device=rng.device, generator=rng)
     disc.requires_grad_(False)
-    loss = generator_loss(disc, gen_net(class_noise(labels, rng)), labels)
+    fake = gen_net(class_noise(labels, rng))
+    with autocast(rng.device, bf16):
+        loss = generator_loss(disc, fake, labels)
     opt_g.zero_grad(set_to_none=True)
     loss.backward()
     opt_g.step()
@@ -88,14 +91,16 @@ def generator_step(gen_net, disc, opt_g, n, rng):
     return loss.detach()
 
 
-def discriminator_step(disc_net, gen_net, opt_d, real, real_labels, rng, lambda_gp):
-    """One discriminator update against a fresh fake batch (made without gradients, so G is untouched)."""
+def discriminator_step(disc_net, gen_net, opt_d, real, real_labels, rng, lambda_gp, bf16=False):
+    """One discriminator update against a fresh fake batch (made without gradients, so G is untouched).
+    bf16: autocast the discriminator to bf16."""
     n = len(real)
     fake_labels = torch.randint(0, NUM_CLASSES, (n,), device=rng.device, generator=rng)
     with torch.no_grad():
         fake = gen_net(class_noise(fake_labels, rng))
     alpha = torch.rand(n, device=rng.device, generator=rng)
-    loss, monitored = discriminator_loss(disc_net, real, real_labels, fake, fake_labels, alpha, lambda_gp)
+    with autocast(rng.device, bf16):
+        loss, monitored = discriminator_loss(disc_net, real, real_labels, fake, fake_labels, alpha, lambda_gp)
     opt_d.zero_grad(set_to_none=True)
     loss.backward()
     opt_d.step()
@@ -146,8 +151,9 @@ def train(args):
 
     torch.manual_seed(args.seed)
     gen, disc = Generator(args.width).to(rt.device), Discriminator(args.width).to(rt.device)
-    opt_g = torch.optim.Adam(gen.parameters(), lr=args.lr, betas=(0.0, 0.9))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.0, 0.9))
+    bf16 = setup_speed(rt.device, args.precision)
+    opt_g = adam(gen.parameters(), args.lr, (0.0, 0.9), rt.device)
+    opt_d = adam(disc.parameters(), args.lr, (0.0, 0.9), rt.device)
     noise = fixed_noise(args.seed)
     start_epoch, start_batch, partial = 0, 0, [0.0] * (len(MONITORED) + 1)
     if ckpt is not None:
@@ -196,8 +202,8 @@ def train(args):
             real = augment(images, rng)
             losses = []
             if b % args.gen_train == 0:
-                losses.append(generator_step(gen_net, disc, opt_g, len(real), rng))
-            d_loss, monitored = discriminator_step(disc_net, gen_net, opt_d, real, labels, rng, args.lambda_gp)
+                losses.append(generator_step(gen_net, disc, opt_g, len(real), rng, bf16))
+            d_loss, monitored = discriminator_step(disc_net, gen_net, opt_d, real, labels, rng, args.lambda_gp, bf16)
             losses.append(d_loss)
             finite = torch.isfinite(torch.stack(losses)).all()
             first_bad = torch.where((first_bad < 0) & ~finite, b, first_bad)

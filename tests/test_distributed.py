@@ -77,7 +77,8 @@ def test_gan_under_torchrun_writes_once_and_resumes_in_one_process(tiny_image_fo
     result = torchrun("train_gan.py", *common_args(tiny_image_folder, out), "--epochs", 1)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("saved ") == 1, "only rank 0 prints"
-    assert [r["epoch"] for r in read_metrics(out / "gan_metrics.jsonl") if r["type"] == "epoch"] == [1], "only rank 0 writes"
+    epochs = [r["epoch"] for r in read_metrics(out / "gan_metrics.jsonl") if r["type"] == "epoch"]
+    assert epochs == [1], "only rank 0 writes"
     assert sorted(os.listdir(out)) == ["discriminator.model", "gan.ckpt", "gan_metrics.jsonl", "generator.model",
                                        "output"]
     assert os.listdir(out / "output") == ["000.png"]

@@ -1,0 +1,127 @@
+"""Steady-state training speed in images/s: one baseline step (augmentation + forward + backward + Adam) and
+one GAN iteration (augmentation, generator step, discriminator step with the gradient penalty), for each
+path side by side in one process:
+    plain   straightforward eager fp32 (PyTorch's default Adam, no cuDNN autotuning)
+    fp32    what the trainers run on CUDA by default (fused Adam, cuDNN autotuning: the same math)
+    bf16    the trainers with --precision bf16 (autocast; fp32 weights)
+The ratios to plain are printed too. On the CPU there is one path (the trainers' and the plain one agree).
+
+    python bench.py                                      # the GPU, width 196, batch 128
+    python bench.py --width 128 --batch-size 256 --steps 100
+    python bench.py --device cpu --width 16 --steps 3
+
+Synthetic uint8 images stand in for CIFAR-10 (speed does not depend on the pixels). On CUDA the time is
+taken with CUDA events around --steps steps after --warmup steps. Prints a table, then one JSON line.
+"""
+import argparse
+import json
+import time
+
+import torch
+
+import train_baseline
+import train_gan
+from data import augment
+from models import Discriminator, Generator
+from runtime import Runtime, UserError, run_main
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help="cuda, cuda:N, cpu, or auto: cuda when present (default)")
+    parser.add_argument("--width", type=int, default=196, help="channels of the hidden layers (default: 196)")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per step (default: 128)")
+    parser.add_argument("--steps", type=int, default=50, help="timed steps per measurement (default: 50)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (default: 10)")
+    return parser.parse_args(argv)
+
+
+def adam(params, betas, fused):
+    return torch.optim.Adam(params, lr=1e-4, betas=betas, fused=fused or None)
+
+
+def baseline_step(rt, width, batch, fused, bf16):
+    """A function doing one baseline training step on a fixed synthetic batch."""
+    device = rt.device
+    model = Discriminator(width).to(device)
+    net = train_baseline.distribute(model, rt)
+    optimizer = adam(model.parameters(), (0.9, 0.999), fused)
+    images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 10, (batch,), device=device)
+    rng = torch.Generator(device).manual_seed(0)
+    return lambda: train_baseline.train_step(net, optimizer, augment(images, rng), labels, bf16)
+
+
+def gan_iteration(rt, width, batch, fused, bf16):
+    """A function doing one GAN iteration (G step, then D step) on a fixed synthetic batch."""
+    device = rt.device
+    gen, disc = Generator(width).to(device), Discriminator(width).to(device)
+    opt_g, opt_d = adam(gen.parameters(), (0.0, 0.9), fused), adam(disc.parameters(), (0.0, 0.9), fused)
+    images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 10, (batch,), device=device)
+    rng = torch.Generator(device).manual_seed(0)
+
+    def step():
+        real = augment(images, rng)
+        train_gan.generator_step(gen, disc, opt_g, batch, rng, bf16)
+        train_gan.discriminator_step(disc, gen, opt_d, real, labels, rng, 10.0, bf16)
+    return step
+
+
+def images_per_second(step, batch, steps, warmup, device):
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        for _ in range(steps):
+            step()
+        end.record()
+        torch.cuda.synchronize(device)
+        seconds = start.elapsed_time(end) / 1000
+    else:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        seconds = time.perf_counter() - start
+    return batch * steps / seconds
+
+
+def run(args):
+    for name in ("width", "batch_size", "steps"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    rt = Runtime(args.device)
+    device = rt.device
+    cuda = device.type == "cuda"
+    # (name, fused Adam and cuDNN autotuning, bf16 autocast)
+    paths = [("plain", False, False), ("fp32", True, False)] if cuda else [("fp32", False, False)]
+    if cuda and torch.cuda.is_bf16_supported():
+        paths.append(("bf16", True, True))
+    results = {"device": torch.cuda.get_device_name(device) if cuda else "cpu",
+               "width": args.width, "batch_size": args.batch_size, "steps": args.steps}
+    for path, tuned, bf16 in paths:
+        torch.backends.cudnn.benchmark = tuned
+        for job, build in (("baseline", baseline_step), ("gan", gan_iteration)):
+            torch.manual_seed(0)
+            step = build(rt, args.width, args.batch_size, tuned, bf16)
+            results[f"{job}_{path}"] = images_per_second(step, args.batch_size, args.steps, args.warmup, device)
+    print(f"{results['device']}, width {args.width}, batch {args.batch_size}, {args.steps} steps")
+    print(f"{'path':<6} {'baseline img/s':>15} {'GAN img/s':>10}" + (f" {'vs plain':>17}" if cuda else ""))
+    for path, _, _ in paths:
+        line = f"{path:<6} {results[f'baseline_{path}']:15.0f} {results[f'gan_{path}']:10.0f}"
+        if cuda and path != "plain":
+            ratios = [results[f"{job}_{path}"] / results[f"{job}_plain"] for job in ("baseline", "gan")]
+            results[f"baseline_{path}_speedup"], results[f"gan_{path}_speedup"] = ratios
+            line += f" {ratios[0]:7.2f}x {ratios[1]:7.2f}x"
+        print(line)
+    print(json.dumps(results))
+
+
+def main(argv=None):
+    run_main(lambda: run(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
