@@ -18,9 +18,10 @@ MODEL_CLASSES = {"discriminator": Discriminator, "generator": Generator}
 
 def atomic_save(obj, path):
     """Write to a temporary file, then rename: a run killed mid-write leaves the previous file intact."""
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # one per process: several may write the same data cache at once
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
         os.replace(tmp, path)
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror}")

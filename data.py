@@ -70,7 +70,8 @@ def _load_cifar_batches(batches, split):
     for name in names:
         path = os.path.join(batches, name)
         if not os.path.isfile(path):
-            raise UserError(f"{path} is missing: the CIFAR-10 download is incomplete; delete {batches} to fetch it again")
+            raise UserError(f"{path} is missing: the CIFAR-10 download is incomplete; "
+                            f"delete {batches} to fetch it again")
         with open(path, "rb") as f:
             entry = pickle.load(f, encoding="latin1")  # CIFAR-10's own format, as torchvision reads it
         images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
@@ -124,7 +125,7 @@ def _load_image_folder(root, cache_path):
         from checkpoint import atomic_save
 
         atomic_save({"stamp": stamp, "images": images, "labels": labels}, cache_path)
-    except OSError:
+    except UserError:
         pass  # a read-only data folder only costs decoding again next time
     return images, labels
 
@@ -188,6 +189,10 @@ def resized_crop_flip(x, left, top, side, flip):
     theta[:, 1, 1] = side / height
     theta[:, 1, 2] = (2 * top + side) / height - 1
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    # Sample only inside the box, as cropping first would: clamp to the centres of its edge pixels.
+    low = torch.stack([(2 * left + 1) / width - 1, (2 * top + 1) / height - 1], 1).view(n, 1, 1, 2)
+    high = torch.stack([(2 * (left + side) - 1) / width - 1, (2 * (top + side) - 1) / height - 1], 1).view(n, 1, 1, 2)
+    grid = torch.maximum(torch.minimum(grid, high), low)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
