@@ -75,11 +75,14 @@ def restore_model(model, record, path):
     model.load_state_dict(record["state_dict"])
 
 
-def load_checkpoint(path, job, config):
-    """The training checkpoint of `job` at path, or None when there is none. Refuses a checkpoint from
-    another job or with a different model or data config, since resuming it would silently change the run."""
+def load_checkpoint(path, job, config, resume):
+    """The training checkpoint of `job` at path to resume from, or None when there is none. Refuses an
+    existing checkpoint unless resume (a new run would overwrite it), and one from another job or with a
+    different model or data config, since resuming it would silently change the run."""
     if not os.path.exists(path):
         return None
+    if not resume:
+        raise UserError(f"{path} holds an earlier run; pass --resume to continue it or choose another --out-dir")
     ckpt = _read(path, f"expected a {job} checkpoint; delete it or choose another --out-dir")
     if ckpt.get("job") != job:
         raise UserError(f"{path} is a checkpoint of {ckpt.get('job')!r}, not of {job!r}; choose another --out-dir")

@@ -243,3 +243,12 @@ class Loader:
             correct += (model(to_float(images))[1].argmax(1) == labels).sum()
             count += len(labels)
         return correct.item() / count
+
+
+def training_loaders(args, rt):
+    """The trainers' (train loader, test loader) from their common flags: this process's share of each
+    shuffled training batch, and every test image in batches of 500."""
+    train = Loader(*load_split(args.data_dir, "train", args.limit_train), args.batch_size, rt.device, train=True,
+                   seed=args.seed, rank=rt.rank, world_size=rt.world_size)
+    test = Loader(*load_split(args.data_dir, "test", args.limit_test), 500, rt.device, train=False)
+    return train, test

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from checkpoint import atomic_save, load_checkpoint, model_record, restore_model, save_model
-from data import Loader, augment, load_split
+from data import augment, training_loaders
 from models import Discriminator
 from runtime import (Runtime, StopSignal, UserError, adam, add_common_args, append_metrics, autocast,
                      check_common_args, prepare_out_dir, progress_bar, run_main, setup_speed)
@@ -64,9 +64,7 @@ def train(args):
         prepare_out_dir(args.out_dir)
     ckpt_path = os.path.join(args.out_dir, "baseline.ckpt")
     config = {k: getattr(args, k) for k in ("width", "epochs", "batch_size", "lr", "seed", "limit_train")}
-    ckpt = load_checkpoint(ckpt_path, "baseline", config)
-    if ckpt is not None and not args.resume:
-        raise UserError(f"{ckpt_path} holds an earlier run; pass --resume to continue it or choose another --out-dir")
+    ckpt = load_checkpoint(ckpt_path, "baseline", config, args.resume)
     if ckpt is not None and ckpt["epoch"] >= args.epochs:
         if rt.main:
             print(f"{ckpt_path}: all {args.epochs} epochs are done; nothing to resume")
@@ -85,9 +83,7 @@ def train(args):
             print(f"resuming {ckpt_path} at epoch {start_epoch + 1}, batch {start_batch}")
     net = distribute(model, rt)
 
-    train_loader = Loader(*load_split(args.data_dir, "train", args.limit_train), args.batch_size, rt.device,
-                          train=True, seed=args.seed, rank=rt.rank, world_size=rt.world_size)
-    test_loader = Loader(*load_split(args.data_dir, "test", args.limit_test), 500, rt.device, train=False)
+    train_loader, test_loader = training_loaders(args, rt)
     metrics_path = os.path.join(args.out_dir, "baseline_metrics.jsonl")
     stop = StopSignal()
 

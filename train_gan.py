@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from checkpoint import atomic_save, load_checkpoint, model_record, restore_model, save_model
-from data import CLASSES, Loader, augment, load_split
+from data import CLASSES, augment, training_loaders
 from images import save_grid, to_unit
 from models import NUM_CLASSES, Discriminator, Generator, class_noise
 from runtime import (Runtime, StopSignal, UserError, adam, add_common_args, append_metrics, autocast,
@@ -141,9 +141,7 @@ def train(args):
     ckpt_path = os.path.join(args.out_dir, "gan.ckpt")
     config = {k: getattr(args, k) for k in ("width", "batch_size", "lr", "seed", "gen_train", "lambda_gp",
                                             "limit_train")}
-    ckpt = load_checkpoint(ckpt_path, "gan", config)
-    if ckpt is not None and not args.resume:
-        raise UserError(f"{ckpt_path} holds an earlier run; pass --resume to continue it or choose another --out-dir")
+    ckpt = load_checkpoint(ckpt_path, "gan", config, args.resume)
     if ckpt is not None and ckpt["epoch"] >= args.epochs:
         if rt.main:
             print(f"{ckpt_path}: {ckpt['epoch']} epochs are done (asked for {args.epochs}); nothing to resume")
@@ -167,9 +165,7 @@ def train(args):
     noise = noise.to(rt.device)
     gen_net, disc_net = distribute(gen, disc, rt)
 
-    train_loader = Loader(*load_split(args.data_dir, "train", args.limit_train), args.batch_size, rt.device,
-                          train=True, seed=args.seed, rank=rt.rank, world_size=rt.world_size)
-    test_loader = Loader(*load_split(args.data_dir, "test", args.limit_test), 500, rt.device, train=False)
+    train_loader, test_loader = training_loaders(args, rt)
     metrics_path = os.path.join(args.out_dir, "gan_metrics.jsonl")
     stop = StopSignal()
 
