@@ -58,11 +58,11 @@ def load_model(path, kind, device="cpu"):
     if record.get("kind") != kind:
         found = f"a {record['kind']}" if "kind" in record else "no model"
         raise UserError(f"{path} holds {found}, expected {expected}")
-    model = MODEL_CLASSES[kind](**record["config"])
     try:
+        model = MODEL_CLASSES[kind](**record["config"])
         model.load_state_dict(record["state_dict"])
-    except RuntimeError:
-        raise UserError(f"{path}: its weights do not fit a {kind} of width {record['config'].get('width')}")
+    except (KeyError, TypeError, RuntimeError):
+        raise UserError(f"{path}: its weights do not fit a {kind} of width {record.get('config', {}).get('width')}")
     return model.to(device).eval()
 
 

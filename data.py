@@ -33,8 +33,9 @@ def to_float(images):
 
 
 def load_split(data_dir, split, limit=None):
-    """(images uint8 (N, 3, 32, 32), labels int64 (N,)) of the 'train' or 'test' split. With limit, a fixed
-    subset of that many images spread over all classes (the same every run)."""
+    """(images uint8 (N, 3, 32, 32), labels int64 (N,)) of the 'train' or 'test' split, in file order (an
+    image folder's come sorted by class). With limit, a random subset of that many images, the same every
+    run, so that it holds every class."""
     if not data_dir:
         raise UserError("no --data-dir given")
     if os.path.isdir(os.path.join(data_dir, split)):

@@ -5,6 +5,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
 
+from runtime import UserError
+
 HEADER = 14  # pixels of the label strip above a grid or a frame
 
 
@@ -38,10 +40,13 @@ def grid_image(images, nrow, scale=2, column_labels=None, title=None):
 
 def save_png(image, path):
     """Write a PIL image atomically (a reader never sees half a file)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp"
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}")
 
 
 def save_grid(images, path, nrow, scale=2, column_labels=None, title=None):

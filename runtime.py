@@ -158,8 +158,15 @@ def append_metrics(path, record):
 
 
 def read_metrics(path):
+    """The records of a metrics file; a last line cut short (a job killed while appending) is skipped."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    records = [json.loads(line) for line in lines[:-1]]
+    try:
+        records += [json.loads(line) for line in lines[-1:]]
+    except ValueError:
+        pass
+    return records
 
 
 def progress_bar(iterable, total, desc, enabled):

@@ -1,0 +1,113 @@
+"""The generator's progress as one animated GIF: the per-epoch grids that train_gan.py writes, in epoch order.
+
+    python make_gif.py                                       # output/NNN.png -> progress.gif
+    python make_gif.py --input run1/output --output run1.gif --every 5 --fps 15
+
+Grid NNN.png (NNN the 0-based epoch index, zero-padded to 3 or more digits) becomes a frame captioned
+"epoch NNN+1", the count the trainers print. Frames are shrunk to --width pixels, hold their own 256-colour
+palette, and are at most 100 unless --every says otherwise, which keeps 500 epochs at a size a browser or a
+slide shows (about 10 MB); the GIF loops forever and rests a moment on the last frame.
+"""
+import argparse
+import os
+import re
+
+from PIL import Image, ImageDraw, ImageFont
+
+from images import HEADER
+from runtime import UserError, run_main
+
+GRID_NAME = re.compile(r"^(\d{3,})\.png$")
+LAST_FRAME_MS = 2000  # time to look at the final grid before the loop starts over
+# Generated grids hardly compress (about 120 KB a frame at 340 pixels), so by default 500 epochs become 85
+# frames (every 6th), about 10 MB, rather than 60 MB.
+MAX_FRAMES = 100
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", default="output", help="folder of the per-epoch grids NNN.png (default: output)")
+    parser.add_argument("--output", default="progress.gif", help="the GIF to write (default: progress.gif)")
+    parser.add_argument("--fps", type=float, default=10, help="frames per second, at most 50 (default: 10)")
+    parser.add_argument("--every", type=int, metavar="K",
+                        help="keep every K-th epoch (epochs 1, K+1, 2K+1, ...) and always the last (default: the "
+                             f"smallest K that keeps at most {MAX_FRAMES} frames: 1 up to {MAX_FRAMES} epochs, "
+                             f"6 for 500)")
+    parser.add_argument("--width", type=int, default=340,
+                        help="frame width in pixels; wider grids are shrunk to it (default: 340, one pixel per "
+                             "image pixel for a 10-column grid of 32x32 images)")
+    return parser.parse_args(argv)
+
+
+def check_args(args):
+    # GIF delays are whole hundredths of a second, and browsers slow anything under 2 of them.
+    if not 0 < args.fps <= 50:
+        raise UserError(f"--fps must be above 0 and at most 50, got {args.fps:g}")
+    if args.every is not None and args.every < 1:
+        raise UserError(f"--every must be at least 1, got {args.every}")
+    if args.width < 16:
+        raise UserError(f"--width must be at least 16 pixels, got {args.width}")
+
+
+def epoch_grids(folder):
+    """[(epoch index, path)] of the grids in folder, in numeric epoch order (1000 after 999)."""
+    if not os.path.isdir(folder):
+        raise UserError(f"--input {folder} is not a folder; train_gan.py writes its grids to <out-dir>/output")
+    found = [(int(m.group(1)), os.path.join(folder, name))
+             for name in os.listdir(folder) if (m := GRID_NAME.match(name))]
+    if not found:
+        raise UserError(f"--input {folder} holds no epoch grids (files named NNN.png, such as 000.png)")
+    return sorted(found)
+
+
+def keep_every(grids, k):
+    """Every k-th grid from the first, plus the last; k=None: the smallest k keeping at most MAX_FRAMES."""
+    k = k or max(1, -(-(len(grids) - 1) // (MAX_FRAMES - 1)))
+    kept = grids[::k]
+    return kept if kept[-1] == grids[-1] else kept + [grids[-1]]
+
+
+def frame(path, epoch, width):
+    """The grid at path, shrunk to width, under a caption strip naming the epoch; palette mode for the GIF."""
+    try:
+        with Image.open(path) as image:
+            grid = image.convert("RGB")
+    except OSError as e:
+        raise UserError(f"cannot read grid {path}: {e}")
+    if grid.width > width:
+        grid = grid.resize((width, round(grid.height * width / grid.width)), Image.LANCZOS)
+    canvas = Image.new("RGB", (grid.width, grid.height + HEADER), "white")
+    canvas.paste(grid, (0, HEADER))
+    ImageDraw.Draw(canvas).text((4, 1), f"epoch {epoch + 1}", fill="black", font=ImageFont.load_default())
+    return canvas.quantize(colors=256)
+
+
+def write_gif(frames, path, fps):
+    duration = round(1000 / fps)
+    durations = [duration] * (len(frames) - 1) + [max(duration, LAST_FRAME_MS)]
+    tmp = f"{path}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}")
+
+
+def make_gif(args):
+    check_args(args)
+    grids = keep_every(epoch_grids(args.input), args.every)
+    frames = [frame(path, epoch, args.width) for epoch, path in grids]
+    write_gif(frames, args.output, args.fps)
+    size_mb = os.path.getsize(args.output) / 1e6
+    print(f"wrote {args.output}: {len(frames)} frames (epochs {grids[0][0] + 1} to {grids[-1][0] + 1}), "
+          f"{size_mb:.1f} MB")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run_main(lambda: make_gif(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""visualize.py: the three techniques as functions on tiny discriminators, and the command line end to end."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import visualize
+from checkpoint import save_model
+from conftest import REPO, write_image_folder
+from models import Discriminator, Generator
+
+LAYERS = range(1, 9)
+
+
+@pytest.fixture(scope="module")
+def separable():
+    """A width-16 discriminator trained to 100% on ten classes of faint fixed patterns: the classes sit close
+    together in pixel space, so a few intensity levels against the gradient cross the decision boundary."""
+    torch.manual_seed(0)
+    patterns = 0.05 * torch.randn(10, 3, 32, 32)
+    y = torch.arange(100) % 10
+    x = (patterns[y] + 0.0125 * torch.randn(100, 3, 32, 32)).clamp(-1, 1)
+    model = Discriminator(width=16)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(30):
+        loss = F.cross_entropy(model(x)[1], y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), x, y
+
+
+def test_perturbation_lowers_accuracy(separable):
+    model, x, y = separable
+    result = visualize.perturb(model, x, y, gain=8)
+    assert result["accuracy_before"] >= 0.95
+    assert result["accuracy_after"] <= 0.3
+    # The step heads for the alternative label (true + 1): a step with the wrong sign would not.
+    with torch.no_grad():
+        predicted = model(result["jittered"])[1].argmax(1)
+    assert (predicted == (y + 1) % 10).float().mean() >= 0.5
+    # Without a step nothing changes.
+    unchanged = visualize.perturb(model, x, y, gain=0)
+    assert unchanged["accuracy_after"] == unchanged["accuracy_before"]
+
+
+@pytest.mark.parametrize("gain", [1, 8, 10])
+def test_perturbation_ranges(separable, gain):
+    model, x, y = separable
+    x = x.clone()
+    x[0] = 1.0  # saturated pixels must stay clipped to [-1, 1]
+    x[1] = -1.0
+    result = visualize.perturb(model, x, y, gain)
+    gradient, jittered = result["gradient"], result["jittered"]
+    assert gradient.shape == x.shape and jittered.shape == x.shape
+    assert gradient.min() >= 0 and gradient.max() <= 1
+    # Min-max per image: every image with a non-constant gradient spans the whole of [0, 1].
+    assert torch.allclose(gradient.amax((1, 2, 3)), torch.ones(len(x)))
+    assert torch.allclose(gradient.amin((1, 2, 3)), torch.zeros(len(x)))
+    assert jittered.min() >= -1 and jittered.max() <= 1
+    change = (jittered - x).abs()
+    assert change.max() <= 0.0078 * gain + 1e-6
+    # Pixels away from the clip bounds move by the full step.
+    inside = (x.abs() < 1 - 0.0078 * gain)
+    assert torch.allclose(change[inside], torch.full_like(change[inside], 0.0078 * gain), atol=1e-5)
+
+
+def test_gradient_image_of_a_constant_gradient_is_grey():
+    image = visualize.gradient_image(torch.zeros(2, 3, 4, 4))
+    assert torch.equal(image, torch.full((2, 3, 4, 4), 0.5))
+
+
+def test_class_maximization_raises_every_class_logit():
+    torch.manual_seed(1)
+    model = Discriminator(width=16).eval()
+    start = (0.5 * torch.randn(100, 3, 32, 32)).clamp(-1, 1).mean(0)
+    result = visualize.maximize_classes(model, start, iterations=10, lr=0.1, weight_decay=0.001)
+    images = result["images"]
+    assert images.shape == (10, 3, 32, 32)
+    assert images.min() >= -1 and images.max() <= 1
+    with torch.no_grad():
+        start_logits = model(start.expand(10, 3, 32, 32))[1].diagonal()
+        final_logits = model(images)[1].diagonal()
+    assert torch.allclose(result["start_scores"], start_logits)
+    assert torch.allclose(result["final_scores"], final_logits)
+    assert (final_logits > start_logits).all()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_feature_maximization_raises_every_feature(layer):
+    torch.manual_seed(2)
+    model = Discriminator(width=16).eval()
+    start = (0.5 * torch.randn(100, 3, 32, 32)).clamp(-1, 1).mean(0)
+    result = visualize.maximize_features(model, start, layer, iterations=5, lr=0.1, weight_decay=0.001)
+    assert result["images"].shape == (16, 3, 32, 32)  # min(100, width) images, one per feature
+    assert result["images"].min() >= -1 and result["images"].max() <= 1
+    with torch.no_grad():
+        final = model(result["images"], extract_features=layer).diagonal()
+    assert torch.allclose(result["final_scores"], final)
+    assert (result["final_scores"] > result["start_scores"]).all()
+
+
+# --- the command line ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny CIFAR-10 image folder (2 images per class and split), a width-16 discriminator file and a
+    generator file."""
+    root = tmp_path_factory.mktemp("vis")
+    write_image_folder(root / "data", train_per_class=2, test_per_class=2)
+    torch.manual_seed(0)
+    save_model(Discriminator(width=16), str(root / "cifar10.model"))
+    save_model(Generator(width=16), str(root / "generator.model"))
+    return root
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(REPO, "visualize.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def test_all_writes_every_output(files):
+    out = files / "out"
+    done = run_cli("all", "--model", files / "cifar10.model", "--data-dir", files / "data", "--out-dir", out,
+                   "--device", "cpu", "--iterations", "2")
+    assert done.returncode == 0, done.stderr
+    assert "cifar10: accuracy on 20 test images" in done.stdout
+    folder = out / "cifar10"
+    expected = {"real_images.png", "gradient_image.png", "jittered_images.png", "max_class.png", "results.json"}
+    expected |= {f"max_features_layer{k}.png" for k in (2, 3, 4, 6, 8)}
+    assert expected <= set(os.listdir(folder))
+    for name in expected - {"results.json"}:
+        with Image.open(folder / name) as image:
+            assert image.width >= 10 * 32
+    results = json.loads((folder / "results.json").read_text())
+    assert results["perturb"]["images"] == 20 and results["perturb"]["gain"] == 8
+    assert 0 <= results["perturb"]["accuracy_after"] <= 1
+    assert len(results["max_class"]["final_scores"]) == 10
+    assert sorted(results["max_features"]) == ["2", "3", "4", "6", "8"]
+    assert results["max_features"]["8"]["features"] == 16
+
+
+def test_results_merge_across_commands(files):
+    out = files / "merge"
+    common = ["--model", str(files / "cifar10.model"), "--name", "base", "--data-dir", str(files / "data"),
+              "--out-dir", str(out), "--device", "cpu"]
+    visualize.main(["perturb", *common])
+    visualize.main(["max-features", *common, "--layers", "1", "--iterations", "1"])
+    visualize.main(["max-features", *common, "--layers", "8", "--iterations", "1"])
+    results = json.loads((out / "base" / "results.json").read_text())
+    assert "perturb" in results and "max_class" not in results
+    assert sorted(results["max_features"]) == ["1", "8"]
+    assert sorted(os.listdir(out / "base")) == ["gradient_image.png", "jittered_images.png",
+                                                "max_features_layer1.png", "max_features_layer8.png",
+                                                "real_images.png", "results.json"]
+
+
+def one_line_error(done):
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+def test_generator_file_is_refused(files):
+    line = one_line_error(run_cli("perturb", "--model", files / "generator.model", "--data-dir", files / "data",
+                                  "--device", "cpu", "--out-dir", files / "never"))
+    assert "generator" in line and "discriminator" in line
+    assert not os.path.exists(files / "never")
+
+
+def test_missing_model_is_refused(files):
+    line = one_line_error(run_cli("perturb", "--model", files / "absent.model", "--data-dir", files / "data",
+                                  "--device", "cpu", "--out-dir", files / "never"))
+    assert "absent.model does not exist" in line
+
+
+def test_layer_outside_1_to_8_is_refused_before_any_work(files):
+    # The model file is missing too: the layer is checked first.
+    line = one_line_error(run_cli("max-features", "--model", files / "absent.model", "--layers", "2", "9",
+                                  "--data-dir", files / "data", "--device", "cpu"))
+    assert "--layers 9" in line and "1..8" in line

@@ -1,0 +1,276 @@
+"""Look inside trained discriminators: adversarial perturbation, and images that maximize a class or a feature.
+
+    python visualize.py all --model cifar10.model --model discriminator.model --data-dir data
+    python visualize.py perturb --model cifar10.model --gain 10
+    python visualize.py max-class --model discriminator.model --iterations 500
+    python visualize.py max-features --model discriminator.model --layers 2 8
+    python visualize.py all --model a/discriminator.model --name gan_a --model b/discriminator.model --name gan_b
+
+Each model is named by its file stem (cifar10, discriminator) or by --name, given once per --model, in order.
+Writes to <out-dir>/<name>/:
+    real_images.png, gradient_image.png, jittered_images.png    perturb: a batch of test images, the gradient of
+                                                                the cross entropy towards label+1 (each image
+                                                                min-max scaled to [0, 1] on its own), and the
+                                                                batch moved `gain` intensity levels against it
+    max_class.png                                               max-class: one image per class, in columns
+    max_features_layer<K>.png                                   max-features: one image per feature of layer K
+    results.json                                                the numbers (merged into an existing file)
+"""
+import argparse
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+from checkpoint import load_model
+from data import CLASSES, load_split, to_float
+from images import save_grid, to_unit
+from models import DISC_BLOCKS, NUM_CLASSES
+from runtime import Runtime, UserError, progress_bar, run_main
+
+LEVEL = 0.0078  # one 8-bit intensity level on the [-1, 1] scale (2/255): the perturbation's unit step
+MAX_FEATURES = 100  # images shown per layer: features 0..99 (all of them when the layer is narrower)
+PER_ROW = 10
+TECHNIQUES = ("perturb", "max-class", "max-features")
+
+
+def parse_args(argv=None):
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("models, data and files")
+    g.add_argument("--model", action="append", required=True, metavar="PATH",
+                   help="a discriminator file: cifar10.model (baseline) or discriminator.model (GAN); repeat the "
+                        "flag for several models")
+    g.add_argument("--name", action="append", metavar="NAME",
+                   help="output folder name of each --model, given once per model in the same order "
+                        "(default: the file stem)")
+    g.add_argument("--data-dir", default="data", metavar="DIR",
+                   help="CIFAR-10 as the trainers read it: train/<class>/ and test/<class>/ image folders, or "
+                        "cifar-10-batches-py/ (default: data)")
+    g.add_argument("--out-dir", default="visualization", metavar="DIR",
+                   help="outputs go to <out-dir>/<name>/ (default: visualization)")
+    g.add_argument("--batch-size", type=int, default=100, metavar="N",
+                   help="N test images (a fixed subset spread over the classes): the perturbed batch, and "
+                        "the mean image that class and feature maximization start from (default: 100)")
+    g.add_argument("--device", default="auto", help="cuda, cuda:N, cpu, or auto: cuda when present (default)")
+
+    perturb = argparse.ArgumentParser(add_help=False)
+    g = perturb.add_argument_group("perturbation")
+    g.add_argument("--gain", type=float, default=8, metavar="LEVELS",
+                   help="intensity levels (of 255) each pixel moves against the gradient (default: 8; the "
+                        "assignment used 8 to 10)")
+
+    ascent = argparse.ArgumentParser(add_help=False)
+    g = ascent.add_argument_group("class and feature maximization")
+    g.add_argument("--iterations", type=int, default=200, metavar="N", help="gradient ascent steps (default: 200)")
+    g.add_argument("--lr", type=float, default=0.1, help="step size of the ascent (default: 0.1)")
+    g.add_argument("--weight-decay", type=float, default=0.001, metavar="WD",
+                   help="pull towards grey: each step subtracts weight_decay * X * |X| (default: 0.001)")
+
+    layers = argparse.ArgumentParser(add_help=False)
+    g = layers.add_argument_group("feature maximization")
+    g.add_argument("--layers", type=int, nargs="+", default=[2, 3, 4, 6, 8], metavar="K",
+                   help=f"conv layers (1..{len(DISC_BLOCKS)}) whose features to maximize (default: 2 3 4 6 8)")
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, parents, text in [("perturb", [common, perturb], "perturb real images towards another class"),
+                                ("max-class", [common, ascent], "synthesize one image per class"),
+                                ("max-features", [common, ascent, layers], "synthesize one image per feature"),
+                                ("all", [common, perturb, ascent, layers], "every technique for every model")]:
+        commands.add_parser(name, parents=parents, help=text, description=text)
+    return parser.parse_args(argv)
+
+
+def check_args(args):
+    """Every flag checked before any model or image is read."""
+    for layer in getattr(args, "layers", []):
+        if not 1 <= layer <= len(DISC_BLOCKS):
+            raise UserError(f"--layers {layer}: the discriminator's conv layers are 1..{len(DISC_BLOCKS)}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if getattr(args, "gain", 0) < 0:
+        raise UserError(f"--gain must not be negative, got {args.gain}")
+    if getattr(args, "iterations", 0) < 0:
+        raise UserError(f"--iterations must not be negative, got {args.iterations}")
+    if not getattr(args, "lr", 1) > 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
+    if getattr(args, "weight_decay", 0) < 0:
+        raise UserError(f"--weight-decay must not be negative, got {args.weight_decay}")
+
+
+def model_names(paths, names):
+    """The output folder name of each model: --name in order, or the file stem."""
+    if names is None:
+        names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    elif len(names) != len(paths):
+        raise UserError(f"{len(names)} --name for {len(paths)} --model; give --name once per --model, or never")
+    for name in names:
+        if not name or os.sep in name or name in (".", ".."):
+            raise UserError(f"--name {name!r} cannot be a folder name; use letters, digits, - and _")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise UserError(f"two models would write to {duplicates[0]}/; give --name once per --model")
+    return names
+
+
+def accuracy(model, x, y):
+    with torch.no_grad():
+        return (model(x)[1].argmax(1) == y).float().mean().item()
+
+
+def gradient_image(grad):
+    """The gradient as images in [0, 1], each min-max scaled on its own: a batch-wide scale would leave most
+    images flat grey next to the one with the largest gradient. A constant gradient shows as mid grey."""
+    low = grad.amin((1, 2, 3), keepdim=True)
+    span = grad.amax((1, 2, 3), keepdim=True) - low
+    return torch.where(span > 0, (grad - low) / span.clamp_min(1e-12), torch.full_like(grad, 0.5))
+
+
+def perturb(model, x, y, gain):
+    """Move each image of x (in [-1, 1]) `gain` intensity levels per pixel in the direction that lowers the
+    cross entropy of the label (y + 1) mod 10 (the fast gradient sign step). Returns the gradient image, the
+    perturbed images, and the accuracy on the batch before and after."""
+    alternative = (y + 1) % NUM_CLASSES
+    x = x.detach().requires_grad_(True)
+    grad, = torch.autograd.grad(F.cross_entropy(model(x)[1], alternative), x)
+    jittered = (x.detach() - gain * LEVEL * grad.sign()).clamp(-1, 1)
+    return {"gradient": gradient_image(grad), "jittered": jittered,
+            "accuracy_before": accuracy(model, x.detach(), y), "accuracy_after": accuracy(model, jittered, y)}
+
+
+def ascend(x, objective, iterations, lr, weight_decay, desc=None):
+    """Gradient ascent of objective(x) (one value per image) with the assignment's update:
+    X <- X + lr * grad - weight_decay * X * |X|, clipped to [-1, 1]. desc shows a progress bar."""
+    x = x.detach().clone()
+    for _ in progress_bar(range(iterations), iterations, desc, desc is not None):
+        x.requires_grad_(True)
+        grad, = torch.autograd.grad(objective(x).sum(), x)
+        with torch.no_grad():
+            x = (x + lr * grad - weight_decay * x * x.abs()).clamp(-1, 1)
+    with torch.no_grad():
+        return x, objective(x)
+
+
+def maximize_classes(model, start, iterations=200, lr=0.1, weight_decay=0.001, desc=None):
+    """Ten copies of the image `start` (3, H, W), image i pushed to raise the logit of class i. Returns the
+    images and each image's own class logit before and after."""
+    target = torch.arange(NUM_CLASSES, device=start.device)
+    objective = lambda x: model(x)[1][target, target]
+    x = start.expand(NUM_CLASSES, *start.shape).clone()
+    with torch.no_grad():
+        before = objective(x)
+    images, after = ascend(x, objective, iterations, lr, weight_decay, desc)
+    return {"images": images, "start_scores": before, "final_scores": after}
+
+
+def maximize_features(model, start, layer, n=None, iterations=200, lr=0.1, weight_decay=0.001, desc=None):
+    """n copies of `start` (3, H, W) (default: min(100, width)), image i pushed to raise feature i of conv
+    layer `layer` (its map max-pooled over space). Returns the images and each feature before and after."""
+    n = min(MAX_FEATURES, model.width) if n is None else n
+    target = torch.arange(n, device=start.device)
+    objective = lambda x: model(x, extract_features=layer)[target, target]
+    x = start.expand(n, *start.shape).clone()
+    with torch.no_grad():
+        before = objective(x)
+    images, after = ascend(x, objective, iterations, lr, weight_decay, desc)
+    return {"images": images, "start_scores": before, "final_scores": after}
+
+
+def run_perturb(model, x, y, args, out):
+    result = perturb(model, x, y, args.gain)
+    save_grid(to_unit(x), os.path.join(out, "real_images.png"), PER_ROW,
+              title=f"real test images: accuracy {result['accuracy_before']:.0%}")
+    save_grid(result["gradient"], os.path.join(out, "gradient_image.png"), PER_ROW,
+              title="gradient of the cross entropy towards label + 1")
+    save_grid(to_unit(result["jittered"]), os.path.join(out, "jittered_images.png"), PER_ROW,
+              title=f"perturbed by {args.gain:g} levels: accuracy {result['accuracy_after']:.0%}")
+    return {"images": len(y), "gain": args.gain, "gradient_scaling": "min-max per image",
+            **{key: round(result[key], 4) for key in ("accuracy_before", "accuracy_after")}}
+
+
+def rounded(scores):
+    return [round(v, 4) for v in scores.tolist()]
+
+
+def ascent_settings(args):
+    return {"iterations": args.iterations, "lr": args.lr, "weight_decay": args.weight_decay}
+
+
+def run_max_class(model, start, args, out, name):
+    result = maximize_classes(model, start, **ascent_settings(args), desc=f"{name}: classes")
+    save_grid(to_unit(result["images"]), os.path.join(out, "max_class.png"), PER_ROW, column_labels=CLASSES)
+    with torch.no_grad():
+        predicted = model(result["images"])[1].argmax(1)
+    return {**ascent_settings(args), "start_scores": rounded(result["start_scores"]),
+            "final_scores": rounded(result["final_scores"]), "predicted": [CLASSES[i] for i in predicted]}
+
+
+def run_max_features(model, start, layer, args, out, name):
+    result = maximize_features(model, start, layer, **ascent_settings(args), desc=f"{name}: layer {layer}")
+    n = len(result["images"])
+    save_grid(to_unit(result["images"]), os.path.join(out, f"max_features_layer{layer}.png"), PER_ROW,
+              title=f"layer {layer}: features 0..{n - 1}, row by row")
+    return {**ascent_settings(args), "features": n, "start_scores": rounded(result["start_scores"]),
+            "final_scores": rounded(result["final_scores"])}
+
+
+def merge_results(path, update):
+    """results.json with `update` merged in (max_features per layer), written atomically."""
+    results = {}
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                results = json.load(f)
+        except (OSError, ValueError):
+            print(f"{path} is unreadable; writing a new one")
+    for key, value in update.items():
+        if key == "max_features":
+            results.setdefault(key, {}).update(value)
+        else:
+            results[key] = value
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, path)
+
+
+def visualize(args):
+    check_args(args)
+    names = model_names(args.model, args.name)
+    device = Runtime(args.device).device
+    models = [load_model(path, "discriminator", device) for path in args.model]
+    # A fixed subset spread over the classes, the same every run: in an image-folder test set the first 100
+    # images would all be airplanes.
+    images, labels = load_split(args.data_dir, "test", args.batch_size)
+    x, y = to_float(images).to(device), labels.to(device)
+    start = x.mean(0)
+    techniques = TECHNIQUES if args.command == "all" else (args.command,)
+    for model, path, name in zip(models, args.model, names):
+        out = os.path.join(args.out_dir, name)
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot write to {out}: {e.strerror}; choose another --out-dir")
+        update = {"model": path}
+        if "perturb" in techniques:
+            update["perturb"] = run_perturb(model, x, y, args, out)
+            p = update["perturb"]
+            print(f"{name}: accuracy on {p['images']} test images {p['accuracy_before']:.1%}, "
+                  f"after the perturbation (gain {args.gain:g}) {p['accuracy_after']:.1%}")
+        if "max-class" in techniques:
+            update["max_class"] = run_max_class(model, start, args, out, name)
+        if "max-features" in techniques:
+            update["max_features"] = {str(k): run_max_features(model, start, k, args, out, name)
+                                      for k in args.layers}
+        merge_results(os.path.join(out, "results.json"), update)
+        print(f"{name}: wrote {out}/")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run_main(lambda: visualize(args))
+
+
+if __name__ == "__main__":
+    main()
