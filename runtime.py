@@ -170,9 +170,9 @@ def read_metrics(path):
 
 
 def progress_bar(iterable, total, desc, enabled):
-    """tqdm, refreshing every second on a terminal and every minute in a batch job's log file."""
+    """tqdm on a terminal; none in a batch job's log file, where the per-epoch lines tell the progress."""
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True,
-                mininterval=1 if sys.stderr.isatty() else 60)
+    return tqdm(iterable, total=total, desc=desc, disable=not (enabled and sys.stderr.isatty()), leave=False,
+                dynamic_ncols=True)
 
