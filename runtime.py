@@ -35,8 +35,8 @@ def add_common_args(parser, epochs, lr):
                    help="continue the run whose checkpoint is in --out-dir (starts fresh when there is none; "
                         "a finished run is left as it is)")
     g.add_argument("--limit-train", type=int, metavar="N",
-                   help="train on a fixed subset of N training images, spread over all classes (smoke runs)")
-    g.add_argument("--limit-test", type=int, metavar="N", help="evaluate on a fixed subset of N test images")
+                   help="train on N training images, a random subset that is the same every run (smoke runs)")
+    g.add_argument("--limit-test", type=int, metavar="N", help="evaluate on N test images, chosen the same way")
     g = parser.add_argument_group("model and optimizer")
     g.add_argument("--width", type=int, default=196, help="channels of every hidden layer (default: 196; the "
                                                           "assignment allows 128 to halve the time)")
@@ -48,8 +48,8 @@ def add_common_args(parser, epochs, lr):
     g.add_argument("--seed", type=int, default=0, help="seed of the initial weights, shuffling and augmentation")
     g.add_argument("--device", default="auto", help="cuda, cuda:N, cpu, or auto: cuda when present (default)")
     g.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="bf16: autocast convolutions and linears to bf16 on CUDA (faster; fp32 weights; not yet "
-                        "checked against fp32 on a full schedule) (default: fp32)")
+                   help="bf16: autocast the discriminator's convolutions and linears to bf16 on CUDA (faster; "
+                        "fp32 weights; not yet checked against fp32 on a full schedule) (default: fp32)")
 
 
 def check_common_args(args):
