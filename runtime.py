@@ -77,8 +77,14 @@ class Runtime:
         if self.device.type == "cuda":
             if not torch.cuda.is_available():
                 raise UserError("--device cuda, but this machine has no CUDA GPU; use --device cpu")
+            # An explicit index: set_device, CUDA generators and NCCL want one.
             if self.world_size > 1:
-                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                index = int(os.environ.get("LOCAL_RANK", "0"))
+            else:
+                index = torch.cuda.current_device() if self.device.index is None else self.device.index
+            if index >= torch.cuda.device_count():
+                raise UserError(f"no GPU cuda:{index}: this machine has {torch.cuda.device_count()}")
+            self.device = torch.device("cuda", index)
             torch.cuda.set_device(self.device)
         if self.world_size > 1:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")

@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -12,7 +13,7 @@ import train_baseline
 import train_gan
 from conftest import REPO
 from models import Discriminator, Generator
-from runtime import Runtime, read_metrics
+from runtime import Runtime, UserError, read_metrics
 
 
 def free_port():
@@ -118,3 +119,32 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes(tiny_image_folder, tm
     assert f"resuming {out / 'gan.ckpt'} at epoch 1, batch {ckpt['batch']}" in result.stdout
     assert [r["epoch"] for r in read_metrics(out / "gan_metrics.jsonl") if r["type"] == "epoch"] == [1]
     assert torch.load(out / "gan.ckpt", weights_only=True)["epoch"] == 1
+
+
+def pretend_cuda(monkeypatch, count):
+    """A CPU machine made to look like one with `count` GPUs, down to the call that would select one."""
+    selected = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_setDevice", selected.append, raising=False)
+    return selected
+
+
+def test_runtime_picks_an_indexed_gpu(monkeypatch):
+    """torch.cuda.set_device refuses a bare "cuda"; Runtime passes it the GPU's index."""
+    selected = pretend_cuda(monkeypatch, 2)
+    assert Runtime("cuda").device == torch.device("cuda", 0) and selected == [0]
+    assert Runtime("auto").device == torch.device("cuda", 0)
+    assert Runtime("cuda:1").device == torch.device("cuda", 1) and selected[-1] == 1
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: selected.append(backend))
+    monkeypatch.setattr("atexit.register", lambda f: None)
+    assert Runtime("cuda").device == torch.device("cuda", 1) and selected[-2:] == [1, "nccl"]
+
+
+def test_runtime_names_a_missing_gpu(monkeypatch):
+    pretend_cuda(monkeypatch, 1)
+    with pytest.raises(UserError, match="no GPU cuda:3: this machine has 1"):
+        Runtime("cuda:3")
