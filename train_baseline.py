@@ -87,6 +87,11 @@ def train(args):
     metrics_path = os.path.join(args.out_dir, "baseline_metrics.jsonl")
     stop = StopSignal()
 
+    def require_finite(mean_loss, epoch, batch):
+        if not math.isfinite(mean_loss):
+            raise UserError(f"the loss became {mean_loss} in epoch {epoch + 1} by batch {batch}; the last good "
+                            f"checkpoint {ckpt_path} is kept; lower --lr and resume")
+
     def checkpoint(epoch, batch, partial):
         if rt.main:
             atomic_save({"job": "baseline", "config": config, "epoch": epoch, "batch": batch, "partial": partial,
@@ -112,11 +117,10 @@ def train(args):
             seen += len(labels)
             if (b + 1) % LOG_EVERY == 0:
                 mean_loss = loss_sum.item() / seen
-                if not math.isfinite(mean_loss):
-                    raise UserError(f"the loss became {mean_loss} in epoch {epoch + 1} by batch {b + 1}; the last good "
-                                    f"checkpoint {ckpt_path} is kept; lower --lr and resume")
+                require_finite(mean_loss, epoch, b + 1)
                 bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{correct.item() / seen:.3f}")
             if rt.stop_requested(stop, b):
+                require_finite(loss_sum.item(), epoch, b + 1)  # never save a model a NaN has reached
                 checkpoint(epoch, b + 1, [loss_sum.item(), correct.item(), seen])
                 if rt.main:
                     print(f"stopped by {stop.received or 'a signal'} in epoch {epoch + 1} after batch {b + 1}; "
@@ -127,9 +131,7 @@ def train(args):
         # The processes' shares of an epoch are equal, so the world's image count is seen * world_size.
         images_per_s = (seen - partial[2]) * rt.world_size / seconds
         train_loss, train_acc = loss_sum.item() / seen, correct.item() / seen
-        if not math.isfinite(train_loss):
-            raise UserError(f"the loss became {train_loss} in epoch {epoch + 1}; the last good checkpoint "
-                            f"{ckpt_path} is kept; lower --lr and resume")
+        require_finite(train_loss, epoch, len(train_loader))
         test_acc = test_loader.accuracy(model.eval())
         start_batch, partial = 0, [0.0, 0.0, 0]
         checkpoint(epoch + 1, 0, partial)

@@ -372,3 +372,31 @@ def test_discriminator_learns_a_separable_task(data_dir):
     after = test.accuracy(model.eval())
     assert sum(losses[-4:]) < 0.5 * sum(losses[:4])
     assert after >= 0.6 and after > before + 0.3
+
+
+@pytest.mark.parametrize("stop_signal", [False, True])
+def test_a_nan_loss_stops_the_run_and_keeps_the_checkpoint(stop_signal, data_dir, finished_run, tmp_path,
+                                                            monkeypatch, capsys):
+    """A run resumed after epoch 1 whose loss turns NaN: neither the end of the epoch nor a stop signal may
+    overwrite the last good checkpoint."""
+    out = tmp_path / "run"
+    out.mkdir()
+    ckpt = torch.load(finished_run / "baseline.ckpt", weights_only=True)
+    ckpt["epoch"] = 1  # as if the run had stopped after epoch 1
+    torch.save(ckpt, out / "baseline.ckpt")
+    before = (out / "baseline.ckpt").read_bytes()
+    real_step = train_baseline.train_step
+
+    def nan_step(*args):
+        loss, correct = real_step(*args)
+        return loss * float("nan"), correct
+    monkeypatch.setattr(train_baseline, "train_step", nan_step)
+    if stop_signal:
+        monkeypatch.setattr(train_baseline.Runtime, "stop_requested", lambda self, stop, batch: True)
+    with pytest.raises(SystemExit) as exit_info:
+        train_baseline.main([str(a) for a in ("--data-dir", data_dir, "--out-dir", out, "--epochs", 2, *COMMON,
+                                              "--resume")])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("error: the loss became nan in epoch 2") and "lower --lr" in message
+    assert (out / "baseline.ckpt").read_bytes() == before
