@@ -22,10 +22,10 @@ import matplotlib.pyplot as plt
 from matplotlib.backends.backend_pdf import PdfPages
 
 from data import CLASSES
+from make_gif import epoch_grids
 from runtime import UserError, read_metrics, run_main
 
 PAGE = (11.69, 8.27)  # A4 landscape, inches
-GRID_NAME = re.compile(r"^(\d{3,})\.png$")
 FEATURES_NAME = re.compile(r"^max_features_layer(\d+)\.png$")
 PERTURB_FILES = [("real_images.png", "real images"), ("gradient_image.png", "gradient"),
                  ("jittered_images.png", "perturbed")]
@@ -96,9 +96,10 @@ def gather(args):
         "gan": read_records(os.path.join(args.run_dir, "gan_metrics.jsonl"), missing, "run train_gan.py"),
     }
     output = os.path.join(args.run_dir, "output")
-    grids = sorted((int(m.group(1)), os.path.join(output, f))
-                   for f in (os.listdir(output) if os.path.isdir(output) else []) if (m := GRID_NAME.match(f)))
-    if not grids:
+    try:
+        grids = epoch_grids(output)
+    except UserError:
+        grids = []
         missing.append(f"{output}/NNN.png generator grids (run train_gan.py)")
     found["grids"] = spread(grids, args.grids)
     gif = os.path.join(args.run_dir, "progress.gif")
