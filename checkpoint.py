@@ -1,5 +1,5 @@
 """One file format for everything a run saves: a dict of tensors, state_dicts and plain config, written
-atomically and read with torch.load(weights_only=True).
+atomically (files.save_torch) and read with torch.load(weights_only=True).
 
 - Model files (cifar10.model, discriminator.model, generator.model): {"kind", "config", "state_dict"}.
   Both discriminator files load through load_model(path, "discriminator").
@@ -10,21 +10,10 @@ import os
 
 import torch
 
+from files import UserError, save_torch
 from models import Discriminator, Generator
-from runtime import UserError
 
 MODEL_CLASSES = {"discriminator": Discriminator, "generator": Generator}
-
-
-def atomic_save(obj, path):
-    """Write to a temporary file, then rename: a run killed mid-write leaves the previous file intact."""
-    tmp = f"{path}.{os.getpid()}.tmp"  # one per process: several may write the same data cache at once
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror}")
 
 
 def _read(path, what):
@@ -47,7 +36,7 @@ def model_record(model):
 
 
 def save_model(model, path):
-    atomic_save(model_record(model), path)
+    save_torch(model_record(model), path)
 
 
 def load_model(path, kind, device="cpu"):

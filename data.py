@@ -4,19 +4,20 @@ Two sources, chosen by what --data-dir holds:
 - an image-folder tree DIR/train/<class>/* and DIR/test/<class>/* (any format Pillow reads), decoded once
   and cached beside the data as DIR/<split>.uint8.pt;
 - torchvision's CIFAR-10 (DIR/cifar-10-batches-py), downloaded into DIR when DIR is missing or empty.
-The spec's train augmentation (random resized crop, colour jitter, horizontal flip) runs as batched tensor
+The assignment's train augmentation (random resized crop, colour jitter, horizontal flip) runs as batched tensor
 ops, so an epoch does no per-image Python work, on the GPU or the CPU alike.
 """
 import hashlib
 import os
 import pickle
+import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from runtime import UserError
+from files import UserError, save_torch
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
@@ -38,7 +39,9 @@ def load_split(data_dir, split, limit=None):
     run, so that it holds every class."""
     if not data_dir:
         raise UserError("no --data-dir given")
+    data_dir = os.fspath(data_dir)
     if os.path.isdir(os.path.join(data_dir, split)):
+        check_class_folders(data_dir)
         images, labels = _load_image_folder(os.path.join(data_dir, split), os.path.join(data_dir, f"{split}.uint8.pt"))
     else:
         images, labels = _load_cifar_batches(_cifar_batches_dir(data_dir), split)
@@ -73,35 +76,88 @@ def _load_cifar_batches(batches, split):
         if not os.path.isfile(path):
             raise UserError(f"{path} is missing: the CIFAR-10 download is incomplete; "
                             f"delete {batches} to fetch it again")
-        with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")  # CIFAR-10's own format, as torchvision reads it
-        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.extend(entry["labels"])
+        try:
+            with open(path, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")  # CIFAR-10's own format, as torchvision reads it
+            images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(int(label) for label in entry["labels"])
+        except Exception as e:  # a truncated or foreign file fails in pickle, numpy or the lookups
+            raise UserError(f"{path} is damaged ({type(e).__name__}); delete {batches} to fetch it again")
+        if len(labels) != sum(len(i) for i in images):
+            raise UserError(f"{path} is damaged (images and labels differ in number); delete {batches} to fetch "
+                            "it again")
     return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)
 
 
+def _class_folders(root):
+    try:
+        return sorted(d.name for d in os.scandir(root) if d.is_dir())
+    except OSError as e:
+        raise UserError(f"cannot list {root}: {e.strerror}")
+
+
+def check_class_folders(data_dir):
+    """train/ and test/ must hold the same ten class folders: their sorted names are the labels, so a
+    renamed or missing folder would shift every label after it."""
+    for split in ("train", "test"):
+        if not os.path.isdir(os.path.join(data_dir, split)):
+            raise UserError(f"{data_dir} has no {split}/ folder: an image-folder dataset needs train/<class>/ and "
+                            "test/<class>/")
+    found = {split: _class_folders(os.path.join(data_dir, split)) for split in ("train", "test")}
+    for split, classes in found.items():
+        if not classes:
+            raise UserError(f"{os.path.join(data_dir, split)} has no class folders: expected "
+                            f"{split}/<class>/<image files>")
+        if len(classes) != len(CLASSES):
+            raise UserError(f"{os.path.join(data_dir, split)} has {len(classes)} class folders; CIFAR-10 needs "
+                            f"{len(CLASSES)}")
+    if found["train"] != found["test"]:
+        differ = sorted(set(found["train"]) ^ set(found["test"]))
+        raise UserError(f"{data_dir}: train/ and test/ have different class folders ({', '.join(differ)}); the "
+                        "sorted folder names are the labels, so both need the same ten")
+
+
 def _list_image_folder(root):
-    classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
-    if not classes:
-        raise UserError(f"{root} has no class folders: expected {root}/<class>/<image files>")
+    """[(path, label)] of the images under root/<class>/; refuses a class without images."""
     files = []
-    for label, name in enumerate(classes):
+    for label, name in enumerate(_class_folders(root)):
         folder = os.path.join(root, name)
-        files += [(os.path.join(folder, f), label) for f in sorted(os.listdir(folder))
-                  if f.lower().endswith(IMAGE_SUFFIXES)]
-    if not files:
-        raise UserError(f"{root} has class folders but no images in them")
-    if len(classes) != len(CLASSES):
-        raise UserError(f"{root} has {len(classes)} class folders; CIFAR-10 needs {len(CLASSES)}")
+        try:
+            names = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+        except OSError as e:
+            raise UserError(f"cannot list {folder}: {e.strerror}")
+        if not names:
+            raise UserError(f"{folder} has no images: every class needs some (a classifier that never saw a "
+                            f"{name} would be saved silently)")
+        files += [(os.path.join(folder, f), label) for f in names]
     return files
+
+
+def _decode(path):
+    """uint8 (32, 32, 3) of the image at path, or the reason it cannot be decoded."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if image.size != (32, 32):
+                image = image.resize((32, 32), Image.BILINEAR)
+            return np.asarray(image), None
+    except OSError as e:
+        return None, e.strerror or str(e)
+    except Exception as e:  # Pillow's refusals (an image too large to decode safely, a broken header) vary
+        return None, f"{type(e).__name__}: {e}"
 
 
 def _load_image_folder(root, cache_path):
     files = _list_image_folder(root)
-    stamp = hashlib.sha1()
+    stamp, unreadable = hashlib.sha1(), []
     for path, label in files:
-        stat = os.stat(path)
-        stamp.update(f"{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        try:
+            stat = os.stat(path)
+        except OSError as e:  # a dangling link, a file removed meanwhile
+            unreadable.append((path, e.strerror))
+            continue
+        stamp.update(os.fsencode(path) + f"\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    refuse_unreadable(unreadable)
     stamp = stamp.hexdigest()
     if os.path.isfile(cache_path):
         try:
@@ -112,23 +168,27 @@ def _load_image_folder(root, cache_path):
             pass  # a damaged or foreign cache is rebuilt below
     images = np.empty((len(files), 32, 32, 3), dtype=np.uint8)
     for i, (path, _) in enumerate(files):
-        try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
-                if image.size != (32, 32):
-                    image = image.resize((32, 32), Image.BILINEAR)
-                images[i] = np.asarray(image)
-        except OSError as e:
-            raise UserError(f"cannot read image {path}: {e}")
+        pixels, reason = _decode(path)
+        if reason is None:
+            images[i] = pixels
+        else:
+            unreadable.append((path, reason))
+    refuse_unreadable(unreadable)
     images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     try:
-        from checkpoint import atomic_save
-
-        atomic_save({"stamp": stamp, "images": images, "labels": labels}, cache_path)
-    except UserError:
-        pass  # a read-only data folder only costs decoding again next time
+        save_torch({"stamp": stamp, "images": images, "labels": labels}, cache_path, hint="decoding again next time")
+    except UserError as e:  # the cache only saves time: go on without it
+        print(f"note: {e}", file=sys.stderr)
     return images, labels
+
+
+def refuse_unreadable(unreadable):
+    """One line naming the files that cannot be read: training on what is left would silently drop images."""
+    if unreadable:
+        path, reason = unreadable[0]
+        more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
+        raise UserError(f"cannot read image {path}: {reason}{more}; fix or remove the file(s)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -235,21 +295,3 @@ class Loader:
         for b in range(start, len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size][self.rank::self.world_size]
             yield b, self.images[idx], self.labels[idx]
-
-    @torch.no_grad()
-    def accuracy(self, model):
-        """Fraction of this loader's images (this process's share) whose fc10 argmax is the true label."""
-        correct, count = torch.zeros((), device=self.labels.device), 0
-        for _, images, labels in self.batches():
-            correct += (model(to_float(images))[1].argmax(1) == labels).sum()
-            count += len(labels)
-        return correct.item() / count
-
-
-def training_loaders(args, rt):
-    """The trainers' (train loader, test loader) from their common flags: this process's share of each
-    shuffled training batch, and every test image in batches of 500."""
-    train = Loader(*load_split(args.data_dir, "train", args.limit_train), args.batch_size, rt.device, train=True,
-                   seed=args.seed, rank=rt.rank, world_size=rt.world_size)
-    test = Loader(*load_split(args.data_dir, "test", args.limit_test), 500, rt.device, train=False)
-    return train, test

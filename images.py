@@ -1,11 +1,9 @@
 """Image grids with readable labels: the one writer every script uses for its PNGs."""
-import os
-
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
 
-from runtime import UserError
+from files import atomic_write, image_bytes
 
 HEADER = 14  # pixels of the label strip above a grid or a frame
 
@@ -39,14 +37,8 @@ def grid_image(images, nrow, scale=2, column_labels=None, title=None):
 
 
 def save_png(image, path):
-    """Write a PIL image atomically (a reader never sees half a file)."""
-    tmp = f"{path}.tmp"
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror}")
+    """Write a PIL image as PNG, atomically."""
+    atomic_write(path, image_bytes(image, "PNG"))
 
 
 def save_grid(images, path, nrow, scale=2, column_labels=None, title=None):

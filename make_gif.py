@@ -12,10 +12,12 @@ import argparse
 import os
 import re
 
+import imageio.v3 as iio
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from files import UserError, atomic_write, run_main
 from images import HEADER
-from runtime import UserError, run_main
 
 GRID_NAME = re.compile(r"^(\d{3,})\.png$")
 LAST_FRAME_MS = 2000  # time to look at the final grid before the loop starts over
@@ -68,7 +70,7 @@ def keep_every(grids, k):
 
 
 def frame(path, epoch, width):
-    """The grid at path, shrunk to width, under a caption strip naming the epoch; palette mode for the GIF."""
+    """The grid at path, shrunk to width, under a caption strip naming the epoch, as an RGB array."""
     try:
         with Image.open(path) as image:
             grid = image.convert("RGB")
@@ -79,25 +81,27 @@ def frame(path, epoch, width):
     canvas = Image.new("RGB", (grid.width, grid.height + HEADER), "white")
     canvas.paste(grid, (0, HEADER))
     ImageDraw.Draw(canvas).text((4, 1), f"epoch {epoch + 1}", fill="black", font=ImageFont.load_default())
-    return canvas.quantize(colors=256)
+    return np.asarray(canvas)
 
 
 def write_gif(frames, path, fps):
     duration = round(1000 / fps)
     durations = [duration] * (len(frames) - 1) + [max(duration, LAST_FRAME_MS)]
-    tmp = f"{path}.tmp"
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror}")
+    # Pillow, behind imageio, gives each frame its own adaptive 256-colour palette.
+    content = iio.imwrite("<bytes>", np.stack(frames), extension=".gif", loop=0,
+                          duration=durations if len(frames) > 1 else durations[0])
+    atomic_write(path, content, hint="choose another --output")
 
 
 def make_gif(args):
     check_args(args)
     grids = keep_every(epoch_grids(args.input), args.every)
     frames = [frame(path, epoch, args.width) for epoch, path in grids]
+    for (epoch, path), image in zip(grids, frames):
+        if image.shape != frames[0].shape:
+            raise UserError(f"{path} is {image.shape[1]}x{image.shape[0]} pixels, {grids[0][1]} "
+                            f"{frames[0].shape[1]}x{frames[0].shape[0]}: grids of one run have one size; is "
+                            f"--input {args.input} mixing runs?")
     write_gif(frames, args.output, args.fps)
     size_mb = os.path.getsize(args.output) / 1e6
     print(f"wrote {args.output}: {len(frames)} frames (epochs {grids[0][0] + 1} to {grids[-1][0] + 1}), "

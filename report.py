@@ -23,7 +23,7 @@ from matplotlib.backends.backend_pdf import PdfPages
 
 from data import CLASSES
 from make_gif import epoch_grids
-from runtime import UserError, read_metrics, run_main
+from files import UserError, read_metrics, run_main
 
 PAGE = (11.69, 8.27)  # A4 landscape, inches
 FEATURES_NAME = re.compile(r"^max_features_layer(\d+)\.png$")
@@ -57,10 +57,12 @@ def read_records(path, missing, hint):
         missing.append(f"{path} ({hint})")
         return None
     try:
-        records = read_metrics(path)
-    except (OSError, ValueError) as e:
-        missing.append(f"{path} is unreadable ({type(e).__name__}); {hint}")
+        records, skipped = read_metrics(path)
+    except OSError as e:
+        missing.append(f"{path} is unreadable ({e.strerror}); {hint}")
         return None
+    if skipped:
+        print(f"note: skipped {skipped} damaged line(s) of {path}")
     if not records:
         missing.append(f"{path} is empty ({hint})")
         return None

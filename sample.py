@@ -14,7 +14,8 @@ from checkpoint import load_model
 from data import CLASSES
 from images import save_grid, to_unit
 from models import class_noise
-from runtime import Runtime, UserError, run_main
+from files import UserError, run_main
+from runtime import DEVICE_HELP, Runtime
 
 
 def parse_args(argv=None):
@@ -25,7 +26,7 @@ def parse_args(argv=None):
     parser.add_argument("--n", type=int, default=10, help="images per class (default: 10)")
     parser.add_argument("--output", default="samples.png", help="PNG to write (default: samples.png)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default: 0)")
-    parser.add_argument("--device", default="auto", help="cuda, cpu, or auto: cuda when present (default)")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     return parser.parse_args(argv)
 
 

@@ -19,15 +19,18 @@ Writes to <out-dir>/<name>/:
 import argparse
 import json
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from checkpoint import load_model
 from data import CLASSES, load_split, to_float
 from images import save_grid, to_unit
 from models import DISC_BLOCKS, NUM_CLASSES
-from runtime import Runtime, UserError, progress_bar, run_main
+from files import UserError, atomic_write, run_main
+from runtime import DEVICE_HELP, Runtime
 
 LEVEL = 0.0078  # one 8-bit intensity level on the [-1, 1] scale (2/255): the perturbation's unit step
 MAX_FEATURES = 100  # images shown per layer: features 0..99 (all of them when the layer is narrower)
@@ -52,7 +55,7 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=int, default=100, metavar="N",
                    help="N test images (a fixed subset spread over the classes): the perturbed batch, and "
                         "the mean image that class and feature maximization start from (default: 100)")
-    g.add_argument("--device", default="auto", help="cuda, cuda:N, cpu, or auto: cuda when present (default)")
+    g.add_argument("--device", default="auto", help=DEVICE_HELP)
 
     perturb = argparse.ArgumentParser(add_help=False)
     g = perturb.add_argument_group("perturbation")
@@ -143,7 +146,7 @@ def ascend(x, objective, iterations, lr, weight_decay, desc=None):
     """Gradient ascent of objective(x) (one value per image) with the assignment's update:
     X <- X + lr * grad - weight_decay * X * |X|, clipped to [-1, 1]. desc shows a progress bar."""
     x = x.detach().clone()
-    for _ in progress_bar(range(iterations), iterations, desc, desc is not None):
+    for _ in tqdm(range(iterations), desc=desc, leave=False, disable=desc is None or not sys.stderr.isatty()):
         x.requires_grad_(True)
         grad, = torch.autograd.grad(objective(x).sum(), x)
         with torch.no_grad():
@@ -229,10 +232,7 @@ def merge_results(path, update):
             results.setdefault(key, {}).update(value)
         else:
             results[key] = value
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(results, indent=1).encode())
 
 
 def visualize(args):

@@ -1,8 +1,9 @@
 """train_baseline.py end to end through its command line, on a tiny image-folder CIFAR: the files it writes,
 stopping on SIGTERM and resuming (to the same weights as an uninterrupted run), the one-line errors of bad input,
-checkpoint.load_model's refusals, and learning on a separable task."""
+and learning on a separable task."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -16,8 +17,8 @@ import checkpoint
 import data
 import models
 import train_baseline
+import training
 from conftest import REPO, write_image_folder
-from runtime import UserError
 
 SCRIPT = os.path.join(REPO, "train_baseline.py")
 COMMON = ["--width", "16", "--device", "cpu", "--batch-size", "64", "--lr", "1e-3"]
@@ -35,16 +36,17 @@ def no_network(*args, **kwargs):
 
 socket.getaddrinfo = socket.create_connection = socket.socket.connect = no_network
 import train_baseline
+import training
 
 stop_after = int(os.environ.get("TEST_STOP_AFTER_EPOCH", "0"))
-append_metrics = train_baseline.append_metrics
+append_metrics = training.append_metrics
 
 def append_then_stop(path, record):
     append_metrics(path, record)
     if record["epoch"] == stop_after:
         os.kill(os.getpid(), signal.SIGTERM)
 
-train_baseline.append_metrics = append_then_stop
+training.append_metrics = append_then_stop
 train_baseline.main()
 """.format(repo=REPO)
 
@@ -150,7 +152,7 @@ def test_model_file_loads_with_weights_only_into_a_fresh_discriminator(finished_
         assert torch.equal(loaded.state_dict()[name], value)
     # It is the final model: its test accuracy is the last epoch's reported one.
     test = data.Loader(*data.load_split(data_dir, "test"), 500, "cpu", train=False)
-    assert test.accuracy(loaded) == pytest.approx(metrics(finished_run)[-1]["test_acc"])
+    assert training.accuracy(loaded, test) == pytest.approx(metrics(finished_run)[-1]["test_acc"])
 
 
 def test_loss_falls_during_a_cli_run(finished_run):
@@ -201,73 +203,97 @@ def test_resume_of_a_finished_run_changes_nothing(runs, data_dir):
 # ---------------------------------------------------------------------------------------------------------
 # Bad input: one line on stderr, exit status 2, no traceback. The cases call train_baseline.main(argv) in this
 # process (an interpreter start per case would cost seconds); one also runs as a real process below.
+# Each case writes what it needs under root and returns the arguments after the common ones.
 
-def bad_input_args(case, root, data_dir, finished):
-    """The command-line arguments of a bad-input case; writes what the case needs under root."""
-    def new_dir(name):
-        path = root / name
-        path.mkdir()
-        return path
-
-    def with_data(data_path):
-        return ["--data-dir", data_path, "--out-dir", new_dir("out"), "--epochs", 2, *COMMON]
-
-    def with_out(out_dir, *extra):
-        return ["--data-dir", data_dir, "--out-dir", out_dir, "--epochs", 2, *COMMON, *extra]
-
-    if case == "missing data dir":
-        return with_data(root / "nowhere")
-    if case == "empty data dir":
-        return with_data(new_dir("empty"))
-    if case == "data dir with neither layout":
-        (new_dir("foreign") / "notes.txt").write_text("no images here")
-        return with_data(root / "foreign")
-    if case == "class folders without images":
-        for name in data.CLASSES:
-            (root / "imageless" / "train" / name).mkdir(parents=True)
-            (root / "imageless" / "test" / name).mkdir(parents=True)
-        return with_data(root / "imageless")
-    if case == "checkpoint of another width":
-        return with_out(finished, "--resume", "--width", 8)
-    if case == "checkpoint without --resume":
-        return with_out(finished)
-    if case == "generator model as checkpoint":
-        out = new_dir("generator")
-        checkpoint.save_model(models.Generator(16), str(out / "generator.model"))
-        os.rename(out / "generator.model", out / "baseline.ckpt")
-        return with_out(out, "--resume")
-    if case == "gan checkpoint":
-        out = new_dir("gan")
-        torch.save({"job": "gan", "config": {"width": 16}, "epoch": 1, "batch": 0}, out / "baseline.ckpt")
-        return with_out(out, "--resume")
-    if case == "non-torch checkpoint":
-        out = new_dir("junk")
-        (out / "baseline.ckpt").write_bytes(bytes(range(256)) * 3)
-        return with_out(out, "--resume")
-    if case == "out-dir below a regular file":
-        (root / "a_file").write_text("not a folder")
-        return with_out(root / "a_file" / "run")
-    if case == "zero epochs":
-        return with_out(new_dir("out"), "--epochs", 0)
-    if case == "unknown device":
-        return with_out(new_dir("out"), "--device", "tpu9")
-    raise KeyError(case)
+def new_dir(root, name):
+    path = root / name
+    path.mkdir()
+    return path
 
 
-BAD_INPUT = {  # case: a word its message must contain
-    "missing data dir": "download",
-    "empty data dir": "download",
-    "data dir with neither layout": "cifar-10-batches-py",
-    "class folders without images": "no images",
-    "checkpoint of another width": "--width",
-    "checkpoint without --resume": "--resume",
-    "generator model as checkpoint": "baseline.ckpt",
-    "gan checkpoint": "gan",
-    "non-torch checkpoint": "baseline.ckpt",
-    "out-dir below a regular file": "out-dir",
-    "zero epochs": "--epochs",
-    "unknown device": "device",
-}
+def missing_data_dir(root, data_dir, finished):
+    return ["--data-dir", root / "nowhere", "--out-dir", new_dir(root, "out")]
+
+
+def empty_data_dir(root, data_dir, finished):
+    return ["--data-dir", new_dir(root, "empty"), "--out-dir", new_dir(root, "out")]
+
+
+def data_dir_with_neither_layout(root, data_dir, finished):
+    (new_dir(root, "foreign") / "notes.txt").write_text("no images here")
+    return ["--data-dir", root / "foreign", "--out-dir", new_dir(root, "out")]
+
+
+def class_folders_without_images(root, data_dir, finished):
+    for name in data.CLASSES:
+        (root / "imageless" / "train" / name).mkdir(parents=True)
+        (root / "imageless" / "test" / name).mkdir(parents=True)
+    return ["--data-dir", root / "imageless", "--out-dir", new_dir(root, "out")]
+
+
+def checkpoint_of_another_width(root, data_dir, finished):
+    return ["--data-dir", data_dir, "--out-dir", finished, "--resume", "--width", 8]
+
+
+def checkpoint_of_another_lr(root, data_dir, finished):
+    return ["--data-dir", data_dir, "--out-dir", finished, "--resume", "--lr", 5e-4]
+
+
+def checkpoint_without_resume(root, data_dir, finished):
+    return ["--data-dir", data_dir, "--out-dir", finished]
+
+
+def generator_model_as_checkpoint(root, data_dir, finished):
+    out = new_dir(root, "generator")
+    checkpoint.save_model(models.Generator(16), str(out / "baseline.ckpt"))
+    return ["--data-dir", data_dir, "--out-dir", out, "--resume"]
+
+
+def gan_checkpoint(root, data_dir, finished):
+    out = new_dir(root, "gan")
+    torch.save({"job": "gan", "config": {"width": 16}, "epoch": 1, "batch": 0}, out / "baseline.ckpt")
+    return ["--data-dir", data_dir, "--out-dir", out, "--resume"]
+
+
+def non_torch_checkpoint(root, data_dir, finished):
+    out = new_dir(root, "junk")
+    (out / "baseline.ckpt").write_bytes(bytes(range(256)) * 3)
+    return ["--data-dir", data_dir, "--out-dir", out, "--resume"]
+
+
+def out_dir_below_a_regular_file(root, data_dir, finished):
+    (root / "a_file").write_text("not a folder")
+    return ["--data-dir", data_dir, "--out-dir", root / "a_file" / "run"]
+
+
+def zero_epochs(root, data_dir, finished):
+    return ["--data-dir", data_dir, "--out-dir", new_dir(root, "out"), "--epochs", 0]
+
+
+def unknown_device(root, data_dir, finished):
+    return ["--data-dir", data_dir, "--out-dir", new_dir(root, "out"), "--device", "tpu9"]
+
+
+BAD_INPUT = [  # (case, a word its message must contain)
+    (missing_data_dir, "download"),
+    (empty_data_dir, "download"),
+    (data_dir_with_neither_layout, "cifar-10-batches-py"),
+    (class_folders_without_images, "no images"),
+    (checkpoint_of_another_width, "--width"),
+    (checkpoint_of_another_lr, "--lr"),
+    (checkpoint_without_resume, "--resume"),
+    (generator_model_as_checkpoint, "baseline.ckpt"),
+    (gan_checkpoint, "gan"),
+    (non_torch_checkpoint, "baseline.ckpt"),
+    (out_dir_below_a_regular_file, "out-dir"),
+    (zero_epochs, "--epochs"),
+    (unknown_device, "device"),
+]
+DOWNLOADING = (missing_data_dir, empty_data_dir)
+
+
+def bad_input_argv(case, root, data_dir, finished):
+    return [str(a) for a in ["--epochs", 2, *COMMON, *case(root, data_dir, finished)]]
 
 
 def assert_one_line_error(returncode, stderr, word):
@@ -278,8 +304,8 @@ def assert_one_line_error(returncode, stderr, word):
     assert word in lines[0]
 
 
-@pytest.mark.parametrize("case", BAD_INPUT)
-def test_bad_input_is_one_line_and_exit_2(case, tmp_path, data_dir, finished_run, capsys, monkeypatch):
+@pytest.mark.parametrize("case, word", BAD_INPUT, ids=[case.__name__ for case, _ in BAD_INPUT])
+def test_bad_input_is_one_line_and_exit_2(case, word, tmp_path, data_dir, finished_run, capsys, monkeypatch):
     downloads = []
 
     def no_download(*args, **kwargs):
@@ -287,66 +313,26 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path, data_dir, finished_run
         raise OSError("network disabled by the test")
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", no_download)
-    argv = [str(a) for a in bad_input_args(case, tmp_path, data_dir, finished_run)]
     with pytest.raises(SystemExit) as exit_:
-        train_baseline.main(argv)
-    assert_one_line_error(exit_.value.code, capsys.readouterr().err, BAD_INPUT[case])
-    assert len(downloads) == (1 if case in ("missing data dir", "empty data dir") else 0)
+        train_baseline.main(bad_input_argv(case, tmp_path, data_dir, finished_run))
+    assert_one_line_error(exit_.value.code, capsys.readouterr().err, word)
+    assert len(downloads) == (1 if case in DOWNLOADING else 0)
 
 
 def test_bad_input_through_the_real_command_line(tmp_path, data_dir, finished_run):
     """As a real process too: exit status 2 and one line."""
-    case = "checkpoint without --resume"
-    result = run_cli(*bad_input_args(case, tmp_path, data_dir, finished_run))
-    assert_one_line_error(result.returncode, result.stderr, BAD_INPUT[case])
+    result = run_cli(*bad_input_argv(checkpoint_without_resume, tmp_path, data_dir, finished_run))
+    assert_one_line_error(result.returncode, result.stderr, "--resume")
 
 
 def test_refused_checkpoints_leave_the_run_untouched(finished_run, tmp_path, data_dir, capsys):
     before = {name: os.stat(finished_run / name).st_mtime_ns for name in os.listdir(finished_run)}
-    for case in ("checkpoint of another width", "checkpoint without --resume"):
+    for case in (checkpoint_of_another_width, checkpoint_without_resume):
+        (tmp_path / case.__name__).mkdir()
         with pytest.raises(SystemExit):
-            train_baseline.main([str(a) for a in bad_input_args(case, tmp_path / case, data_dir, finished_run)])
+            train_baseline.main(bad_input_argv(case, tmp_path / case.__name__, data_dir, finished_run))
     assert {name: os.stat(finished_run / name).st_mtime_ns for name in os.listdir(finished_run)} == before
     assert sorted(before) == ["baseline.ckpt", "baseline_metrics.jsonl", "cifar10.model"]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# checkpoint.load_model refusals
-
-def test_load_model_refuses_a_generator_file_as_discriminator(tmp_path):
-    path = str(tmp_path / "generator.model")
-    checkpoint.save_model(models.Generator(8), path)
-    with pytest.raises(UserError, match="generator"):
-        checkpoint.load_model(path, "discriminator")
-    assert isinstance(checkpoint.load_model(path, "generator"), models.Generator)
-
-
-def test_load_model_refuses_weights_that_do_not_fit_the_config(tmp_path):
-    path = str(tmp_path / "cifar10.model")
-    record = checkpoint.model_record(models.Discriminator(8))
-    record["config"]["width"] = 16
-    torch.save(record, path)
-    with pytest.raises(UserError, match="width"):
-        checkpoint.load_model(path, "discriminator")
-
-
-@pytest.mark.parametrize("content", [b"", b"hello, not a model", bytes(range(256)) * 4])
-def test_load_model_refuses_a_file_that_is_not_ours(tmp_path, content):
-    path = tmp_path / "cifar10.model"
-    path.write_bytes(content)
-    with pytest.raises(UserError):
-        checkpoint.load_model(str(path), "discriminator")
-
-
-def test_atomic_save_to_a_place_that_cannot_be_written_is_a_user_error(tmp_path):
-    (tmp_path / "a_file").write_text("not a folder")
-    with pytest.raises(UserError, match="cannot write"):
-        checkpoint.atomic_save({"x": torch.zeros(2)}, str(tmp_path / "a_file" / "baseline.ckpt"))
-
-
-def test_load_model_of_a_missing_file_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
-        checkpoint.load_model(str(tmp_path / "nothing.model"), "discriminator")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -359,7 +345,7 @@ def test_discriminator_learns_a_separable_task(data_dir):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     train = data.Loader(*data.load_split(data_dir, "train"), 64, "cpu", train=True)
     test = data.Loader(*data.load_split(data_dir, "test"), 100, "cpu", train=False)
-    before = test.accuracy(model.eval())
+    before = training.accuracy(model, test)
     losses = []
     for epoch in range(8):
         model.train()
@@ -369,7 +355,7 @@ def test_discriminator_learns_a_separable_task(data_dir):
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-    after = test.accuracy(model.eval())
+    after = training.accuracy(model, test)
     assert sum(losses[-4:]) < 0.5 * sum(losses[:4])
     assert after >= 0.6 and after > before + 0.3
 
@@ -388,15 +374,18 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_checkpoint(stop_signal, data_dir
     real_step = train_baseline.train_step
 
     def nan_step(*args):
-        loss, correct = real_step(*args)
-        return loss * float("nan"), correct
+        if stop_signal:
+            os.kill(os.getpid(), signal.SIGTERM)  # caught by the trainer's handler: a request to save and stop
+        loss, accuracy = real_step(*args)
+        return loss * float("nan"), accuracy
     monkeypatch.setattr(train_baseline, "train_step", nan_step)
-    if stop_signal:
-        monkeypatch.setattr(train_baseline.Runtime, "stop_requested", lambda self, stop, batch: True)
     with pytest.raises(SystemExit) as exit_info:
         train_baseline.main([str(a) for a in ("--data-dir", data_dir, "--out-dir", out, "--epochs", 2, *COMMON,
                                               "--resume")])
     assert exit_info.value.code == 2
     message = capsys.readouterr().err.strip().splitlines()[-1]
-    assert message.startswith("error: the loss became nan in epoch 2") and "lower --lr" in message
+    # Checked at once when stopping, else at the epoch's last batch (260 images in batches of 64: 4).
+    checked_at = 1 if stop_signal else 4
+    assert message.startswith(f"error: a loss became NaN or infinite in epoch 2 by batch {checked_at};")
+    assert "lower --lr" in message
     assert (out / "baseline.ckpt").read_bytes() == before

@@ -13,7 +13,8 @@ import train_baseline
 import train_gan
 from conftest import REPO
 from models import Discriminator, Generator
-from runtime import Runtime, UserError, read_metrics
+from files import UserError, read_metrics
+from runtime import Runtime
 
 
 def free_port():
@@ -29,19 +30,20 @@ def train_a_few_steps(rank, port, out_dir):
     rt = Runtime("cpu")
     torch.manual_seed(0)
     gen, disc, classifier = Generator(8), Discriminator(8), Discriminator(8)
-    gen_net, disc_net = train_gan.distribute(gen, disc, rt)
+    gen_ddp, disc_ddp = train_gan.distribute(gen, disc, rt)
     opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3, betas=(0.0, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=1e-3, betas=(0.0, 0.9))
-    net = train_baseline.distribute(classifier, rt)
-    opt_c = torch.optim.Adam(classifier.parameters(), lr=1e-3)
+    train_baseline.freeze_critic_head(classifier)
+    classifier_ddp = torch.nn.parallel.DistributedDataParallel(classifier)
+    opt_c = torch.optim.Adam((p for p in classifier.parameters() if p.requires_grad), lr=1e-3)
     data = torch.Generator().manual_seed(100 + rank)
     for b in range(3):
         real = torch.rand(4, 3, 32, 32, generator=data) * 2 - 1
         labels = torch.randint(0, 10, (4,), generator=data)
         rng = rt.rng(0, 0, b)
-        train_gan.generator_step(gen_net, disc, opt_g, 4, rng)
-        train_gan.discriminator_step(disc_net, gen_net, opt_d, real, labels, rng, 10.0)
-        train_baseline.train_step(net, opt_c, real, labels)
+        train_gan.generator_step(gen_ddp, disc, opt_g, 4, rng)
+        train_gan.discriminator_step(disc_ddp, disc, gen_ddp, opt_d, real, labels, rng, 10.0)
+        train_baseline.train_step(classifier_ddp, opt_c, real, labels)
     params = {f"{name}.{key}": value for name, model in (("gen", gen), ("disc", disc), ("cls", classifier))
               for key, value in model.named_parameters()}
     torch.save({k: v.detach() for k, v in params.items()}, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -78,7 +80,7 @@ def test_gan_under_torchrun_writes_once_and_resumes_in_one_process(tiny_image_fo
     result = torchrun("train_gan.py", *common_args(tiny_image_folder, out), "--epochs", 1)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("saved ") == 1, "only rank 0 prints"
-    epochs = [r["epoch"] for r in read_metrics(out / "gan_metrics.jsonl") if r["type"] == "epoch"]
+    epochs = [r["epoch"] for r in read_metrics(out / "gan_metrics.jsonl")[0] if r["type"] == "epoch"]
     assert epochs == [1], "only rank 0 writes"
     assert sorted(os.listdir(out)) == ["discriminator.model", "gan.ckpt", "gan_metrics.jsonl", "generator.model",
                                        "output"]
@@ -87,14 +89,14 @@ def test_gan_under_torchrun_writes_once_and_resumes_in_one_process(tiny_image_fo
     result = python("train_gan.py", *common_args(tiny_image_folder, out), "--epochs", 2, "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming" in result.stdout
-    assert [r["epoch"] for r in read_metrics(out / "gan_metrics.jsonl") if r["type"] == "epoch"] == [1, 2]
+    assert [r["epoch"] for r in read_metrics(out / "gan_metrics.jsonl")[0] if r["type"] == "epoch"] == [1, 2]
 
 
 def test_baseline_under_torchrun_writes_once(tiny_image_folder, tmp_path):
     out = tmp_path / "run"
     result = torchrun("train_baseline.py", *common_args(tiny_image_folder, out), "--epochs", 2)
     assert result.returncode == 0, result.stderr[-3000:]
-    records = read_metrics(out / "baseline_metrics.jsonl")
+    records = read_metrics(out / "baseline_metrics.jsonl")[0]
     assert [r["epoch"] for r in records] == [1, 2], "only rank 0 writes"
     assert sorted(os.listdir(out)) == ["baseline.ckpt", "baseline_metrics.jsonl", "cifar10.model"]
 
@@ -117,7 +119,7 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes(tiny_image_folder, tm
     result = python("train_gan.py", *args, "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming {out / 'gan.ckpt'} at epoch 1, batch {ckpt['batch']}" in result.stdout
-    assert [r["epoch"] for r in read_metrics(out / "gan_metrics.jsonl") if r["type"] == "epoch"] == [1]
+    assert [r["epoch"] for r in read_metrics(out / "gan_metrics.jsonl")[0] if r["type"] == "epoch"] == [1]
     assert torch.load(out / "gan.ckpt", weights_only=True)["epoch"] == 1
 
 

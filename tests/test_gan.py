@@ -12,8 +12,8 @@ import train_gan
 from checkpoint import load_model
 from images import HEADER
 from models import NOISE_DIM, NUM_CLASSES, Discriminator, Generator
-from runtime import read_metrics
 from conftest import REPO
+from files import read_metrics
 
 
 def run_script(script, *args):
@@ -44,7 +44,7 @@ def test_discriminator_loss_has_the_five_terms():
     torch.manual_seed(1)
     real, fake = torch.rand(4, 3, 32, 32).double() * 2 - 1, torch.rand(4, 3, 32, 32).double() * 2 - 1
     y_real, y_fake, alpha = torch.tensor([0, 1, 2, 3]), torch.tensor([9, 8, 7, 6]), torch.rand(4).double()
-    loss, monitored = train_gan.discriminator_loss(disc, real, y_real, fake, y_fake, alpha, 10.0)
+    loss, monitored = train_gan.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0)
 
     # By hand: three separate forward passes, the penalty from its definition.
     x_hat = (alpha.view(-1, 1, 1, 1) * real + (1 - alpha.view(-1, 1, 1, 1)) * fake).requires_grad_(True)
@@ -54,8 +54,10 @@ def test_discriminator_loss_has_the_five_terms():
     gp = 10.0 * ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
     expected = s_fake.mean() - s_real.mean() + F.cross_entropy(c_real, y_real) + F.cross_entropy(c_fake, y_fake) + gp
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert monitored[0].item() == pytest.approx(gp.item(), rel=1e-5)
-    assert monitored[5].item() == (c_real.argmax(1) == y_real).float().mean().item()
+    assert set(monitored) == set(train_gan.MONITORED)
+    assert monitored["gp"].item() == pytest.approx(gp.item(), rel=1e-5)
+    assert monitored["real_acc"].item() == (c_real.argmax(1) == y_real).float().mean().item()
+    assert monitored["fake_score"].item() == pytest.approx(s_fake.mean().item(), rel=1e-5)
 
     # The gradients match too, the penalty's second-order part included.
     params = list(disc.parameters())
@@ -95,7 +97,7 @@ def test_discriminator_step_does_not_move_the_generator():
     g_params = [p.detach().clone() for p in gen.parameters()]
     d_params = [p.detach().clone() for p in disc.parameters()]
     real, labels = torch.rand(4, 3, 32, 32) * 2 - 1, torch.tensor([1, 2, 3, 4])
-    train_gan.discriminator_step(disc, gen, opt_d, real, labels, torch.Generator().manual_seed(0), 10.0)
+    train_gan.discriminator_step(disc, disc, gen, opt_d, real, labels, torch.Generator().manual_seed(0), 10.0)
     assert all(torch.equal(a, p) for a, p in zip(g_params, gen.parameters()))
     assert all(p.grad is None for p in gen.parameters())
     assert any(not torch.equal(a, p) for a, p in zip(d_params, disc.parameters()))
@@ -124,7 +126,7 @@ def test_cli_two_epochs_then_resume(tiny_image_folder, tmp_path):
     for name in ("000.png", "001.png"):
         with Image.open(out / "output" / name) as grid:
             assert grid.size == (grid_side, grid_side + HEADER)
-    records = [r for r in read_metrics(out / "gan_metrics.jsonl") if r["type"] == "epoch"]
+    records = [r for r in read_metrics(out / "gan_metrics.jsonl")[0] if r["type"] == "epoch"]
     assert [r["epoch"] for r in records] == [1, 2]
     for key in ("test_acc", "seconds", "images_per_s") + train_gan.MONITORED:
         assert key in records[0]
@@ -136,7 +138,7 @@ def test_cli_two_epochs_then_resume(tiny_image_folder, tmp_path):
     result = run_script("train_gan.py", *gan_args(tiny_image_folder, out, "--epochs", 3, "--resume"))
     assert result.returncode == 0, result.stderr
     assert "resuming" in result.stdout and "epoch 3" in result.stdout
-    records = [r for r in read_metrics(out / "gan_metrics.jsonl") if r["type"] == "epoch"]
+    records = [r for r in read_metrics(out / "gan_metrics.jsonl")[0] if r["type"] == "epoch"]
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert sorted(os.listdir(out / "output")) == ["000.png", "001.png", "002.png"]
     ckpt = torch.load(out / "gan.ckpt", weights_only=True)
@@ -155,7 +157,7 @@ def test_nan_loss_stops_cleanly_and_keeps_the_checkpoint(tiny_image_folder, tmp_
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     message = err.splitlines()[-1]
-    assert message.startswith("error: ") and "epoch 2, batch 1" in message and "NaN" in message
+    assert message.startswith("error: a loss became NaN or infinite in epoch 2") and "--resume" in message
     assert "Traceback" not in err
     assert (out / "gan.ckpt").read_bytes() == before
 

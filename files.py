@@ -1,0 +1,124 @@
+"""Errors a user can fix, and writing files so that no failure or kill ever leaves half a file.
+
+- UserError and run_main: a problem the user can fix is one line on stderr and exit status 2.
+- atomic_write: every file the scripts write goes through it (temporary name, fsync, rename); a write that
+  fails for lack of space, quota or permission removes its temporary file, leaves the old file as it was, and
+  becomes a UserError.
+- Metrics files (JSON Lines): appends that start on a fresh line, and reading that skips damaged lines.
+"""
+import errno
+import io
+import json
+import os
+import sys
+
+import torch
+
+
+class UserError(Exception):
+    """A problem the user can fix; the scripts print it as one line, without a traceback."""
+
+
+def run_main(main):
+    """Run main() with one-line output for what the user can fix: a UserError is `error: ...` and exit 2, a
+    second Ctrl-C (the first asks the trainers to save and stop) is `interrupted` and exit 130."""
+    # A batch job's stdout is a file, which Python would block-buffer: its log would stay empty while the job runs.
+    if hasattr(sys.stdout, "reconfigure"):  # not when a caller has put a StringIO there
+        sys.stdout.reconfigure(line_buffering=True)
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# errno values that mean "this place cannot take the file": the fix is space, quota or another folder.
+NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def write_error(path, error, hint="choose another --out-dir"):
+    """The UserError for an OSError met while writing path."""
+    reason = error.strerror or str(error)
+    if error.errno in NO_ROOM:
+        hint = f"free space or {hint}"
+    return UserError(f"cannot write {path}: {reason}; {hint}")
+
+
+def atomic_write(path, content, hint="choose another --out-dir"):
+    """Write content (bytes) to path: to a temporary file of this process first, flushed to disk, then
+    renamed over path. A kill leaves the old file or the new one, never half of one; a failed write (full
+    disk, quota, permission) removes the temporary file, keeps the old one and raises a UserError."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise write_error(path, e, hint)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def torch_bytes(obj):
+    """obj as torch.save writes it. Serialized in memory, so that a short write on disk is an OSError with its
+    reason (torch.save reports one as a RuntimeError without it)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def save_torch(obj, path, hint="choose another --out-dir"):
+    atomic_write(path, torch_bytes(obj), hint)
+
+
+def image_bytes(image, format):
+    """A PIL image encoded as format ("PNG", ...)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def append_metrics(path, record):
+    """Append one JSON line. When the file's last line was cut short (a kill or a full disk mid-append), the
+    record starts on a fresh line instead of being glued to the fragment."""
+    line = json.dumps(record) + "\n"
+    try:
+        with open(path, "ab+") as f:
+            if f.seek(0, os.SEEK_END) > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    line = "\n" + line
+            f.write(line.encode())
+    except OSError as e:
+        raise write_error(path, e)
+
+
+def read_metrics(path):
+    """(records, number of damaged lines skipped) of a metrics file."""
+    records, skipped = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                skipped += 1
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                skipped += 1
+    return records, skipped
+
+
+def rewrite_metrics(path, records):
+    """Replace the metrics file with these records, atomically."""
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in records).encode())

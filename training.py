@@ -1,0 +1,486 @@
+"""The run plumbing both trainers share, written once: their common flags, the output folder's lock, resuming
+or refusing a checkpoint, running means of the monitored values, stopping on a signal, the non-finite loss
+rule, images/s, and test accuracy.
+
+A trainer's loop, in this module's terms:
+
+    run = Run("gan", args, rt, stop, config)           # --out-dir locked; run.checkpoint: where to resume
+    for epoch in ...:
+        for b, images, labels in run.batches(train_loader, epoch, start_batch):
+            ... one step ...; meter.add(loss=...)
+            if run.should_stop(meter, epoch, b):       # agreed by every process; raises on a NaN loss
+                run.save_and_stop(state(epoch, b + 1))  # checkpoint, then exit 75
+        seconds, images_per_s = run.epoch_speed()
+        run.log({...}); run.save(state(epoch + 1, 0))
+"""
+import json
+import math
+import os
+import socket
+import threading
+import time
+
+import torch
+from tqdm import tqdm
+
+from checkpoint import load_checkpoint
+from data import Loader, load_split, to_float
+from files import UserError, append_metrics, read_metrics, rewrite_metrics, save_torch
+from runtime import DEVICE_HELP
+
+LOG_EVERY = 50  # batches between running means in the progress bar and the metrics file (each a host sync)
+AGREE_EVERY = 10  # batches between the processes' agreement on stopping, under torchrun (each a host sync)
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal, resumable; the job scripts resubmit on it
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Flags both trainers take
+
+def add_data_args(parser):
+    g = parser.add_argument_group("data and files")
+    g.add_argument("--data-dir", default="data",
+                   help="CIFAR-10: a folder with train/<class>/* and test/<class>/* images, or with torchvision's "
+                        "cifar-10-batches-py/; downloaded here when missing or empty (default: data)")
+    g.add_argument("--out-dir", default=".", help="where models, checkpoints and metrics go (default: .)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run whose checkpoint is in --out-dir (starts fresh when there is none; "
+                        "a finished run is left as it is)")
+    g.add_argument("--limit-train", type=int, metavar="N",
+                   help="train on N training images, a random subset that is the same every run (smoke runs)")
+    g.add_argument("--limit-test", type=int, metavar="N", help="evaluate on N test images, chosen the same way")
+    g.add_argument("--lock-wait", type=float, default=120, metavar="SECONDS",
+                   help="how long to wait for another run of this script on the same --out-dir to end before "
+                        "refusing to start (default: 120)")
+
+
+def add_recipe_args(parser, width, epochs, lr, betas, epochs_note):
+    """The flags of the net, the optimizer and the schedule, with the trainer's defaults (its recipe)."""
+    g = parser.add_argument_group("model and optimizer")
+    g.add_argument("--width", type=int, default=width,
+                   help=f"channels of the nets' hidden layers (default: {width}; the assignment allows 128 to halve "
+                        "the time)")
+    g.add_argument("--epochs", type=int, default=epochs, help=f"epochs to train; {epochs_note} (default: {epochs})")
+    g.add_argument("--batch-size", type=int, default=128,
+                   help="global batch size, split across processes under torchrun (default: 128)")
+    g.add_argument("--lr", type=float, default=lr, help=f"Adam's learning rate (default: {lr:g})")
+    g.add_argument("--betas", type=float, nargs=2, default=list(betas), metavar=("B1", "B2"),
+                   help=f"Adam's betas (default: {betas[0]:g} {betas[1]:g})")
+
+
+def add_system_args(parser):
+    g = parser.add_argument_group("system")
+    g.add_argument("--seed", type=int, default=0, help="seed of the initial weights, shuffling and augmentation "
+                                                       "(default: 0)")
+    g.add_argument("--device", default="auto", help=DEVICE_HELP)
+    g.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: autocast the discriminator's convolutions and linears to bf16 on CUDA (faster; "
+                        "fp32 weights; not yet checked against fp32 on a full schedule) (default: fp32)")
+
+
+# Flags that may differ when a run is resumed: where things are, how long to train, and how to run it. All
+# others are the run's configuration, saved in its checkpoint, and a resume that changes one is refused.
+MAY_CHANGE_ON_RESUME = {"data_dir", "out_dir", "resume", "limit_test", "lock_wait", "device", "precision"}
+
+
+def run_config(args, may_change=frozenset()):
+    """The flags a resumed run must keep: all but MAY_CHANGE_ON_RESUME and the script's own may_change."""
+    return {k: v for k, v in vars(args).items() if k not in MAY_CHANGE_ON_RESUME | set(may_change)}
+
+
+def check_range(args, name, low, high=math.inf, low_open=False):
+    """--name must lie in [low, high] ((low, high] with low_open); None (a flag not given) passes."""
+    value = getattr(args, name)
+    if value is None:
+        return
+    ok = (value > low if low_open else value >= low) and value <= high and not math.isnan(value)
+    if not ok:
+        bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise UserError(f"--{name.replace('_', '-')} must be in {bounds}, got {value:g}")
+
+
+def check_common_args(args):
+    check_range(args, "epochs", 1, 1_000_000)
+    check_range(args, "batch_size", 1, 65_536)
+    check_range(args, "width", 1, 2048)
+    check_range(args, "lr", 0, 1, low_open=True)
+    for i, beta in enumerate(args.betas):
+        if not 0 <= beta < 1:
+            raise UserError(f"--betas takes two numbers in [0, 1), got {' '.join(f'{b:g}' for b in args.betas)}")
+    check_range(args, "limit_train", 1)
+    check_range(args, "limit_test", 1)
+    check_range(args, "lock_wait", 0, 7 * 24 * 3600)
+    check_range(args, "seed", 0, 2 ** 63 - 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Optimizer, data and evaluation
+
+def adam(params, lr, betas, device):
+    """Adam; on CUDA its fused kernel (one launch for all parameters, the same update)."""
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), fused=fused_adam(device))
+
+
+def fused_adam(device):
+    return True if device.type == "cuda" else None
+
+
+def load_optimizer(optimizer, state, device):
+    """Restore a saved optimizer; the fused kernel follows the device this run is on, not the saved state
+    (a checkpoint written on the CPU resumes fused on a GPU, and the other way round)."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group["fused"] = fused_adam(device)
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def training_loaders(args, rt):
+    """(train loader, test loader): this process's share of each shuffled training batch, and every test
+    image in batches of 500. Rank 0 loads first: it downloads CIFAR-10 or writes the decoded-image cache once."""
+    splits = rt.rank0_first(lambda: (load_split(args.data_dir, "train", args.limit_train),
+                                     load_split(args.data_dir, "test", args.limit_test)))
+    train = Loader(*splits[0], args.batch_size, rt.device, train=True, seed=args.seed, rank=rt.rank,
+                   world_size=rt.world_size)
+    test = Loader(*splits[1], 500, rt.device, train=False)
+    return train, test
+
+
+@torch.no_grad()
+def accuracy(model, loader):
+    """Fraction of the loader's images whose fc10 argmax is the true label; the model is left in train mode."""
+    model.eval()
+    correct, count = torch.zeros((), device=loader.labels.device), 0
+    for _, images, labels in loader.batches():
+        correct += (model(to_float(images))[1].argmax(1) == labels).sum()
+        count += len(labels)
+    model.train()
+    return correct.item() / count
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running means
+
+class Meter:
+    """Running sums of named values (0-d tensors) over the epoch and over the current window of batches. They
+    stay on the device, so adding costs no host sync; reading the means costs one.
+
+        meter.add(n, loss=loss, acc=acc)     # values are means over n images (or n=1 per batch)
+        meter.means()                        # {"loss": ..., "acc": ...} over the epoch so far
+        meter.take_window()                  # the means since the last take_window, then a new window
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self):
+        self.total, self.window = {}, {}
+
+    def add(self, n=1, **values):
+        for name, value in values.items():
+            value = value.detach().float() * n
+            for sums in (self.total, self.window):
+                total, count = sums.get(name, (0.0, 0))
+                sums[name] = (value + total, count + n)
+
+    @staticmethod
+    def _means(sums):
+        if not sums:
+            return {}
+        values = torch.stack([total for total, _ in sums.values()]).tolist()
+        return {name: v / count for (name, (_, count)), v in zip(sums.items(), values)}
+
+    def means(self):
+        return self._means(self.total)
+
+    def take_window(self):
+        means = self._means(self.window)
+        self.window = {}
+        return means
+
+    def finite(self):
+        """A 0-d bool tensor on the device: whether every sum is finite (a NaN or inf once added stays)."""
+        if not self.total:
+            return torch.ones((), dtype=torch.bool, device=self.device)
+        return torch.isfinite(torch.stack([total for total, _ in self.total.values()])).all()
+
+    def state(self):
+        """Plain floats and counts, for the checkpoint."""
+        return {part: {name: [float(s), count] for name, (s, count) in sums.items()}
+                for part, sums in (("total", self.total), ("window", self.window))}
+
+    def load_state(self, state):
+        for part, sums in (("total", self.total), ("window", self.window)):
+            sums.clear()
+            for name, (s, count) in state[part].items():
+                sums[name] = (torch.tensor(s, device=self.device), count)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One run per output folder
+
+class OutDirLock:
+    """A lock file <out-dir>/<job>.lock held for a run's lifetime, so that two runs (say, a resubmitted job and
+    the one still running) never write one checkpoint in turn.
+
+    It works where cluster home and scratch file systems live (NFS, Lustre), where flock may be missing or
+    local to one node: the file is created with O_EXCL, which those file systems make atomic. It names its
+    holder (host, pid, start time) and carries a heartbeat, rewritten every HEARTBEAT seconds. A lock is stale,
+    and taken over, when its holder is on this host and its process is gone (kill -9), or when its heartbeat
+    has not changed for STALE_AFTER seconds of watching (a crashed node; no clocks are compared). Deleting the
+    file by hand clears it too."""
+
+    HEARTBEAT = 10
+    STALE_AFTER = 60
+
+    def __init__(self, path):
+        self.path = path
+        self.token = {"host": socket.gethostname(), "pid": os.getpid(),
+                      "since": time.strftime("%Y-%m-%d %H:%M:%S"), "beat": 0}
+        self._stop = threading.Event()
+
+    def acquire(self, wait, what):
+        """Take the lock, waiting up to `wait` seconds for its holder; a UserError naming the holder after."""
+        deadline = time.monotonic() + wait
+        seen, seen_since = None, time.monotonic()
+        while True:
+            if self._create():
+                threading.Thread(target=self._beat, daemon=True).start()
+                return
+            holder = self._read()
+            if holder != seen:
+                seen, seen_since = holder, time.monotonic()
+            if self._stale(holder, time.monotonic() - seen_since):
+                self._remove_if(holder)
+                continue
+            if time.monotonic() >= deadline:
+                who = (f"{holder.get('host')}, pid {holder.get('pid')}, since {holder.get('since')}"
+                       if holder else "unknown holder")
+                raise UserError(f"another {what} run is using {os.path.dirname(self.path) or '.'} ({who}): "
+                                f"wait for it to end, choose another --out-dir, or delete {self.path} if that run "
+                                "is gone")
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+    def release(self):
+        self._stop.set()
+        self._remove_if(self._mine())
+
+    def _mine(self):
+        return {k: self.token[k] for k in ("host", "pid", "since")}
+
+    def _create(self):
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        except OSError as e:
+            raise UserError(f"cannot write {self.path}: {e.strerror}; choose a writable --out-dir")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.token, f)
+        return True
+
+    def _read(self):
+        """The holder's record, or None when the file is gone, being rewritten or not ours."""
+        try:
+            with open(self.path) as f:
+                holder = json.load(f)
+            return holder if isinstance(holder, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    def _stale(self, holder, unchanged_for):
+        if holder is None:
+            return False  # gone (the next create wins) or mid-rewrite
+        if holder.get("host") == socket.gethostname() and not pid_alive(holder.get("pid")):
+            return True
+        return unchanged_for > self.STALE_AFTER
+
+    def _remove_if(self, holder):
+        """Remove the lock file if it still holds this holder's record (not a newer holder's)."""
+        current = self._read()
+        if current is not None and holder is not None and \
+                all(current.get(k) == holder.get(k) for k in ("host", "pid", "since")):
+            try:
+                os.remove(self.path)
+            except OSError:
+                pass
+
+    def _beat(self):
+        while not self._stop.wait(self.HEARTBEAT):
+            self.token["beat"] += 1
+            tmp = f"{self.path}.{os.getpid()}.tmp"
+            try:
+                with open(tmp, "w") as f:
+                    json.dump(self.token, f)
+                os.replace(tmp, self.path)
+            except OSError:
+                pass  # a missed beat: the next one tries again
+
+
+def pid_alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError, TypeError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A run: its files in --out-dir, and the decisions every process takes together
+
+class Run:
+    """The files of one training run in --out-dir (<job>.ckpt, <job>_metrics.jsonl, the lock) and what every
+    trainer does with them. Only rank 0 writes; every decision that leads to a write or a stop (a non-finite
+    loss, a stop signal) is agreed by all processes first."""
+
+    def __init__(self, job, script, args, rt, stop, config):
+        self.job, self.script, self.rt, self.stop, self.config = job, script, rt, stop, config
+        self.out_dir = args.out_dir
+        self.ckpt_path = os.path.join(args.out_dir, f"{job}.ckpt")
+        self.metrics_path = os.path.join(args.out_dir, f"{job}_metrics.jsonl")
+        self.lock, self._bar = None, None
+        self._epoch_time, self._batches_run, self._batch_size = 0.0, 0, 0
+        rt.rank0_first(lambda: self._claim_out_dir(args.lock_wait), others_too=False)
+        try:
+            self.checkpoint = load_checkpoint(self.ckpt_path, job, config, args.resume)
+            if rt.is_rank0:
+                self._trim_metrics()
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _claim_out_dir(self, lock_wait):
+        try:
+            os.makedirs(self.out_dir, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot write to --out-dir {self.out_dir}: {e.strerror}; choose a writable folder")
+        self.lock = OutDirLock(os.path.join(self.out_dir, f"{self.job}.lock"))
+        self.lock.acquire(lock_wait, self.script)
+
+    def close(self):
+        if self._bar is not None:
+            self._bar.close()
+        if self.lock is not None:
+            self.lock.release()
+
+    def _trim_metrics(self):
+        """Keep the metrics records the checkpoint has reached: a run that died after logging but before
+        saving would otherwise log those epochs twice when it resumes. A fresh run starts a fresh file."""
+        if not os.path.exists(self.metrics_path):
+            return
+        records, skipped = read_metrics(self.metrics_path)
+        reached = (self.checkpoint["epoch"], self.checkpoint["batch"]) if self.checkpoint else (0, 0)
+        kept = [r for r in records if record_position(r) <= reached]
+        if len(kept) != len(records) or skipped:
+            rewrite_metrics(self.metrics_path, kept)
+
+    def finished(self, epochs):
+        """Whether the checkpoint has all the epochs asked for; says so."""
+        if self.checkpoint is None or self.checkpoint["epoch"] < epochs:
+            return False
+        self.print(f"{self.ckpt_path}: {self.checkpoint['epoch']} epochs are done (asked for {epochs}); "
+                   "nothing to resume")
+        return True
+
+    def print(self, text):
+        if self.rt.is_rank0:
+            (self._bar.write if self._bar is not None else print)(text)
+
+    def log(self, record):
+        if self.rt.is_rank0:
+            append_metrics(self.metrics_path, record)
+
+    def save(self, state):
+        """The checkpoint, with the job and its configuration, written atomically by rank 0."""
+        if self.rt.is_rank0:
+            save_torch({"job": self.job, "config": self.config, **state}, self.ckpt_path)
+
+    def batches(self, loader, epoch, start, epochs):
+        """The loader's batches of this epoch from `start` on, under a progress bar on a terminal (rank 0); also
+        times the epoch for epoch_speed()."""
+        self._batch_size, self._batches_run = loader.batch_size, 0
+        bar = tqdm(total=len(loader) - start, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True,
+                   disable=not (self.rt.is_rank0 and os.isatty(2)))
+        self._bar = bar
+        start_time = time.perf_counter()
+        for item in loader.batches(epoch, start):
+            yield item
+            self._batches_run += 1
+            bar.update()
+        self._epoch_time = time.perf_counter() - start_time
+        bar.close()
+        self._bar = None
+
+    def show(self, means):
+        """Running means in the progress bar."""
+        if self._bar is not None:
+            self._bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()}, refresh=False)
+
+    def epoch_speed(self):
+        """(seconds, images/s of the whole world) of the epoch's batches just run."""
+        seconds = max(self._epoch_time, 1e-9)
+        return seconds, self._batches_run * self._batch_size / seconds
+
+    def should_stop(self, meter, epoch, batch, batches):
+        """Whether to stop after this batch: a stop signal reached any process. At the same points, and every
+        LOG_EVERY batches and at the epoch's last batch, the losses must be finite; a non-finite one ends the
+        run without writing anything. One process checks the signal every batch; under torchrun the processes
+        agree every AGREE_EVERY batches and at the epoch's last, so that all stop after the same batch. A stop at
+        the epoch's last batch waits for the end of the epoch (see stop_requested)."""
+        last = batch + 1 == batches
+        if self.rt.world_size == 1:
+            stop = self.stop.received is not None
+            if stop or last or (batch + 1) % LOG_EVERY == 0:
+                self.require_finite(bool(meter.finite()), epoch, batch)
+            return stop and not last
+        if not (last or (batch + 1) % AGREE_EVERY == 0):
+            return False
+        not_finite, stop = self.rt.agree(~meter.finite(), self.stop.received is not None)
+        self.require_finite(not not_finite, epoch, batch)
+        return stop and not last  # at the last batch the epoch ends first; stop_requested() then stops
+
+    def require_finite(self, finite, epoch, batch):
+        if not finite:
+            kept = (f"the last good checkpoint {self.ckpt_path} is kept" if os.path.exists(self.ckpt_path)
+                    else "nothing was saved")
+            raise UserError(f"a loss became NaN or infinite in epoch {epoch + 1} by batch {batch + 1}; {kept}; "
+                            "lower --lr and run again with --resume")
+
+    def begin(self, table_header):
+        """Before the first batch: stop if a signal came during start-up (the checkpoint untouched), else print
+        the header of the per-epoch table."""
+        if self.stop_requested():
+            self.exit_stopped("before training")
+        self.print(table_header)
+
+    def stop_requested(self):
+        """A stop signal reached any process (agreed; between epochs and before the first)."""
+        return self.rt.agree(self.stop.received is not None)[0]
+
+    def exit_stopped(self, where):
+        self.print(f"stopped by {self.stop.received or 'a signal on another process'} {where}; {self.ckpt_path} "
+                   "holds the run; run the same command with --resume to continue")
+        raise SystemExit(EXIT_STOPPED)
+
+    def save_and_stop(self, state):
+        self.save(state)
+        self.exit_stopped(f"in epoch {state['epoch'] + 1} after batch {state['batch']}")
+
+
+def record_position(record):
+    """(epochs done, batches into the next epoch) of the training position a metrics record was written at:
+    an epoch record after epoch E is (E, 0); a monitor record at batch B of epoch E is (E - 1, B)."""
+    if record.get("type") == "monitor":
+        return record.get("epoch", 0) - 1, record.get("batch", 0)
+    return record.get("epoch", 0), 0
