@@ -1,18 +1,49 @@
-"""The two networks of the assignment, as the tables in SPEC.md give them.
+"""The networks: a discriminator for 32x32 CIFAR-10 images and a class-conditioned generator.
 
-Discriminator: eight 3x3 conv blocks (conv -> LayerNorm over C,H,W -> LeakyReLU), a 4x4 max pool, and two
-heads: fc1 (critic score, for the WGAN) and fc10 (class logits, the baseline classifier and the ACGAN
-auxiliary classifier). Generator: fc to 4x4, three upsampling transposed convs, batch norm + ReLU, tanh.
+Discriminator: 3x3 conv blocks (conv -> LayerNorm over C,H,W -> LeakyReLU) from a block table, a max pool
+over the final 4x4 map, and two heads: fc1 (critic score, for the WGAN) and fc10 (class logits, the
+baseline classifier and the ACGAN auxiliary classifier). Two tables: "hw", the assignment's eight-layer net,
+and "deep", ten layers in three widening stages. Optionally a minibatch-discrimination layer (Salimans et
+al. 2016, "Improved Techniques for Training GANs", section 3.2) adds features that compare each sample
+with the others of its group before the heads.
+
+Generator: fc to 4x4, three upsampling transposed convs among plain convs, batch norm + ReLU, tanh.
 """
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 NOISE_DIM = 100
 NUM_CLASSES = 10
+IMAGE_SIZE = 32
 
-# (stride, output side) of the discriminator's eight conv blocks for 32x32 inputs.
-DISC_BLOCKS = [(1, 32), (2, 16), (1, 16), (2, 8), (1, 8), (1, 8), (1, 8), (2, 4)]
+# Block tables: one (channels as a multiple of width, stride) per conv block, in order. The spatial side
+# follows from the strides: each stride-2 conv halves it, from 32 down to the 4x4 the heads pool over.
+ARCHS = {
+    # The assignment's net: eight convs of `width` channels at 32, 16, 16, 8, 8, 8, 8, 4 pixels.
+    "hw": [(1, 1), (1, 2), (1, 1), (1, 2), (1, 1), (1, 1), (1, 1), (1, 2)],
+    # VGG-like: two convs at 32x32 (width), three at 16x16 (2 x width), four at 8x8 (4 x width), one
+    # stride-2 conv to 4x4. Widening where the map shrinks keeps the cost per layer about even.
+    "deep": [(1, 1), (1, 1), (2, 2), (2, 1), (2, 1), (4, 2), (4, 1), (4, 1), (4, 1), (4, 2)],
+}
+DEFAULT_WIDTH = {"hw": 196, "deep": 128}
+# The hw table under its former name: visualize.py still reads the number of conv layers from it.
+DISC_BLOCKS = ARCHS["hw"]
+MINIBATCH_KERNELS = 100  # B and C of the minibatch-discrimination layer when it is turned on
+MINIBATCH_DIMS = 5
+
+
+def block_shapes(arch, width):
+    """(out_channels, stride, output side) of each conv block of a block table at the given width."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown discriminator arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    shapes, side = [], IMAGE_SIZE
+    for multiple, stride in ARCHS[arch]:
+        side //= stride
+        shapes.append((multiple * width, stride, side))
+    return shapes
 
 
 class ConvBlock(nn.Module):
@@ -28,35 +59,97 @@ class ConvBlock(nn.Module):
         return F.leaky_relu(self.norm(self.conv(x)))
 
 
-class Discriminator(nn.Module):
-    def __init__(self, width=196):
-        super().__init__()
-        self.width = width
-        channels = [3] + [width] * len(DISC_BLOCKS)
-        self.blocks = nn.ModuleList(
-            ConvBlock(channels[i], channels[i + 1], stride, side) for i, (stride, side) in enumerate(DISC_BLOCKS)
-        )
-        self.fc1 = nn.Linear(width, 1)
-        self.fc10 = nn.Linear(width, NUM_CLASSES)
+class MinibatchDiscrimination(nn.Module):
+    """Salimans et al. 2016, section 3.2. For features f (N, A) and a learned tensor T (A, B, C):
+    M_i = f_i T, a B x C matrix per sample; c_b(i, j) = exp(-||M_i,b - M_j,b||_1); output o_i,b = sum over j
+    of c_b(i, j), shape (N, B). As in the paper's sum over j = 1..n, j = i is included: it adds exp(0) = 1.
 
-    def forward(self, x, extract_features=0):
-        """Returns (critic score (N, 1), class logits (N, 10)); with extract_features=k in 1..8, the output of
-        conv block k max-pooled over its whole spatial extent, shape (N, width)."""
-        if not 0 <= extract_features <= len(self.blocks):
-            raise ValueError(f"extract_features must be 0 (both heads) or a conv layer in 1..{len(self.blocks)}, "
+    The sum runs over the sample's group only: groups=g splits the batch into g equal consecutive chunks
+    (e.g. real and fake images passed together with groups=2), so that real images are compared only with
+    real ones and fakes with fakes. Under DistributedDataParallel each process sees only its own share of
+    the global batch: the groups are formed within that share, never across processes. o lies between 1
+    and the group size and grows with it, so evaluate with groups of the size used in training."""
+
+    def __init__(self, in_features, kernels=MINIBATCH_KERNELS, dims=MINIBATCH_DIMS):
+        super().__init__()
+        self.kernels, self.dims = kernels, dims
+        # Scaled so that, measured on CIFAR-10 at initialization, a sample's nearest other sample in a group
+        # of 128 lies about 1.5-2 away: exp(-d) neither saturates at 1 nor vanishes, and o starts near 3-5.
+        self.T = nn.Parameter(torch.randn(in_features, kernels, dims) * (3 / math.sqrt(in_features)))
+
+    def forward(self, f, groups=1):
+        n = len(f)
+        # fp32 even under bf16 autocast: a bf16 sum over a group of 128 would round to steps of 0.5.
+        with torch.autocast(f.device.type, enabled=False):
+            m = (f.float() @ self.T.flatten(1)).view(groups, n // groups, self.kernels, self.dims)
+            l1 = (m.unsqueeze(2) - m.unsqueeze(1)).abs().sum(-1)  # (groups, i, j, B)
+            return torch.exp(-l1).sum(2).view(n, self.kernels)
+
+
+class Discriminator(nn.Module):
+    """The critic + classifier, built from the block table ARCHS[arch].
+
+    width: channels of the first stage. For "hw" every conv has `width` channels (196 in the assignment,
+    128 to halve the time); for "deep" the stages have width, 2 x width and 4 x width channels (128 gives
+    128-256-512). None picks DEFAULT_WIDTH[arch].
+    minibatch_kernels: 0 (off) or B, the number of minibatch-discrimination kernels of minibatch_dims
+    dimensions each; when on, fc1 and fc10 take the pooled features and the B minibatch features.
+    model.config holds these keyword arguments: type(model)(**model.config) rebuilds the same net."""
+
+    def __init__(self, width=None, arch="hw", minibatch_kernels=0, minibatch_dims=MINIBATCH_DIMS):
+        super().__init__()
+        width = DEFAULT_WIDTH.get(arch) if width is None else width
+        shapes = block_shapes(arch, width)
+        self.width, self.arch = width, arch
+        self.config = {"width": width, "arch": arch, "minibatch_kernels": minibatch_kernels,
+                       "minibatch_dims": minibatch_dims}
+        in_channels = [3] + [c for c, _, _ in shapes]
+        self.blocks = nn.ModuleList(ConvBlock(c_in, c, stride, side)
+                                    for c_in, (c, stride, side) in zip(in_channels, shapes))
+        self.num_features = in_channels[-1]  # the pooled features feeding the heads, per sample
+        self.minibatch = MinibatchDiscrimination(self.num_features, minibatch_kernels, minibatch_dims) \
+            if minibatch_kernels else None
+        heads_in = self.num_features + minibatch_kernels
+        self.fc1 = nn.Linear(heads_in, 1)
+        self.fc10 = nn.Linear(heads_in, NUM_CLASSES)
+
+    @property
+    def num_layers(self):
+        """Conv layers, the valid range of extract_features being 1..num_layers."""
+        return len(self.blocks)
+
+    def forward(self, x, extract_features=0, groups=1, with_features=False):
+        """(critic score (N, 1), class logits (N, 10)).
+        extract_features=k in 1..num_layers: instead, the output of conv block k max-pooled over its whole
+        spatial extent, (N, channels of block k).
+        with_features: also return the max-pooled output of the last block, (N, self.num_features), the heads'
+        input without the minibatch features (for feature matching).
+        groups: the minibatch features of a sample come from the batch's 1/groups chunk it is in (see
+        MinibatchDiscrimination); the batch size must be a multiple of groups."""
+        if not 0 <= extract_features <= self.num_layers:
+            raise ValueError(f"extract_features must be 0 (both heads) or a conv layer in 1..{self.num_layers}, "
                              f"got {extract_features}")
+        if extract_features and with_features:
+            raise ValueError("with_features needs the heads: use it with extract_features=0")
+        if groups < 1 or len(x) % groups:
+            raise ValueError(f"groups must be a positive divisor of the batch size {len(x)}, got {groups}")
         for k, block in enumerate(self.blocks, start=1):
             x = block(x)
             if k == extract_features:
                 return F.adaptive_max_pool2d(x, 1).flatten(1)
-        h = F.max_pool2d(x, 4, 4).flatten(1)
-        return self.fc1(h), self.fc10(h)
+        features = F.max_pool2d(x, 4, 4).flatten(1)
+        h = features if self.minibatch is None else torch.cat([features, self.minibatch(features, groups)], 1)
+        score, logits = self.fc1(h), self.fc10(h)
+        return (score, logits, features) if with_features else (score, logits)
 
 
 class Generator(nn.Module):
+    """The assignment's generator. model.config = {"width": width}: type(model)(**model.config) rebuilds it."""
+
     def __init__(self, width=196):
         super().__init__()
         self.width = width
+        self.config = {"width": width}
         self.fc1 = nn.Linear(NOISE_DIM, width * 4 * 4)
         self.bn0 = nn.BatchNorm1d(width * 4 * 4)
         up = lambda: nn.ConvTranspose2d(width, width, 4, stride=2, padding=1)

@@ -1,5 +1,8 @@
-"""The two networks against SPEC.md's tables: shapes, parameter counts, feature extraction, independence of the
-discriminator's samples, and the generator's class-conditioned noise."""
+"""The networks against the assignment's tables (shapes, parameter counts), the deep preset, feature
+extraction, rebuilding from model.config, independence of the discriminator's samples, minibatch
+discrimination against a hand computation and its groups, and the generator's class-conditioned noise."""
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -7,7 +10,7 @@ import torch.nn.functional as F
 
 import models
 
-WIDTH = 16  # small nets for speed; the parameter-count tests use the spec's 196
+WIDTH = 16  # small nets for speed; the parameter-count tests use the assignment's 196
 
 
 def conv_params(c_in, c_out, kernel):
@@ -15,7 +18,7 @@ def conv_params(c_in, c_out, kernel):
 
 
 def disc_params_from_table(w):
-    """SPEC.md's discriminator table: 8 convs (k3, bias) each with a LayerNorm over (C, H, W) of its output
+    """The assignment's discriminator table: 8 convs (k3, bias) each with a LayerNorm over (C, H, W) of its output
     (weight + bias per element), then fc1 and fc10."""
     rows = [(3, w, 32), (w, w, 16), (w, w, 16), (w, w, 8), (w, w, 8), (w, w, 8), (w, w, 8), (w, w, 4)]
     convs = sum(conv_params(c_in, c_out, 3) for c_in, c_out, _ in rows)
@@ -25,7 +28,7 @@ def disc_params_from_table(w):
 
 
 def gen_params_from_table(w):
-    """SPEC.md's generator table: fc1 100 -> w*4*4 with BatchNorm1d, transposed convs k4 (conv1, conv5, conv7),
+    """The assignment's generator table: fc1 100 -> w*4*4 with BatchNorm1d, transposed convs k4 (conv1, conv5, conv7),
     convs k3 (conv2, conv3, conv4, conv6) each with BatchNorm2d (weight + bias per channel), conv8 w -> 3."""
     fc1 = 100 * w * 16 + w * 16
     batch_norm_1d = 2 * w * 16
@@ -40,7 +43,7 @@ def count(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def test_parameter_counts_at_width_196_match_the_spec_tables():
+def test_parameter_counts_at_width_196_match_the_assignment_tables():
     assert disc_params_from_table(196) == 3_137_971
     assert gen_params_from_table(196) == 3_559_363
     assert count(models.Discriminator(196)) == 3_137_971
@@ -89,17 +92,71 @@ def test_generator_output_and_layer_sizes():
     assert images.min() >= -1 and images.max() <= 1  # tanh
 
 
-@pytest.mark.parametrize("k", range(1, 9))
-def test_extract_features_gives_max_pooled_block_output(k):
+DEEP_WIDTH = 8  # the deep preset's first stage; its stages have 8, 16 and 32 channels here
+
+
+def test_deep_preset_has_at_least_nine_convs_in_widening_stages_down_to_4x4():
+    d = models.Discriminator(DEEP_WIDTH, arch="deep")
+    assert d.num_layers == len(d.blocks) >= 9
+    shapes = conv_output_shapes(d, torch.zeros(2, 3, 32, 32))
+    assert len(shapes) == d.num_layers
+    w = DEEP_WIDTH
+    assert [(c, s) for c, s, _ in shapes] == [(w, 32), (w, 32), (2 * w, 16), (2 * w, 16), (2 * w, 16),
+                                              (4 * w, 8), (4 * w, 8), (4 * w, 8), (4 * w, 8), (4 * w, 4)]
+    assert sum(isinstance(m, nn.LayerNorm) for m in d.modules()) == d.num_layers
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in d.modules())
+    assert d.fc1.in_features == d.fc10.in_features == d.num_features == 4 * w
+
+
+def test_default_widths_per_arch():
+    """width=None picks 196 for the assignment's net and 128-256-512 channels for the deep one."""
+    hw, deep = models.Discriminator(), models.Discriminator(arch="deep")
+    assert hw.width == hw.config["width"] == 196
+    assert deep.width == deep.config["width"] == 128
+    assert [b.conv.out_channels for b in deep.blocks] == [128, 128, 256, 256, 256, 512, 512, 512, 512, 512]
+
+
+def test_unknown_arch_names_the_choices():
+    with pytest.raises(ValueError, match="hw, deep"):
+        models.Discriminator(8, arch="resnet")
+
+
+def test_deep_preset_trains_on_the_cpu():
+    """A few Adam steps on one batch lower the loss of both heads, with finite gradients everywhere."""
     torch.manual_seed(0)
-    d = models.Discriminator(WIDTH)
+    d = models.Discriminator(DEEP_WIDTH, arch="deep")
+    x = torch.rand(8, 3, 32, 32) * 2 - 1
+    labels = torch.arange(8)
+    target = torch.linspace(-1, 1, 8).view(8, 1)
+    optimizer = torch.optim.Adam(d.parameters(), 1e-3)
+    losses = []
+    for _ in range(5):
+        score, logits = d(x)
+        loss = F.cross_entropy(logits, labels) + F.mse_loss(score, target)
+        optimizer.zero_grad()
+        loss.backward()
+        for name, p in d.named_parameters():
+            assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def layer_cases():
+    return [("hw", WIDTH, k) for k in range(1, 9)] + [("deep", DEEP_WIDTH, k) for k in range(1, 11)]
+
+
+@pytest.mark.parametrize("arch, width, k", layer_cases())
+def test_extract_features_gives_max_pooled_block_output(arch, width, k):
+    torch.manual_seed(0)
+    d = models.Discriminator(width, arch=arch)
     x = torch.rand(3, 3, 32, 32) * 2 - 1
     features = d(x, extract_features=k)
-    assert features.shape == (3, WIDTH)
+    norm = [m for m in d.modules() if isinstance(m, nn.LayerNorm)][k - 1]
+    assert features.shape == (3, norm.normalized_shape[0])
     # The feature map after conv block k, taken with a hook on the k-th LayerNorm (the block's last module
     # with weights; LeakyReLU is monotone, so max-pooling commutes with it).
     maps = []
-    norm = [m for m in d.modules() if isinstance(m, nn.LayerNorm)][k - 1]
     hook = norm.register_forward_hook(lambda m, i, out: maps.append(out))
     d(x)
     hook.remove()
@@ -114,11 +171,70 @@ def test_extract_features_out_of_range_names_the_valid_range(k):
         d(torch.zeros(1, 3, 32, 32), extract_features=k)
 
 
-def test_discriminator_samples_are_independent():
+@pytest.mark.parametrize("k", [-1, 11])
+def test_extract_features_out_of_range_of_the_deep_preset(k):
+    d = models.Discriminator(DEEP_WIDTH, arch="deep")
+    with pytest.raises(ValueError, match=r"1\.\.10"):
+        d(torch.zeros(1, 3, 32, 32), extract_features=k)
+
+
+def test_with_features_returns_the_pooled_input_of_the_heads():
+    torch.manual_seed(0)
+    d = models.Discriminator(WIDTH)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    score, logits, features = d(x, with_features=True)
+    assert features.shape == (3, WIDTH)
+    # Without minibatch features the heads read exactly these features.
+    torch.testing.assert_close(score, d.fc1(features))
+    torch.testing.assert_close(logits, d.fc10(features))
+    # They are the last block's map max-pooled, the same as extracting the last layer.
+    torch.testing.assert_close(features, d(x, extract_features=d.num_layers))
+    with pytest.raises(ValueError, match="extract_features=0"):
+        d(x, extract_features=2, with_features=True)
+
+
+def test_hw_preset_keeps_the_state_dict_keys_of_existing_model_files():
+    names = {f"blocks.{i}.{layer}.{p}" for i in range(8) for layer in ("conv", "norm") for p in ("weight", "bias")}
+    names |= {f"{fc}.{p}" for fc in ("fc1", "fc10") for p in ("weight", "bias")}
+    assert set(models.Discriminator(WIDTH).state_dict()) == names
+    # A model file written before the presets existed records only the width; it still rebuilds the net.
+    assert models.Discriminator(**{"width": WIDTH}).config == {
+        "width": WIDTH, "arch": "hw", "minibatch_kernels": 0, "minibatch_dims": models.MINIBATCH_DIMS}
+
+
+@pytest.mark.parametrize("arch, width", [("hw", WIDTH), ("deep", DEEP_WIDTH)])
+@pytest.mark.parametrize("kernels", [0, 6])
+def test_config_rebuilds_the_same_discriminator_through_a_file(tmp_path, arch, width, kernels):
+    torch.manual_seed(0)
+    d = models.Discriminator(width, arch=arch, minibatch_kernels=kernels, minibatch_dims=3).eval()
+    assert all(type(v) in (int, str) for v in d.config.values())
+    torch.save({"config": d.config, "state_dict": d.state_dict()}, tmp_path / "d.model")
+    saved = torch.load(tmp_path / "d.model", weights_only=True)
+    rebuilt = type(d)(**saved["config"]).eval()
+    rebuilt.load_state_dict(saved["state_dict"])  # strict: same keys and shapes
+    assert rebuilt.config == d.config and rebuilt.num_layers == d.num_layers
+    assert ("minibatch.T" in saved["state_dict"]) == (kernels > 0)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    for a, b in zip(d(x, groups=2), rebuilt(x, groups=2)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_config_rebuilds_the_same_generator():
+    torch.manual_seed(0)
+    g = models.Generator(WIDTH).eval()
+    assert g.config == {"width": WIDTH}
+    rebuilt = type(g)(**g.config).eval()
+    rebuilt.load_state_dict(g.state_dict())
+    z = models.class_noise(torch.arange(4))
+    torch.testing.assert_close(g(z), rebuilt(z), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch, width", [("hw", WIDTH), ("deep", DEEP_WIDTH)])
+def test_discriminator_samples_are_independent(arch, width):
     """Sample i's outputs do not change when the other samples of the batch change, and carry no gradient to
     them (the gradient penalty needs this; batch norm would break it)."""
     torch.manual_seed(0)
-    d = models.Discriminator(WIDTH).train()
+    d = models.Discriminator(width, arch=arch).train()
     x = torch.rand(4, 3, 32, 32) * 2 - 1
     other = x.clone()
     other[1:] = torch.rand(3, 3, 32, 32) * 2 - 1
@@ -130,6 +246,101 @@ def test_discriminator_samples_are_independent():
     (score[0].sum() + logits[0].sum()).backward()
     assert x.grad[0].abs().sum() > 0
     assert torch.all(x.grad[1:] == 0)
+
+
+def test_minibatch_discrimination_matches_a_hand_computation():
+    """Three samples, A = 2 features, B = 2 kernels of C = 2 dims: M_i = f_i T, the L1 distances between
+    the samples' rows b, exp(-d) summed over j with j = i included (exp(0) = 1)."""
+    layer = models.MinibatchDiscrimination(2, kernels=2, dims=2)
+    T = [[[0.5, -1.0], [0.25, 0.0]],   # T[a][b][c]
+         [[1.0, 0.5], [-0.5, 2.0]]]
+    f = [[1.0, 2.0], [0.0, -1.0], [3.0, 0.5]]
+    with torch.no_grad():
+        layer.T.copy_(torch.tensor(T))
+    out = layer(torch.tensor(f))
+    # By hand: M_0 = 1 * T[0] + 2 * T[1] = [[2.5, 0.0], [-0.75, 4.0]],
+    # M_1 = -T[1] = [[-1.0, -0.5], [0.5, -2.0]], M_2 = 3 * T[0] + 0.5 * T[1] = [[2.0, -2.75], [0.5, 1.0]].
+    # L1 distances, kernel 0: d01 = 3.5 + 0.5 = 4, d02 = 0.5 + 2.75 = 3.25, d12 = 3 + 2.25 = 5.25;
+    # kernel 1: d01 = 1.25 + 6 = 7.25, d02 = 1.25 + 3 = 4.25, d12 = 0 + 3 = 3.
+    e = math.exp
+    expected = [[1 + e(-4.0) + e(-3.25), 1 + e(-7.25) + e(-4.25)],
+                [1 + e(-4.0) + e(-5.25), 1 + e(-7.25) + e(-3.0)],
+                [1 + e(-3.25) + e(-5.25), 1 + e(-4.25) + e(-3.0)]]
+    torch.testing.assert_close(out, torch.tensor(expected))
+
+
+def test_minibatch_groups_are_separate_batches():
+    torch.manual_seed(0)
+    layer = models.MinibatchDiscrimination(4, kernels=3, dims=2)
+    f = torch.randn(6, 4)
+    together = layer(f, groups=3)
+    apart = torch.cat([layer(f[i:i + 2]) for i in range(0, 6, 2)])
+    torch.testing.assert_close(together, apart)
+    assert not torch.allclose(together, layer(f))  # one group of six sums over all of them
+
+
+def mbd_discriminator(arch="hw", width=WIDTH):
+    torch.manual_seed(0)
+    return models.Discriminator(width, arch=arch, minibatch_kernels=6, minibatch_dims=3)
+
+
+def outputs_with_minibatch_features(d, x, groups):
+    score, logits, features = d(x, groups=groups, with_features=True)
+    return score, logits, d.minibatch(features, groups)
+
+
+@pytest.mark.parametrize("arch, width", [("hw", WIDTH), ("deep", DEEP_WIDTH)])
+def test_minibatch_features_only_see_their_own_group(arch, width):
+    """Real, fake and interpolated images in one batch with groups=3: a sample's minibatch features and
+    D's outputs do not change when the other groups change, and do when its own group changes."""
+    d = mbd_discriminator(arch, width)
+    assert d.fc1.in_features == d.fc10.in_features == d.num_features + 6
+    x = torch.rand(9, 3, 32, 32) * 2 - 1
+    base = outputs_with_minibatch_features(d, x, 3)
+    others = x.clone()
+    others[3:] = torch.rand(6, 3, 32, 32) * 2 - 1
+    for a, b in zip(base, outputs_with_minibatch_features(d, others, 3)):
+        torch.testing.assert_close(a[:3], b[:3], rtol=0, atol=1e-6)
+        assert not torch.allclose(a[3:], b[3:])
+    own = x.clone()
+    own[2] = torch.rand(3, 32, 32) * 2 - 1
+    for a, b in zip(base, outputs_with_minibatch_features(d, own, 3)):
+        assert not torch.allclose(a[:2], b[:2])
+    # With one group, changing the last sample reaches the first.
+    for a, b in zip(outputs_with_minibatch_features(d, x, 1), outputs_with_minibatch_features(d, others, 1)):
+        assert not torch.allclose(a[0], b[0])
+
+
+def test_minibatch_gradient_stays_in_the_group_and_supports_the_gradient_penalty():
+    """The score of group 0 carries no gradient to the other groups, and the gradient penalty's double
+    backward reaches T."""
+    d = mbd_discriminator()
+    x = (torch.rand(6, 3, 32, 32) * 2 - 1).requires_grad_(True)
+    score, _ = d(x, groups=3)
+    grad, = torch.autograd.grad(score[:2].sum(), x, create_graph=True)
+    assert grad[:2].abs().sum() > 0 and torch.all(grad[2:] == 0)
+    ((grad[:2].flatten(1).norm(dim=1) - 1) ** 2).mean().backward()
+    assert torch.isfinite(d.minibatch.T.grad).all() and d.minibatch.T.grad.abs().sum() > 0
+
+
+def test_minibatch_features_stay_fp32_under_bf16_autocast():
+    """A bf16 sum over a group of 128 would be off by up to 0.5; the layer computes in fp32."""
+    torch.manual_seed(0)
+    layer = models.MinibatchDiscrimination(16, kernels=4, dims=2)
+    with torch.no_grad():
+        layer.T.mul_(0.01)  # distances near 0: every sample adds close to 1, sums near 128
+        f = torch.randn(128, 16)
+        exact = layer(f)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(f)
+    assert out.dtype == torch.float32 and exact.min() > 100
+    torch.testing.assert_close(out, exact, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("groups", [-1, 0, 4, 5])
+def test_groups_must_divide_the_batch(groups):
+    with pytest.raises(ValueError, match="divisor of the batch size 6"):
+        mbd_discriminator()(torch.zeros(6, 3, 32, 32), groups=groups)
 
 
 def test_class_noise_puts_one_hot_labels_first():
