@@ -1,8 +1,9 @@
 """One file format for everything a run saves: a dict of tensors, state_dicts and plain config, written
 atomically (files.save_torch) and read with torch.load(weights_only=True).
 
-- Model files (cifar10.model, discriminator.model, generator.model): {"kind", "config", "state_dict"}.
-  Both discriminator files load through load_model(path, "discriminator").
+- Model files (cifar10.model, discriminator.model, generator.model): {"kind", "config", "state_dict"}, the
+  config being the net's constructor arguments (width, arch, ...). Both discriminator files load through
+  load_model(path, "discriminator"), whatever their architecture.
 - Training checkpoints (baseline.ckpt, gan.ckpt): {"job", "config", "epoch", "batch", ...} with the
   models' and optimizers' state_dicts; "epoch"/"batch" say how far training got.
 """
@@ -32,7 +33,7 @@ def model_record(model):
     """What a model file holds: the kind of net, its config and its weights."""
     kind = {cls: name for name, cls in MODEL_CLASSES.items()}[type(model)]
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return {"kind": kind, "config": {"width": model.width}, "state_dict": state}
+    return {"kind": kind, "config": dict(model.config), "state_dict": state}
 
 
 def save_model(model, path):
@@ -40,7 +41,8 @@ def save_model(model, path):
 
 
 def load_model(path, kind, device="cpu"):
-    """The model of `kind` ("discriminator" or "generator") stored at path, in eval mode."""
+    """The model of `kind` ("discriminator" or "generator") stored at path, rebuilt from the file alone (its
+    architecture is in its config), in eval mode."""
     expected = "a discriminator (cifar10.model or discriminator.model)" if kind == "discriminator" \
         else "a generator (generator.model)"
     record = _read(path, f"expected {expected} written by train_baseline.py or train_gan.py")
@@ -50,17 +52,23 @@ def load_model(path, kind, device="cpu"):
     try:
         model = MODEL_CLASSES[kind](**record["config"])
         model.load_state_dict(record["state_dict"])
-    except (KeyError, TypeError, RuntimeError):
-        raise UserError(f"{path}: its weights do not fit a {kind} of width {record.get('config', {}).get('width')}")
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        raise UserError(f"{path}: its weights do not fit a {kind} of {describe(record.get('config'))}")
     return model.to(device).eval()
 
 
+def describe(config):
+    """A model config as the flags that make it: "width 196, arch hw"."""
+    if not isinstance(config, dict):
+        return "an unknown configuration"
+    return ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in config.items())
+
+
 def restore_model(model, record, path):
-    """Load a model record (as model_record makes it) into an existing model, checking kind and width."""
-    if record.get("kind") != model_record(model)["kind"] or record["config"]["width"] != model.width:
-        raise UserError(f"{path} holds a {record.get('kind')} of width {record['config'].get('width')}, "
-                        f"but this run builds a {type(model).__name__.lower()} of width {model.width}; "
-                        "pass the same --width or another --out-dir")
+    """Load a model record (as model_record makes it) into an existing model, checking kind and config."""
+    if record.get("kind") != model_record(model)["kind"] or record.get("config") != model.config:
+        raise UserError(f"{path} holds a {record.get('kind')} of {describe(record.get('config'))}, but this run "
+                        f"builds one of {describe(model.config)}; pass the same flags or choose another --out-dir")
     model.load_state_dict(record["state_dict"])
 
 

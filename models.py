@@ -29,8 +29,6 @@ ARCHS = {
     "deep": [(1, 1), (1, 1), (2, 2), (2, 1), (2, 1), (4, 2), (4, 1), (4, 1), (4, 1), (4, 2)],
 }
 DEFAULT_WIDTH = {"hw": 196, "deep": 128}
-# The hw table under its former name: visualize.py still reads the number of conv layers from it.
-DISC_BLOCKS = ARCHS["hw"]
 MINIBATCH_KERNELS = 100  # B and C of the minibatch-discrimination layer when it is turned on
 MINIBATCH_DIMS = 5
 
@@ -79,9 +77,9 @@ class MinibatchDiscrimination(nn.Module):
 
     def forward(self, f, groups=1):
         n = len(f)
-        # fp32 even under bf16 autocast: a bf16 sum over a group of 128 would round to steps of 0.5.
+        # In T's dtype (fp32) even under bf16 autocast: a bf16 sum over a group of 128 would round to steps of 0.5.
         with torch.autocast(f.device.type, enabled=False):
-            m = (f.float() @ self.T.flatten(1)).view(groups, n // groups, self.kernels, self.dims)
+            m = (f.to(self.T.dtype) @ self.T.flatten(1)).view(groups, n // groups, self.kernels, self.dims)
             l1 = (m.unsqueeze(2) - m.unsqueeze(1)).abs().sum(-1)  # (groups, i, j, B)
             return torch.exp(-l1).sum(2).view(n, self.kernels)
 

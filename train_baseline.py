@@ -27,7 +27,7 @@ from training import (Meter, Run, accuracy, adam, add_data_args, add_recipe_args
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(parser)
-    add_recipe_args(parser, width=196, epochs=100, lr=1e-4, betas=(0.9, 0.999),
+    add_recipe_args(parser, epochs=100, lr=1e-4, betas=(0.9, 0.999),
                     epochs_note="the lr drops to 1/10 at half of them and to 1/100 at three quarters")
     add_system_args(parser)
     args = parser.parse_args(argv)
@@ -72,7 +72,7 @@ def train(args, stop):
 
         # The model and its optimizer, fresh or as the checkpoint left them
         torch.manual_seed(args.seed)
-        model = Discriminator(args.width).to(rt.device)
+        model = Discriminator(args.width, args.arch).to(rt.device)
         freeze_critic_head(model)
         bf16 = setup_speed(rt.device, args.precision)
         optimizer = adam((p for p in model.parameters() if p.requires_grad), args.lr, args.betas, rt.device)

@@ -24,7 +24,7 @@ from checkpoint import model_record, restore_model, save_model
 from data import CLASSES, augment
 from files import UserError, run_main
 from images import save_grid, to_unit
-from models import NUM_CLASSES, Discriminator, Generator, class_noise
+from models import MINIBATCH_DIMS, MINIBATCH_KERNELS, NUM_CLASSES, Discriminator, Generator, class_noise
 from runtime import Runtime, StopSignal, autocast, setup_speed
 from training import (LOG_EVERY, Meter, Run, accuracy, adam, add_data_args, add_recipe_args, add_system_args,
                       check_common_args, check_range, load_optimizer, run_config, training_loaders)
@@ -38,18 +38,29 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(parser)
     # WGAN-GP's Adam betas (0, 0.9), for both nets
-    add_recipe_args(parser, width=196, epochs=200, lr=1e-4, betas=(0.0, 0.9),
+    add_recipe_args(parser, epochs=200, lr=1e-4, betas=(0.0, 0.9),
                     epochs_note="a finished run resumed with more trains further")
     g = parser.add_argument_group("GAN")
     g.add_argument("--n-critic", "--gen-train", type=int, default=1, dest="n_critic", metavar="N",
                    help="train the generator every N-th iteration, the discriminator every iteration; "
                         "--gen-train is the assignment's name for it (default: 1)")
     g.add_argument("--lambda-gp", type=float, default=10.0, help="weight of the gradient penalty (default: 10)")
+    g = parser.add_argument_group("beyond the assignment (Salimans et al. 2016, Improved Techniques for Training GANs)")
+    g.add_argument("--feature-matching", type=float, default=0.0, metavar="W",
+                   help="add W times the squared distance between the mean discriminator features of a real batch "
+                        "(freshly augmented) and of the fake batch to the generator's loss; the features matched are "
+                        "the last conv block's, max-pooled: the heads' input (without minibatch features) "
+                        "(default: 0, off)")
+    g.add_argument("--minibatch-discrimination", action="store_true",
+                   help=f"a minibatch-discrimination layer ({MINIBATCH_KERNELS} kernels of {MINIBATCH_DIMS} dims) on "
+                        "the discriminator's pooled features, before the heads; real, fake and interpolated images "
+                        "are each compared only among themselves, within each process's share (default: off)")
     add_system_args(parser)
     args = parser.parse_args(argv)
     check_common_args(args)
     check_range(args, "n_critic", 1, 1000)
     check_range(args, "lambda_gp", 0, 1e6)
+    check_range(args, "feature_matching", 0, 1e6)
     return args
 
 
@@ -79,7 +90,8 @@ def discriminator_loss(disc_ddp, disc, real, real_labels, fake, fake_labels, alp
     parameter before DDP's hook all-reduces it, so an update is still one all-reduce of one process's
     gradients, whereas a second forward through the wrapper before one backward is not what DDP supports."""
     n = len(real)
-    scores, logits = (t.float() for t in disc_ddp(torch.cat([real, fake])))
+    # groups=2: with minibatch discrimination, real images are compared with real ones only, fakes with fakes
+    scores, logits = (t.float() for t in disc_ddp(torch.cat([real, fake]), groups=2))
     real_score, fake_score = scores[:n].mean(), scores[n:].mean()
     real_ce = F.cross_entropy(logits[:n], real_labels)
     fake_ce = F.cross_entropy(logits[n:], fake_labels)
@@ -92,21 +104,33 @@ def discriminator_loss(disc_ddp, disc, real, real_labels, fake, fake_labels, alp
     return loss, {name: value.detach() for name, value in monitored.items()}
 
 
-def generator_loss(disc, fake, labels):
-    """-mean(fc1(G(z))) + CE(fc10(G(z)), label)."""
-    scores, logits = (t.float() for t in disc(fake))
-    return -scores.mean() + F.cross_entropy(logits, labels)
+def feature_matching_loss(real_features, fake_features):
+    """||mean of the real features - mean of the fake features||^2, the means over the batch."""
+    return (real_features.float().mean(0) - fake_features.float().mean(0)).pow(2).sum()
 
 
-def generator_step(gen_ddp, disc, opt_g, n, rng, bf16=False):
-    """One generator update on fresh noise with random labels. The discriminator (the plain module, not its
-    DDP wrapper) is frozen: its parameters get no gradient and stay as they are. bf16: autocast the
-    discriminator to bf16 (the generator stays fp32: its gradient has come back through both nets)."""
+def generator_loss(disc, fake, labels, real=None, feature_matching=0.0):
+    """-mean(fc1(G(z))) + CE(fc10(G(z)), label); with feature_matching W > 0 also
+    W * feature_matching_loss of D's pooled last-block features on the real batch and on the fake one."""
+    scores, logits, fake_features = disc(fake, with_features=True)
+    loss = -scores.float().mean() + F.cross_entropy(logits.float(), labels)
+    if feature_matching:
+        with torch.no_grad():
+            real_features = disc(real, with_features=True)[2]
+        loss = loss + feature_matching * feature_matching_loss(real_features, fake_features)
+    return loss
+
+
+def generator_step(gen_ddp, disc, opt_g, n, rng, bf16=False, real=None, feature_matching=0.0):
+    """One generator update on fresh noise with random labels (and, for feature matching, a real batch). The
+    discriminator (the plain module, not its DDP wrapper) is frozen: its parameters get no gradient and stay as
+    they are. bf16: autocast the discriminator to bf16 (the generator stays fp32: its gradient has come back
+    through both nets)."""
     labels = torch.randint(0, NUM_CLASSES, (n,), device=rng.device, generator=rng)
     disc.requires_grad_(False)
     fake = gen_ddp(class_noise(labels, rng))
     with autocast(rng.device, bf16):
-        loss = generator_loss(disc, fake, labels)
+        loss = generator_loss(disc, fake, labels, real, feature_matching)
     opt_g.zero_grad(set_to_none=True)
     loss.backward()
     opt_g.step()
@@ -175,7 +199,9 @@ def train(args, stop):
 
         # The nets, their optimizers and the fixed noise of the grids, fresh or as the checkpoint left them
         torch.manual_seed(args.seed)
-        gen, disc = Generator(args.width).to(rt.device), Discriminator(args.width).to(rt.device)
+        gen = Generator(args.width).to(rt.device)
+        disc = Discriminator(args.width, args.arch,
+                             minibatch_kernels=MINIBATCH_KERNELS if args.minibatch_discrimination else 0).to(rt.device)
         bf16 = setup_speed(rt.device, args.precision)
         opt_g = adam(gen.parameters(), args.lr, args.betas, rt.device)
         opt_d = adam(disc.parameters(), args.lr, args.betas, rt.device)
@@ -200,7 +226,9 @@ def train(args, stop):
                     "discriminator": model_record(disc), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
                     "fixed_noise": noise.cpu()}
 
-        train_loader, test_loader = training_loaders(args, rt)
+        # With minibatch discrimination a sample's output depends on its group: test in groups of the training size
+        test_batch = args.batch_size // rt.world_size if args.minibatch_discrimination else 500
+        train_loader, test_loader = training_loaders(args, rt, test_batch)
         run.begin(f"{'epoch':>5} {'test acc':>8} {'real acc':>8} {'gp':>7} {'fake':>8} {'real':>8} {'seconds':>7} "
                   f"{'img/s':>6}")
         for epoch in range(start_epoch, args.epochs):
@@ -209,7 +237,9 @@ def train(args, stop):
                 rng = rt.rng(args.seed, epoch, b)
                 real = augment(images, rng)
                 if b % args.n_critic == 0:
-                    meter.add(g_loss=generator_step(gen_ddp, disc, opt_g, len(real), rng, bf16))
+                    fm_real = augment(images, rng) if args.feature_matching else None
+                    meter.add(g_loss=generator_step(gen_ddp, disc, opt_g, len(real), rng, bf16, fm_real,
+                                                    args.feature_matching))
                 meter.add(**discriminator_step(disc_ddp, disc, gen_ddp, opt_d, real, labels, rng, args.lambda_gp,
                                                bf16))
                 if run.should_stop(meter, epoch, b, len(train_loader)):

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from checkpoint import load_checkpoint
 from data import Loader, load_split, to_float
 from files import UserError, append_metrics, read_metrics, rewrite_metrics, save_torch
+from models import ARCHS, DEFAULT_WIDTH
 from runtime import DEVICE_HELP
 
 LOG_EVERY = 50  # batches between running means in the progress bar and the metrics file (each a host sync)
@@ -53,12 +54,16 @@ def add_data_args(parser):
                         "refusing to start (default: 120)")
 
 
-def add_recipe_args(parser, width, epochs, lr, betas, epochs_note):
-    """The flags of the net, the optimizer and the schedule, with the trainer's defaults (its recipe)."""
+def add_recipe_args(parser, epochs, lr, betas, epochs_note):
+    """The flags of the nets, the optimizer and the schedule, with the trainer's defaults (its recipe)."""
     g = parser.add_argument_group("model and optimizer")
-    g.add_argument("--width", type=int, default=width,
-                   help=f"channels of the nets' hidden layers (default: {width}; the assignment allows 128 to halve "
-                        "the time)")
+    g.add_argument("--arch", choices=tuple(ARCHS), default="hw",
+                   help="the discriminator's conv table: hw, the assignment's 8 convs of --width channels; deep, "
+                        "10 convs in stages of --width, 2x and 4x channels (default: hw)")
+    g.add_argument("--width", type=int,
+                   help="channels: of every hidden layer for --arch hw (the assignment: 196, or 128 to halve the "
+                        "time), of the first stage for deep; the generator's too (default: "
+                        + ", ".join(f"{w} for {a}" for a, w in DEFAULT_WIDTH.items()) + ")")
     g.add_argument("--epochs", type=int, default=epochs, help=f"epochs to train; {epochs_note} (default: {epochs})")
     g.add_argument("--batch-size", type=int, default=128,
                    help="global batch size, split across processes under torchrun (default: 128)")
@@ -99,11 +104,14 @@ def check_range(args, name, low, high=math.inf, low_open=False):
 
 
 def check_common_args(args):
+    """Every common flag in its range; fills in --width from --arch."""
+    if args.width is None:
+        args.width = DEFAULT_WIDTH[args.arch]
     check_range(args, "epochs", 1, 1_000_000)
     check_range(args, "batch_size", 1, 65_536)
     check_range(args, "width", 1, 2048)
     check_range(args, "lr", 0, 1, low_open=True)
-    for i, beta in enumerate(args.betas):
+    for beta in args.betas:
         if not 0 <= beta < 1:
             raise UserError(f"--betas takes two numbers in [0, 1), got {' '.join(f'{b:g}' for b in args.betas)}")
     check_range(args, "limit_train", 1)
@@ -137,14 +145,14 @@ def set_lr(optimizer, lr):
         group["lr"] = lr
 
 
-def training_loaders(args, rt):
+def training_loaders(args, rt, test_batch=500):
     """(train loader, test loader): this process's share of each shuffled training batch, and every test
-    image in batches of 500. Rank 0 loads first: it downloads CIFAR-10 or writes the decoded-image cache once."""
+    image in batches of test_batch. Rank 0 loads first: it downloads CIFAR-10 or writes the decoded-image cache once."""
     splits = rt.rank0_first(lambda: (load_split(args.data_dir, "train", args.limit_train),
                                      load_split(args.data_dir, "test", args.limit_test)))
     train = Loader(*splits[0], args.batch_size, rt.device, train=True, seed=args.seed, rank=rt.rank,
                    world_size=rt.world_size)
-    test = Loader(*splits[1], 500, rt.device, train=False)
+    test = Loader(*splits[1], test_batch, rt.device, train=False)
     return train, test
 
 

@@ -12,11 +12,25 @@ def test_model_file_holds_only_plain_values_and_rebuilds_the_net(tmp_path):
     disc = models.Discriminator(8)
     checkpoint.save_model(disc, str(path))
     record = torch.load(path, weights_only=True)
-    assert record["kind"] == "discriminator" and record["config"] == {"width": 8}
+    assert record["kind"] == "discriminator" and record["config"] == disc.config
     loaded = checkpoint.load_model(str(path), "discriminator")
     assert not loaded.training
     for name, value in disc.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("config", [{"width": 4, "arch": "deep"}, {"width": 8, "minibatch_kernels": 6}])
+def test_model_files_rebuild_every_architecture_from_the_file_alone(tmp_path, config):
+    path = str(tmp_path / "d.model")
+    checkpoint.save_model(models.Discriminator(**config), path)
+    loaded = checkpoint.load_model(path, "discriminator")
+    assert {k: loaded.config[k] for k in config} == config
+
+
+def test_restoring_into_a_net_of_another_architecture_is_refused(tmp_path):
+    record = checkpoint.model_record(models.Discriminator(8, arch="deep"))
+    with pytest.raises(UserError, match="arch deep.*arch hw"):
+        checkpoint.restore_model(models.Discriminator(8), record, "gan.ckpt")
 
 
 def test_load_model_refuses_a_generator_file_as_discriminator(tmp_path):

@@ -59,6 +59,42 @@ def test_two_processes_end_with_identical_parameters(tmp_path):
     assert not torch.equal(rank0["gen.fc1.weight"], start["gen.fc1.weight"]), "the generator did not train"
 
 
+def discriminator_gradients(rank, world_size, port, out_dir, bf16):
+    """Worker: the discriminator loss's gradients on this rank's half of one batch (all of it in one process),
+    through DistributedDataParallel as the trainer runs it."""
+    if world_size > 1:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    rt = Runtime("cpu")
+    torch.manual_seed(0)
+    disc = Discriminator(8)
+    disc_ddp = train_gan.distribute(Generator(8), disc, rt)[1]
+    data = torch.Generator().manual_seed(7)
+    real, fake = torch.rand(8, 3, 32, 32, generator=data) * 2 - 1, torch.rand(8, 3, 32, 32, generator=data) * 2 - 1
+    y_real, y_fake = torch.randint(0, 10, (8,), generator=data), torch.randint(0, 10, (8,), generator=data)
+    alpha = torch.rand(8, generator=data)
+    share = slice(rank, None, world_size)
+    with train_gan.autocast(rt.device, bf16):
+        loss, _ = train_gan.discriminator_loss(disc_ddp, disc, real[share], y_real[share], fake[share],
+                                               y_fake[share], alpha[share], 10.0)
+    loss.backward()
+    torch.save({n: p.grad for n, p in disc.named_parameters()}, os.path.join(out_dir, f"grads{world_size}_{rank}.pt"))
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_two_processes_get_the_gradients_of_one_process_on_the_whole_batch(tmp_path, bf16):
+    """The penalty's pass through the plain module beside the DDP pass: still one all-reduce per update,
+    with the gradients one process computes on the whole batch."""
+    discriminator_gradients(0, 1, None, str(tmp_path), bf16)
+    mp.spawn(discriminator_gradients, args=(2, free_port(), str(tmp_path), bf16), nprocs=2, join=True)
+    one = torch.load(tmp_path / "grads1_0.pt", weights_only=True)
+    rank0, rank1 = (torch.load(tmp_path / f"grads2_{r}.pt", weights_only=True) for r in (0, 1))
+    tolerance = 3e-2 if bf16 else 1e-5  # bf16 rounds each half's activations on their own
+    for name, grad in one.items():
+        assert torch.equal(rank0[name], rank1[name]), name
+        assert (rank0[name] - grad).norm() <= tolerance * grad.norm() + 1e-7, name
+
+
 def torchrun(script, *args):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                os.path.join(REPO, script), *map(str, args)]

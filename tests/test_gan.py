@@ -76,6 +76,41 @@ def test_generator_loss_has_the_two_terms():
     assert train_gan.generator_loss(disc, fake, labels).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_feature_matching_adds_the_squared_distance_of_the_mean_features():
+    gen, disc = tiny_nets()
+    torch.manual_seed(3)
+    fake, real, labels = torch.rand(6, 3, 32, 32) * 2 - 1, torch.rand(6, 3, 32, 32) * 2 - 1, torch.arange(6)
+    # By hand: the last conv block's output, max-pooled over its 4x4 map, averaged over each batch.
+    def pooled(x):
+        for block in disc.blocks:
+            x = block(x)
+        return x.amax((2, 3))
+    distance = sum((a - b) ** 2 for a, b in zip(pooled(real).mean(0).tolist(), pooled(fake).mean(0).tolist()))
+    plain = train_gan.generator_loss(disc, fake, labels)
+    with_fm = train_gan.generator_loss(disc, fake, labels, real, feature_matching=0.5)
+    assert with_fm.item() == pytest.approx(plain.item() + 0.5 * distance, rel=1e-5)
+    assert distance > 1e-4
+
+
+def test_minibatch_discrimination_keeps_real_fake_and_interpolated_apart():
+    """With minibatch discrimination, the real images' scores and classes do not depend on the fake batch,
+    nor the critic terms on the interpolation."""
+    torch.manual_seed(0)
+    disc = Discriminator(8, minibatch_kernels=6).double()
+    real, y = torch.rand(4, 3, 32, 32).double() * 2 - 1, torch.tensor([0, 1, 2, 3])
+    fakes = [torch.rand(4, 3, 32, 32).double() * 2 - 1 for _ in range(2)]
+    alphas = [torch.rand(4).double() for _ in range(2)]
+    runs = [train_gan.discriminator_loss(disc, disc, real, y, fake, y, alpha, 10.0)[1]
+            for fake in fakes for alpha in alphas]
+    for monitored in runs[1:]:
+        for name in ("real_score", "real_ce", "real_acc"):
+            assert monitored[name].item() == pytest.approx(runs[0][name].item(), rel=1e-12), name
+    # The interpolation changes only the penalty; a new fake batch changes the fake terms.
+    assert runs[1]["fake_score"].item() == pytest.approx(runs[0]["fake_score"].item(), rel=1e-12)
+    assert runs[1]["gp"].item() != pytest.approx(runs[0]["gp"].item(), rel=1e-6)
+    assert runs[2]["fake_score"].item() != pytest.approx(runs[0]["fake_score"].item(), rel=1e-6)
+
+
 def test_generator_step_leaves_the_discriminator_alone():
     gen, disc = tiny_nets()
     opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3, betas=(0.0, 0.9))
@@ -180,6 +215,22 @@ def test_sample_writes_a_grid_of_the_asked_classes(tmp_path):
     assert result.returncode == 2 and "unknown class 'kat'" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_deep_and_minibatch_gan_trains_and_its_files_rebuild(tiny_image_folder, tmp_path):
+    out = tmp_path / "deep"
+    result = run_script("train_gan.py", *gan_args(tiny_image_folder, out, "--epochs", 1, "--arch", "deep", "--width",
+                                                  4, "--minibatch-discrimination", "--feature-matching", 1))
+    assert result.returncode == 0, result.stderr
+    disc = load_model(out / "discriminator.model", "discriminator")
+    assert disc.arch == "deep" and disc.num_layers >= 9 and disc.minibatch is not None
+    assert load_model(out / "generator.model", "generator").width == 4
+    result = run_script("sample.py", "--model", out / "generator.model", "--classes", "cat", "--n", 4,
+                        "--output", tmp_path / "cats.png", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    result = run_script("train_gan.py", *gan_args(tiny_image_folder, out, "--epochs", 2, "--resume", "--width", 4,
+                                                  "--minibatch-discrimination", "--feature-matching", 1))
+    assert result.returncode == 2 and "--arch deep" in result.stderr and result.stderr.count("\n") == 1
+
+
 def test_sample_classes_follow_the_labels():
     """The one-hot part of each sample's noise is its class: generating class c twice with the same seed is
     deterministic, and differs from class c + 1 with the same seed."""
@@ -189,3 +240,21 @@ def test_sample_classes_follow_the_labels():
     a = sample.sample(gen, [3], 2, seed=0)
     assert torch.equal(a, sample.sample(gen, [3], 2, seed=0))
     assert not torch.allclose(a, sample.sample(gen, [4], 2, seed=0))
+
+
+def test_split_penalty_pass_equals_the_one_batch_formulation():
+    """The penalty on the interpolated images' own pass gives the loss and gradients of one pass over real,
+    fake and interpolated images together (bench.py keeps that formulation as its speed reference)."""
+    from bench import one_batch_discriminator_loss
+
+    torch.manual_seed(0)
+    disc = Discriminator(8)
+    real, fake = torch.rand(6, 3, 32, 32) * 2 - 1, torch.rand(6, 3, 32, 32) * 2 - 1
+    y_real, y_fake, alpha = torch.arange(6), torch.arange(6).flip(0), torch.rand(6)
+    split, _ = train_gan.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0)
+    one_batch = one_batch_discriminator_loss(disc, real, y_real, fake, y_fake, alpha, 10.0)
+    assert abs(split.item() - one_batch.item()) < 1e-6
+    params = list(disc.parameters())
+    got = torch.cat([g.flatten() for g in torch.autograd.grad(split, params)])
+    want = torch.cat([g.flatten() for g in torch.autograd.grad(one_batch, params)])
+    assert (got - want).norm() <= 1e-5 * want.norm()

@@ -109,6 +109,8 @@ OTHER_VALUE = {
     "width": ["--width", "12"], "batch_size": ["--batch-size", "48"], "lr": ["--lr", "3e-4"],
     "betas": ["--betas", "0.5", "0.99"], "seed": ["--seed", "3"], "limit_train": ["--limit-train", "100"],
     "epochs": ["--epochs", "7"], "n_critic": ["--n-critic", "5"], "lambda_gp": ["--lambda-gp", "5"],
+    "arch": ["--arch", "deep"], "feature_matching": ["--feature-matching", "0.5"],
+    "minibatch_discrimination": ["--minibatch-discrimination"],
 }
 TRAINERS = {"baseline": train_baseline, "gan": train_gan}
 

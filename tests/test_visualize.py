@@ -55,7 +55,7 @@ def test_perturbation_ranges(separable, gain):
     x = x.clone()
     x[0] = 1.0  # saturated pixels must stay clipped to [-1, 1]
     x[1] = -1.0
-    result = visualize.perturb(model, x, y, gain)
+    result = visualize.perturb(model, x, y, gain, scale="image")
     gradient, jittered = result["gradient"], result["jittered"]
     assert gradient.shape == x.shape and jittered.shape == x.shape
     assert gradient.min() >= 0 and gradient.max() <= 1
@@ -64,10 +64,23 @@ def test_perturbation_ranges(separable, gain):
     assert torch.allclose(gradient.amin((1, 2, 3)), torch.zeros(len(x)))
     assert jittered.min() >= -1 and jittered.max() <= 1
     change = (jittered - x).abs()
-    assert change.max() <= 0.0078 * gain + 1e-6
+    level = 2 / 255  # one 8-bit intensity level on the [-1, 1] scale
+    assert change.max() <= level * gain + 1e-6
     # Pixels away from the clip bounds move by the full step.
-    inside = (x.abs() < 1 - 0.0078 * gain)
-    assert torch.allclose(change[inside], torch.full_like(change[inside], 0.0078 * gain), atol=1e-5)
+    inside = (x.abs() < 1 - level * gain)
+    assert torch.allclose(change[inside], torch.full_like(change[inside], level * gain), atol=1e-5)
+
+
+def test_default_gradient_image_is_one_min_max_over_the_batch(separable):
+    """The assignment's gradient image, computed by hand: (g - min over the batch) / (max - min over the batch)."""
+    model, x, y = separable
+    x = x[:6].detach().requires_grad_(True)
+    loss = F.cross_entropy(model(x)[1], (y[:6] + 1) % 10)
+    grad, = torch.autograd.grad(loss, x)
+    hand = (grad - grad.min()) / (grad.max() - grad.min())
+    result = visualize.perturb(model, x.detach(), y[:6], gain=8)
+    torch.testing.assert_close(result["gradient"], hand)
+    assert result["gradient"].amax((1, 2, 3)).min() < 1, "one scale for all: not every image reaches 1"
 
 
 def test_gradient_image_of_a_constant_gradient_is_grey():
@@ -181,8 +194,53 @@ def test_missing_model_is_refused(files):
     assert "absent.model does not exist" in line
 
 
-def test_layer_outside_1_to_8_is_refused_before_any_work(files):
-    # The model file is missing too: the layer is checked first.
-    line = one_line_error(run_cli("max-features", "--model", files / "absent.model", "--layers", "2", "9",
-                                  "--data-dir", files / "data", "--device", "cpu"))
+def test_layer_outside_the_model_is_refused_before_any_work(files):
+    out = files / "layers"
+    line = one_line_error(run_cli("max-features", "--model", files / "cifar10.model", "--layers", "2", "9",
+                                  "--data-dir", files / "nowhere", "--device", "cpu", "--out-dir", out))
     assert "--layers 9" in line and "1..8" in line
+    assert not out.exists()
+
+
+def test_all_with_noise_starts_perturbs_both_and_records_the_settings(files):
+    out = files / "noise"
+    done = run_cli("all", "--model", files / "cifar10.model", "--data-dir", files / "data", "--out-dir", out,
+                   "--device", "cpu", "--iterations", "2", "--start", "noise", "--gradient-scale", "batch",
+                   "--layers", "1", "8")
+    assert done.returncode == 0, done.stderr
+    assert "20 noise images, after the perturbation" in done.stdout
+    folder = out / "cifar10"
+    for name in ("noise_images.png", "noise_gradient_image.png", "noise_jittered_images.png", "real_images.png",
+                 "max_class.png", "max_features_layer8.png"):
+        with Image.open(folder / name) as image:
+            assert image.width >= 10 * 32, name
+    results = json.loads((folder / "results.json").read_text())
+    assert results["perturb"]["start"] == "real" and results["perturb_noise"]["start"] == "noise"
+    assert results["perturb_noise"]["accuracy_before"] == 1.0  # labelled as the model classifies them
+    assert results["perturb"]["gradient_scaling"] == "min-max per batch"
+    assert results["max_class"]["start"] == "noise" and results["max_features"]["8"]["start"] == "noise"
+    # Ten different noise images: the class images do not share one start.
+    assert len(set(results["max_class"]["start_scores"])) > 1
+
+
+def test_noise_images_are_uniform_in_range_and_repeatable():
+    a, b = visualize.noise_images(4, seed=3), visualize.noise_images(4, seed=3)
+    assert torch.equal(a, b) and a.shape == (4, 3, 32, 32)
+    assert a.min() >= -1 and a.max() <= 1 and a.std() > 0.5
+
+
+def test_a_deep_model_file_goes_through_visualize_and_its_layers(files):
+    deep = files / "deep.model"
+    torch.manual_seed(0)
+    save_model(Discriminator(width=4, arch="deep"), str(deep))
+    out = files / "deep-out"
+    done = run_cli("max-features", "--model", deep, "--data-dir", files / "data", "--out-dir", out, "--device",
+                   "cpu", "--iterations", "1")
+    assert done.returncode == 0, done.stderr
+    results = json.loads((out / "deep" / "results.json").read_text())
+    # The assignment's 2 3 4 6 8 of 8 layers, spread over 10.
+    assert sorted(results["max_features"], key=int) == ["2", "4", "5", "8", "10"]
+    assert results["max_features"]["10"]["features"] == 16  # the last stage has 4 x width channels
+    line = one_line_error(run_cli("max-features", "--model", deep, "--layers", "11", "--data-dir", files / "data",
+                                  "--device", "cpu", "--out-dir", out))
+    assert "1..10" in line
