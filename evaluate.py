@@ -34,7 +34,8 @@ from checkpoint import load_model
 from data import CLASSES, load_split, to_float
 from images import to_unit
 from models import NUM_CLASSES, class_noise
-from runtime import Runtime, UserError, progress_bar, run_main
+from files import UserError, atomic_write, run_main
+from runtime import DEVICE_HELP, Runtime, progress_bar
 
 INCEPTION = "inception-v3-compat"  # torch-fidelity's port of the TensorFlow InceptionV3 the papers used
 COLLAPSE_BELOW = 0.5  # a class whose samples spread less than half as much as real images is flagged
@@ -58,7 +59,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=100,
                         help="images per forward pass of every network (default: 100)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fixed noise (default: 0)")
-    parser.add_argument("--device", default="auto", help="cuda, cuda:N, cpu, or auto: cuda when present (default)")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     return parser.parse_args(argv)
 
 
@@ -129,7 +130,7 @@ class ImageSet(Dataset):
 
     def __getitems__(self, indices):  # what the DataLoader calls for each batch
         if self.bar is None:
-            self.bar = progress_bar(None, len(self), self.desc, self.progress)
+            self.bar = progress_bar(total=len(self), desc=self.desc, enabled=self.progress)
         self.bar.update(len(indices))
         if self.bar.n >= len(self):
             self.bar.close()
@@ -334,15 +335,7 @@ def format_table(record):
 
 
 def write_json(record, path):
-    """Write a JSON file atomically: temporary name, then rename."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror}")
+    atomic_write(path, (json.dumps(record, indent=2) + "\n").encode(), hint="choose another --output")
 
 
 def run(args):

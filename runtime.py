@@ -1,5 +1,5 @@
-"""Where and how a script runs: the device, the processes under torchrun, the stop signals, and the speed
-switches of the device.
+"""Where and how a script runs: the device, the processes under torchrun, the stop signals, the speed
+switches of the device, and the progress bar on a terminal.
 
     rt = Runtime("auto")     # the GPU when there is one; under torchrun one process per GPU (NCCL) or CPU (gloo)
     rt.is_rank0              # only rank 0 prints and writes files
@@ -8,9 +8,11 @@ switches of the device.
 import atexit
 import os
 import signal
+import sys
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from files import UserError
 
@@ -118,6 +120,12 @@ class StopSignal:
         if signum == signal.SIGINT:
             # os.write, not print: a handler may run in the middle of another print.
             os.write(2, b"\nCtrl-C: saving a checkpoint after this batch; press Ctrl-C again to stop at once\n")
+
+
+def progress_bar(iterable=None, total=None, desc=None, enabled=True):
+    """tqdm on a terminal; nothing in a batch job's log file, where the scripts' own lines tell the progress."""
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True,
+                disable=not (enabled and sys.stderr.isatty()))
 
 
 def setup_speed(device, precision):

@@ -21,13 +21,12 @@ import threading
 import time
 
 import torch
-from tqdm import tqdm
 
 from checkpoint import load_checkpoint
 from data import Loader, load_split, to_float
-from files import UserError, append_metrics, read_metrics, rewrite_metrics, save_torch
+from files import UserError, append_metrics, atomic_write, read_metrics, rewrite_metrics, save_torch
 from models import ARCHS, DEFAULT_WIDTH
-from runtime import DEVICE_HELP
+from runtime import DEVICE_HELP, progress_bar
 
 LOG_EVERY = 50  # batches between running means in the progress bar and the metrics file (each a host sync)
 AGREE_EVERY = 10  # batches between the processes' agreement on stopping, under torchrun (each a host sync)
@@ -319,12 +318,9 @@ class OutDirLock:
     def _beat(self):
         while not self._stop.wait(self.HEARTBEAT):
             self.token["beat"] += 1
-            tmp = f"{self.path}.{os.getpid()}.tmp"
             try:
-                with open(tmp, "w") as f:
-                    json.dump(self.token, f)
-                os.replace(tmp, self.path)
-            except OSError:
+                atomic_write(self.path, json.dumps(self.token).encode())
+            except UserError:
                 pass  # a missed beat: the next one tries again
 
 
@@ -418,8 +414,7 @@ class Run:
         """The loader's batches of this epoch from `start` on, under a progress bar on a terminal (rank 0); also
         times the epoch for epoch_speed()."""
         self._batch_size, self._batches_run = loader.batch_size, 0
-        bar = tqdm(total=len(loader) - start, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True,
-                   disable=not (self.rt.is_rank0 and os.isatty(2)))
+        bar = progress_bar(total=len(loader) - start, desc=f"epoch {epoch + 1}/{epochs}", enabled=self.rt.is_rank0)
         self._bar = bar
         start_time = time.perf_counter()
         for item in loader.batches(epoch, start):

@@ -25,18 +25,16 @@ A model with minibatch discrimination sees each batch it is given as one group.
 import argparse
 import json
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from checkpoint import load_model
 from data import CLASSES, load_split, to_float
 from images import save_grid, to_unit
 from models import NUM_CLASSES
 from files import UserError, atomic_write, run_main
-from runtime import DEVICE_HELP, Runtime
+from runtime import DEVICE_HELP, Runtime, progress_bar
 
 LEVEL = 2 / 255  # one 8-bit intensity level on the [-1, 1] scale: the perturbation's unit step
 MAX_FEATURES = 100  # images shown per layer: features 0..99 (all of them when the layer is narrower)
@@ -186,7 +184,7 @@ def ascend(x, objective, iterations, lr, weight_decay, desc=None):
     """Gradient ascent of objective(x) (one value per image) with the assignment's update:
     X <- X + lr * grad - weight_decay * X * |X|, clipped to [-1, 1]. desc shows a progress bar."""
     x = x.detach().clone()
-    for _ in tqdm(range(iterations), desc=desc, leave=False, disable=desc is None or not sys.stderr.isatty()):
+    for _ in progress_bar(range(iterations), desc=desc, enabled=desc is not None):
         x.requires_grad_(True)
         grad, = torch.autograd.grad(objective(x).sum(), x)
         with torch.no_grad():
