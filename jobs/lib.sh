@@ -25,8 +25,8 @@
 # It does not resubmit when OUT_DIR/STOP exists, after MAX_CHAIN jobs, or when this job left the checkpoint
 # as it found it (no progress: another job would not get further).
 #
-# <OUT_DIR>/<JOB_NAME>.chain holds the chain's state in one line whose first word is running, queued,
-# finished, stopped or failed. FOLLOW_UP (a held job's id) is released once every chain file named in
+# <OUT_DIR>/<JOB_NAME>.chain holds the chain's state in one line that starts with running:, queued:,
+# finished:, stopped: or failed:. FOLLOW_UP (a held job's id) is released once every chain file named in
 # FOLLOW_UP_AFTER (space-separated) says finished: jobs/pipeline.sh starts visualize that way.
 
 export PYTHONUNBUFFERED=1  # the trainers' lines reach the job's log as they are printed
@@ -170,7 +170,7 @@ job_release_follow_up() {
     [ -n "$FOLLOW_UP" ] || return 0
     for file in $FOLLOW_UP_AFTER; do
         state=
-        read -r state rest < "$file" 2>/dev/null
+        read -r state rest 2>/dev/null < "$file"
         if [ "$state" != finished: ]; then
             job_log "follow-up job $FOLLOW_UP stays held until $file says finished (now: ${state:-no such file} $rest)"
             return 0

@@ -123,9 +123,12 @@ common="DATA_DIR=$DATA_DIR,MAX_CHAIN=$MAX_CHAIN,STOP_MARGIN=$STOP_MARGIN,WIDTH=$
 vis_vars="DATA_DIR=$DATA_DIR,OUT_DIR=$V,BASELINE_DIR=$B,GAN_DIR=$G,EXTRA_ARGS=$VISUALIZE_ARGS"
 report_vars="BASELINE_DIR=$B,GAN_DIR=$G,VIS_DIR=$V,OUT_DIR=$R,EXTRA_ARGS=$REPORT_ARGS"
 chain_vars() { echo "$common,OUT_DIR=$1,EPOCHS=$2,EXTRA_ARGS=$3,FOLLOW_UP=$vis,FOLLOW_UP_AFTER=$AFTER"; }
-# An old chain file saying "finished" must not release visualize before this pipeline's chain has run.
-write_state "$B/baseline.chain" "queued: submitted by jobs/pipeline.sh at $(date '+%F %T')"
-write_state "$G/gan.chain" "queued: submitted by jobs/pipeline.sh at $(date '+%F %T')"
+# An old chain file saying "finished" must not release visualize before this pipeline's chain has run. Written
+# before the chains are submitted: a chain that starts (or ends) at once overwrites it.
+reset_states() {
+    write_state "$B/baseline.chain" "queued: submitted by jobs/pipeline.sh at $(date '+%F %T')"
+    write_state "$G/gan.chain" "queued: submitted by jobs/pipeline.sh at $(date '+%F %T')"
+}
 
 # Word splitting of the *_OPTS is intended: they are lists of options.
 # shellcheck disable=SC2086
@@ -142,6 +145,7 @@ if [ "$SCHEDULER" = slurm ]; then
         --dependency="afterok:$vis" --kill-on-invalid-dep=yes)
     submitted+=("$report")
     export SBATCH_SIGNAL="B:USR1@$STOP_MARGIN"
+    reset_states
     baseline=$(slurm_submit jobs/baseline.slurm "$(chain_vars "$B" "$BASELINE_EPOCHS" "$BASELINE_ARGS")" \
         $SUBMIT_OPTS $BASELINE_OPTS "${out[@]}")
     submitted+=("$baseline")
@@ -156,6 +160,7 @@ else
     submitted+=("$vis")
     report=$(pbs_submit jobs/report.pbs "$report_vars" $SUBMIT_OPTS $REPORT_OPTS -W "depend=afterok:$vis")
     submitted+=("$report")
+    reset_states
     baseline=$(pbs_submit jobs/baseline.pbs "$(chain_vars "$B" "$BASELINE_EPOCHS" "$BASELINE_ARGS")" \
         $SUBMIT_OPTS $BASELINE_OPTS)
     submitted+=("$baseline")
@@ -164,8 +169,6 @@ else
     log() { echo "$1.o${2%%.*}"; }
     gan_name=gan
 fi
-write_state "$B/baseline.chain" "queued: job $baseline, link 1 of the chain"
-write_state "$G/gan.chain" "queued: job $gan, link 1 of the chain"
 
 cat <<EOF
 Submitted to $SCHEDULER; everything goes under $RUN_DIR:

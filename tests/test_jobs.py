@@ -137,16 +137,17 @@ esac
 """
 
 # The trainers' contract in miniature: exit STATUS at once, or with "sleep" wait for SIGUSR1 or SIGTERM,
-# write its name to $FAKES/signal and then exit STATUS. Stopping with 75 writes to the checkpoint PROGRESS
-# (unless NO_PROGRESS is set). Arguments are recorded in $FAKES/args (and appended to $FAKES/calls), the
-# environment in $FAKES/env.
+# append its name to $FAKES/signal and exit STATUS after STOP_DELAY seconds (the rest of a batch); stopping
+# with 75 writes to the checkpoint PROGRESS (unless NO_PROGRESS is set). Arguments are recorded in
+# $FAKES/args (and appended to $FAKES/calls), the environment in $FAKES/env.
 FAKE_TRAINER = """#!/bin/bash
 printf '%q ' "$(basename "$0")" "$@" > "$FAKES/args"
 cat "$FAKES/args" >> "$FAKES/calls"; echo >> "$FAKES/calls"
 env > "$FAKES/env"
 stop() {
-    echo "$1" > "$FAKES/signal"
+    echo "$1" >> "$FAKES/signal"
     [ "$STATUS" != 75 ] || [ -n "$NO_PROGRESS" ] || echo "$1 $$" >> "$PROGRESS"
+    sleep "${STOP_DELAY:-0}"
     exit "$STATUS"
 }
 trap 'stop USR1' USR1
@@ -340,12 +341,13 @@ def run_until_started(fakes, scheduler, status, **env):
 def test_the_walltime_warning_reaches_the_trainer_and_resubmits(fakes, child_signal):
     """USR1 is the walltime warning; the trainer gets it as JOB_CHILD_SIGNAL (TERM for torchrun). A TERM after
     it (the walltime itself) changes nothing."""
-    proc = run_until_started(fakes, "slurm", 75, JOB_CHILD_SIGNAL=child_signal)
+    proc = run_until_started(fakes, "slurm", 75, JOB_CHILD_SIGNAL=child_signal, STOP_DELAY="1")
     proc.send_signal(signal.SIGUSR1)
-    time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    while not (fakes / "signal").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # while the trainer is still saving
     out, err = proc.communicate(timeout=10)
-    assert (fakes / "signal").read_text().strip() == child_signal
+    assert (fakes / "signal").read_text().split()[0] == child_signal  # then the forwarded TERM, harmless
     assert proc.returncode == 0, out + err
     assert len(submitted(fakes)) == 1
 
@@ -511,10 +513,12 @@ def run_pipeline(fakes, scheduler, run_dir="runs/p", **extra):
 
 
 def test_the_slurm_pipeline_holds_visualize_until_the_chains_release_it(fakes):
+    run = fakes / "runs" / "p"
+    (run / "gan").mkdir(parents=True)
+    (run / "gan" / "gan.chain").write_text("finished: job 3, link 1 of the chain\n")  # from an earlier pipeline
     result = run_pipeline(fakes, "slurm", GAN_OPTS="--time=1-00:00:00", SUBMIT_OPTS="-p gpu", WIDTH="128")
     assert result.returncode == 0, result.stderr
     vis, report, baseline, gan = submitted(fakes)
-    run = fakes / "runs" / "p"
     assert vis[-1] == "jobs/visualize.slurm" and "--hold" in vis
     assert report[-1] == "jobs/report.slurm" and option(report, "--dependency") == "afterok:2"
     assert exported(report)["VIS_DIR"] == exported(vis)["OUT_DIR"] == str(run / "visualization")
@@ -524,7 +528,7 @@ def test_the_slurm_pipeline_holds_visualize_until_the_chains_release_it(fakes):
         assert passed["FOLLOW_UP"] == "2" and passed["WIDTH"] == "128"
         assert passed["FOLLOW_UP_AFTER"].split() == [str(run / "baseline" / "baseline.chain"),
                                                      str(run / "gan" / "gan.chain")]
-        assert (run / name / f"{name}.chain").read_text().startswith("queued: job")
+        assert (run / name / f"{name}.chain").read_text().startswith("queued: submitted by jobs/pipeline.sh")
     assert option(gan, "--time") == "1-00:00:00" and option(baseline, "--time") is None
     assert all(call[call.index("-p") + 1] == "gpu" for call in (vis, report, baseline, gan))
     assert all(option(call, "--output") == f"{run}/logs/%x-%j.out" for call in (vis, report, baseline, gan))

@@ -163,7 +163,7 @@ def test_a_gan_chain_resubmits_at_the_walltime_with_its_overrides_and_ends_on_sc
 
 
 def test_the_pipeline_runs_visualize_and_report_only_after_the_whole_chain(workdir, capsys):
-    epochs = 6
+    epochs = 8
     run_dir = workdir / "runs" / "smoke"
     result = subprocess.run(
         ["jobs/pipeline.sh", str(run_dir)], cwd=workdir, capture_output=True, text=True, timeout=120,
