@@ -1,24 +1,42 @@
-# Shared by the training jobs (sourced, bash): run a trainer so that the end of a job's walltime becomes a
-# checkpoint and a resubmitted job, never a lost run.
+# Shared by the job files (sourced, bash): run a trainer so that the end of a job's walltime becomes a
+# checkpoint and a resubmitted job, never a lost run; and let follow-up jobs start only on finished runs.
 #
 # The trainers' contract: with --resume they continue from the checkpoint in --out-dir (or start fresh);
-# on SIGTERM or SIGUSR1 they save a checkpoint at the next batch and exit 75; a finished run given --resume
-# exits 0 without training; any other status is an error (2: bad input, with a one-line message).
+# on SIGTERM, SIGUSR1, SIGINT or SIGHUP they save a checkpoint at the next batch and exit 75; a finished run
+# given --resume exits 0 without training; any other status is an error (2: bad input, with a one-line
+# message).
 #
-# A job script sets JOB_SCRIPT (itself, relative to the submit directory), JOB_VARS (the names of the
-# variables the next job needs) and OUT_DIR, then calls: run_chain COMMAND...
-# What run_chain does with COMMAND's status:
-#   0                                  the run is finished: stop, exit 0
-#   75, or any failure after this job  stopped for the scheduler: resubmit JOB_SCRIPT with the same
-#     forwarded a stop signal          variables and exit 0 (launchers such as torchrun exit 1, not 75,
-#                                      after their workers stopped; if that hid a real error, the next
-#                                      job meets it again and stops there)
-#   anything else                      an error: stop, exit with that status
-# A file STOP in OUT_DIR ends the chain: no resubmission, and a job that starts with it present does nothing.
+# A training job sets JOB_SCRIPT (itself, relative to the submit directory), JOB_NAME (baseline or gan: the
+# trainer's file names <OUT_DIR>/<JOB_NAME>.ckpt), JOB_VARS (the names of the variables the next job needs)
+# and OUT_DIR, then calls: run_chain COMMAND...
+#
+# Signals: the scheduler warns the job's shell of the walltime with SIGUSR1 (Slurm's --signal; on PBS a
+# timer of this file, STOP_MARGIN seconds early). The shell passes it on to COMMAND as JOB_CHILD_SIGNAL
+# (USR1; TERM for torchrun, which SIGUSR1 would kill). A SIGTERM that comes first is a cancel (scancel,
+# qdel) or a preemption.
+#
+# What run_chain does when COMMAND exits:
+#   0                                   the run is finished: releases the follow-up job, exit 0
+#   after a cancel                      stop; the log says how to continue
+#   75, or any failure after the        the walltime: resubmit JOB_SCRIPT with the same variables and
+#     walltime warning                  resources, exit 0 (torchrun exits 1, not 75, after its workers
+#                                       stopped; if that hid a real error, the next job meets it again)
+#   anything else                       an error: stop, exit with that status
+# It does not resubmit when OUT_DIR/STOP exists, after MAX_CHAIN jobs, or when this job left the checkpoint
+# as it found it (no progress: another job would not get further).
+#
+# <OUT_DIR>/<JOB_NAME>.chain holds the chain's state in one line that starts with running:, queued:,
+# finished:, stopped: or failed:. FOLLOW_UP (a held job's id) is released once every chain file named in
+# FOLLOW_UP_AFTER (space-separated) says finished: jobs/pipeline.sh starts visualize that way.
 
-JOB_CHAIN=${JOB_CHAIN:-1}      # this job's place in the chain of resubmitted jobs
-MAX_CHAIN=${MAX_CHAIN:-20}     # more jobs than this is a loop, not a long run: stop
+export PYTHONUNBUFFERED=1  # the trainers' lines reach the job's log as they are printed
+
+JOB_CHAIN=${JOB_CHAIN:-1}        # this job's place in the chain of resubmitted jobs
+MAX_CHAIN=${MAX_CHAIN:-20}       # more jobs than this is a loop, not a long run: stop
 STOP_MARGIN=${STOP_MARGIN:-300}  # PBS: seconds before the walltime at which the trainer is asked to stop
+FOLLOW_UP=${FOLLOW_UP:-}
+FOLLOW_UP_AFTER=${FOLLOW_UP_AFTER:-}
+JOB_CHILD_SIGNAL=${JOB_CHILD_SIGNAL:-USR1}
 
 job_log() { echo "job $(date '+%F %T'): $*"; }
 
@@ -28,18 +46,21 @@ job_scheduler() {
     fi
 }
 
-# NAME=value,... of JOB_VARS and this file's knobs, for qsub -v and sbatch --export (which split on commas).
+job_id() { echo "${SLURM_JOB_ID:-${PBS_JOBID:-local}}"; }
+
+# NAME=value,... of JOB_VARS and this file's knobs, for qsub -v and sbatch --export (which split on commas);
+# $1: the chain position the job submitted with them takes.
 job_var_list() {
     local name list=
-    for name in $JOB_VARS MAX_CHAIN STOP_MARGIN; do
+    for name in $JOB_VARS MAX_CHAIN STOP_MARGIN FOLLOW_UP FOLLOW_UP_AFTER; do
         list+="${list:+,}$name=${!name}"
     done
-    echo "$list,JOB_CHAIN=$((JOB_CHAIN + 1))"
+    echo "$list,JOB_CHAIN=$1"
 }
 
 job_check_vars() {
     local name
-    for name in $JOB_VARS; do
+    for name in $JOB_VARS FOLLOW_UP_AFTER; do
         case ${!name} in *,*)
             echo "error: $name='${!name}' contains a comma, which qsub -v and sbatch --export cannot pass on" >&2
             return 1 ;;
@@ -47,18 +68,140 @@ job_check_vars() {
     done
 }
 
-job_resubmit() {
+# The value of NAME= in a one-line `scontrol show job -o` record ($1, starting with a space); nothing for
+# the values that mean "not set".
+job_slurm_field() {
+    local rest=${1#* "$2"=}
+    [ "$rest" != "$1" ] || return 0
+    rest=${rest%% *}
+    case $rest in ""|"(null)"|N/A|None|NONE|UNLIMITED) ;; *) echo "$rest" ;; esac
+}
+
+# The resources this Slurm job got, as sbatch options, one a line: whatever the first job was given, by
+# #SBATCH lines, the command line or SBATCH_* variables, holds for every job of the chain.
+job_slurm_options() {
+    local record value
+    record=" $(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null)"
+    [ "$record" != " " ] || return 0
+    value=$(job_slurm_field "$record" JobName) && [ -n "$value" ] && echo "--job-name=$value"
+    value=$(job_slurm_field "$record" Partition) && [ -n "$value" ] && echo "--partition=$value"
+    value=$(job_slurm_field "$record" Account) && [ -n "$value" ] && echo "--account=$value"
+    value=$(job_slurm_field "$record" QOS) && [ -n "$value" ] && echo "--qos=$value"
+    value=$(job_slurm_field "$record" Reservation) && [ -n "$value" ] && echo "--reservation=$value"
+    value=$(job_slurm_field "$record" Features) && [ -n "$value" ] && echo "--constraint=$value"
+    value=$(job_slurm_field "$record" ExcNodeList) && [ -n "$value" ] && echo "--exclude=$value"
+    value=$(job_slurm_field "$record" TimeLimit) && [ -n "$value" ] && echo "--time=$value"
+    value=$(job_slurm_field "$record" CPUs/Task) && [ -n "$value" ] && echo "--cpus-per-task=$value"
+    # The memory of the whole (one-node) job, however it was asked for: --mem-per-cpu on the command line
+    # would clash with the job file's --mem.
+    value=$(job_slurm_field "$record" TRES) && value=$(tr , '\n' <<<"$value" | sed -n 's/^mem=//p')
+    [ -n "$value" ] && echo "--mem=$value"
+    value=$(job_slurm_field "$record" TresPerNode)
+    echo "--gres=${value:-none}" | sed 's/gres://g'  # none: a job given --gres=none stays without GPUs
+    value=$(job_slurm_field "$record" TresPerJob) && [ -n "$value" ] && echo "--gpus=${value#gres:gpu:}"
+    value=$(job_slurm_field "$record" MailUser) && [ -n "$value" ] && echo "--mail-user=$value"
+    value=$(job_slurm_field "$record" MailType) && [ -n "$value" ] && echo "--mail-type=$value"
+    # The log of every job goes where the first one's went.
+    value=$(job_slurm_field "$record" StdOut) && [ -n "$value" ] && echo "--output=$(dirname "$value")/%x-%j.out"
+    return 0
+}
+
+# A value of `qstat -f`'s record for this PBS job (Torque and PBS Pro write "    name = value").
+job_pbs_field() {
+    qstat -f "$PBS_JOBID" 2>/dev/null | sed -n "s/^ *$1 = //p" | head -n 1
+}
+
+# The resources this PBS job got, as qsub options, one a line.
+job_pbs_options() {
+    local name value
+    value=$(job_pbs_field Job_Name) && [ -n "$value" ] && printf '%s\n' -N "$value"
+    value=$(job_pbs_field queue) && [ -n "$value" ] && printf '%s\n' -q "$value"
+    value=$(job_pbs_field Account_Name) && [ -n "$value" ] && printf '%s\n' -A "$value"
+    for name in walltime nodes select mem; do
+        value=$(job_pbs_field "Resource_List.$name") && [ -n "$value" ] && printf '%s\n' -l "$name=$value"
+    done
+    return 0
+}
+
+# The command that submits JOB_SCRIPT again, one word a line: the same resources and variables, as job $1
+# of the chain.
+job_submit_words() {
     case $(job_scheduler) in
-        slurm) sbatch --export="ALL,$(job_var_list)" "$JOB_SCRIPT" ;;
-        pbs) qsub -v "$(job_var_list)" "$JOB_SCRIPT" ;;
-        *) echo "not inside a Slurm or PBS job: nothing to resubmit to" >&2; return 1 ;;
+        slurm) echo sbatch; job_slurm_options; echo "--export=ALL,$(job_var_list "$1")" ;;
+        pbs) echo qsub; job_pbs_options; printf '%s\n' -v "$(job_var_list "$1")" ;;
+        *) return 1 ;;
     esac
+    echo "$JOB_SCRIPT"
+}
+
+# The same, as one line to paste into a shell (outside a scheduler: the job file); words with characters
+# the shell would take apart are put in single quotes.
+job_submit_line() {
+    local word line="" q="'"
+    while IFS= read -r word; do
+        case $word in *[!A-Za-z0-9_./:=,@%+-]* | "") word="$q${word//$q/$q\\$q$q}$q" ;; esac
+        line+="${line:+ }$word"
+    done < <(job_submit_words "$1")
+    echo "${line:-bash $JOB_SCRIPT}"
+}
+
+# Submits the next job of the chain; prints its id.
+job_resubmit() {
+    local words out
+    mapfile -t words < <(job_submit_words $((JOB_CHAIN + 1))) || true
+    if [ ${#words[@]} -eq 0 ]; then
+        echo "not inside a Slurm or PBS job: nothing to resubmit to" >&2
+        return 1
+    fi
+    out=$("${words[@]}") || return 1
+    # sbatch answers "Submitted batch job 1234", qsub "1234.server".
+    echo "${out##* }"
+}
+
+job_set_state() {
+    local file=$OUT_DIR/$JOB_NAME.chain
+    echo "$*" > "$file.$$.tmp" && mv -f "$file.$$.tmp" "$file"
+}
+
+# Releases FOLLOW_UP once every chain named in FOLLOW_UP_AFTER is finished. Each chain writes its own state
+# before it reads the others', so of two chains that finish together at least one sees both finished.
+job_release_follow_up() {
+    local file state rest
+    [ -n "$FOLLOW_UP" ] || return 0
+    for file in $FOLLOW_UP_AFTER; do
+        state=
+        read -r state rest 2>/dev/null < "$file"
+        if [ "$state" != finished: ]; then
+            job_log "follow-up job $FOLLOW_UP stays held until $file says finished (now: ${state:-no such file} $rest)"
+            return 0
+        fi
+    done
+    case $(job_scheduler) in
+        slurm) scontrol release "$FOLLOW_UP" ;;
+        pbs) qrls "$FOLLOW_UP" ;;
+    esac && job_log "released follow-up job $FOLLOW_UP: every run it needs is finished"
+}
+
+# Exits 2 with one line unless every chain file given is finished (or absent: a run trained outside these
+# jobs). For the jobs that read finished runs.
+job_require_finished() {
+    local file state rest
+    for file in "$@"; do
+        [ -e "$file" ] || continue
+        state=
+        read -r state rest < "$file"
+        if [ "$state" != finished: ]; then
+            echo "error: $file says '$state $rest': that run is not finished; submit this job after its chain has" \
+                 "ended (jobs/pipeline.sh does that for you)" >&2
+            exit 2
+        fi
+    done
 }
 
 # Seconds of walltime this PBS job asked for: Torque exports PBS_WALLTIME, PBS Pro answers through qstat.
 job_pbs_walltime() {
     local w=${PBS_WALLTIME:-} h m s
-    [ -n "$w" ] || w=$(qstat -f "$PBS_JOBID" 2>/dev/null | sed -n 's/^ *Resource_List.walltime = //p')
+    [ -n "$w" ] || w=$(job_pbs_field Resource_List.walltime)
     case $w in
         *:*:*) IFS=: read -r h m s <<<"$w"; echo $((10#$h * 3600 + 10#$m * 60 + 10#$s)) ;;
         *) echo "$w" ;;
@@ -67,13 +210,14 @@ job_pbs_walltime() {
 
 # PBS has no early-warning signal like Slurm's --signal, and it SIGKILLs the job a site-specific grace
 # period (seconds on some sites) after the walltime's SIGTERM: too short, perhaps, to checkpoint and
-# resubmit. So the job warns itself STOP_MARGIN seconds early, through the same USR1 path as Slurm.
+# resubmit. So the job warns itself STOP_MARGIN seconds early, with the USR1 that Slurm would send.
 job_start_timer() {
     local walltime delay
     walltime=$(job_pbs_walltime)
     delay=$((${walltime:-0} - STOP_MARGIN))
     if [ "$delay" -le 0 ]; then
-        job_log "walltime unknown or shorter than STOP_MARGIN=$STOP_MARGIN s: relying on the scheduler's SIGTERM"
+        job_log "walltime unknown or shorter than STOP_MARGIN=$STOP_MARGIN s: no warning before it; the walltime's" \
+                "SIGTERM will end the chain like a qdel"
         return
     fi
     job_log "will ask the trainer to stop in $delay s, $STOP_MARGIN s before the walltime"
@@ -85,24 +229,30 @@ job_start_timer() {
     job_timer=$!
 }
 
+# The first signal decides: USR1 is the walltime warning; a TERM before it is a cancel or a preemption.
 job_forward() {
-    job_stop_signal=$1
+    local to=$1
+    [ "$1" != USR1 ] || to=$JOB_CHILD_SIGNAL
+    [ -n "$job_stop_signal" ] || job_stop_signal=$1
     job_interrupted=1
     job_log "received SIG$1: asking the trainer to save a checkpoint and stop"
-    [ -z "$job_child" ] || kill -"$1" "$job_child" 2>/dev/null
+    [ -z "$job_child" ] || kill -"$to" "$job_child" 2>/dev/null
 }
 
 # Runs COMMAND in the background, so that this shell is free to take the scheduler's signals and pass them
 # on, and returns COMMAND's status.
 job_run_forwarding() {
     local status s
-    job_child= job_stop_signal= job_interrupted=
+    job_child="" job_stop_signal="" job_interrupted=""
     trap 'job_forward USR1' USR1
     trap 'job_forward TERM' TERM
     "$@" &
     job_child=$!
     # A signal that came before the child existed is passed on now.
-    [ -z "$job_stop_signal" ] || kill -"$job_stop_signal" "$job_child" 2>/dev/null
+    if [ -n "$job_stop_signal" ]; then
+        [ "$job_stop_signal" = USR1 ] && kill -"$JOB_CHILD_SIGNAL" "$job_child" 2>/dev/null
+        [ "$job_stop_signal" = TERM ] && kill -TERM "$job_child" 2>/dev/null
+    fi
     wait "$job_child"
     status=$?
     # A trapped signal makes wait return at once, the child still running: wait again for its own status.
@@ -116,14 +266,33 @@ job_run_forwarding() {
     return "$status"
 }
 
+# A fingerprint of the checkpoint file: its checksum, or "none".
+job_checkpoint_sum() {
+    { cksum < "$OUT_DIR/$JOB_NAME.ckpt"; } 2>/dev/null || echo none
+}
+
+# Ends the job: exit status $1, the chain's state $2, and the rest as a one-line message on stderr.
+job_stop() {
+    local status=$1 state=$2
+    shift 2
+    echo "$*" >&2
+    job_set_state "$state"
+    exit "$status"
+}
+
 run_chain() {
-    local status job_timer=
+    local status before next resume job_timer=""
     job_check_vars || exit 2
+    mkdir -p "$OUT_DIR" || { echo "error: cannot create OUT_DIR=$OUT_DIR; choose a writable folder" >&2; exit 2; }
+    resume=$(job_submit_line 1)
     if [ -e "$OUT_DIR/STOP" ]; then
         job_log "$OUT_DIR/STOP exists: not starting; remove it and submit $JOB_SCRIPT again to continue"
+        job_set_state "stopped: $OUT_DIR/STOP exists; remove it and continue with: $resume"
         exit 75
     fi
-    job_log "${SLURM_JOB_ID:-${PBS_JOBID:-local}} on $(hostname), job $JOB_CHAIN of at most $MAX_CHAIN: $*"
+    job_log "$(job_id) on $(hostname), job $JOB_CHAIN of at most $MAX_CHAIN: $*"
+    job_set_state "running: job $(job_id), link $JOB_CHAIN of the chain, since $(date '+%F %T')"
+    before=$(job_checkpoint_sum)
     [ "$(job_scheduler)" != pbs ] || job_start_timer
     job_run_forwarding "$@"
     status=$?
@@ -132,24 +301,38 @@ run_chain() {
 
     if [ "$status" -eq 0 ]; then
         job_log "the run is finished"
+        job_set_state "finished: job $(job_id), link $JOB_CHAIN of the chain, at $(date '+%F %T')"
+        job_release_follow_up
         exit 0
     fi
+    if [ "$job_stop_signal" = TERM ]; then
+        job_stop 75 "stopped: job $(job_id) was cancelled; continue with: $resume" \
+            "job $(job_id) was cancelled (SIGTERM without the walltime warning before it): not resubmitting;" \
+            "$OUT_DIR/$JOB_NAME.ckpt holds the run; to continue it: $resume"
+    fi
     if [ "$status" -ne 75 ] && [ -z "$job_stop_signal" ]; then
-        echo "error: the trainer failed with status $status (see its message above); not resubmitting" >&2
-        exit "$status"
+        job_stop "$status" "failed: the trainer exited with status $status in job $(job_id); see its log" \
+            "error: the trainer failed with status $status (see its message above); not resubmitting"
     fi
     if [ -e "$OUT_DIR/STOP" ]; then
         job_log "$OUT_DIR/STOP exists: not resubmitting; the checkpoint in $OUT_DIR resumes the run later"
+        job_set_state "stopped: $OUT_DIR/STOP exists; remove it and continue with: $resume"
         exit 75
+    fi
+    if [ "$(job_checkpoint_sum)" = "$before" ]; then
+        job_stop 75 "stopped: no progress in job $(job_id); continue with: $resume" \
+            "error: job $(job_id) left $OUT_DIR/$JOB_NAME.ckpt as it found it: no progress, so not resubmitting;" \
+            "give the job more time (start-up and at least one batch before the warning), then: $resume"
     fi
     if [ "$JOB_CHAIN" -ge "$MAX_CHAIN" ]; then
-        echo "error: this is job $JOB_CHAIN of MAX_CHAIN=$MAX_CHAIN; not resubmitting; raise MAX_CHAIN to go on" >&2
-        exit 75
+        job_stop 75 "stopped: MAX_CHAIN=$MAX_CHAIN jobs; continue with: $resume" \
+            "error: this is job $JOB_CHAIN of MAX_CHAIN=$MAX_CHAIN; not resubmitting; raise MAX_CHAIN to go on"
     fi
-    if ! job_resubmit; then
-        echo "error: resubmitting $JOB_SCRIPT failed; submit it again by hand to continue from the checkpoint" >&2
-        exit 75
+    if ! next=$(job_resubmit); then
+        job_stop 75 "stopped: resubmitting failed in job $(job_id); continue with: $resume" \
+            "error: resubmitting $JOB_SCRIPT failed; submit it again by hand to continue from the checkpoint: $resume"
     fi
-    job_log "resubmitted $JOB_SCRIPT as job $((JOB_CHAIN + 1)) of the chain"
+    job_set_state "queued: job $next, link $((JOB_CHAIN + 1)) of the chain"
+    job_log "resubmitted $JOB_SCRIPT as job $next, link $((JOB_CHAIN + 1)) of the chain"
     exit 0
 }

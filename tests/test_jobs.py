@@ -1,6 +1,10 @@
-"""The batch job scripts in jobs/: they parse, they pass only flags the Python scripts know, and the chain
-logic of jobs/lib.sh resubmits a stopped run (and only a stopped one) and passes the scheduler's stop signal
-on to the trainer. qsub, sbatch, the trainers (and on PBS aprun and module) are small fakes on PATH."""
+"""The batch job scripts in jobs/ at the command-line level: they parse, they pass only flags the Python
+scripts know; the chain logic of jobs/lib.sh resubmits a run stopped by the walltime (and only such a run)
+with the same variables and resources, passes the scheduler's stop signal on, ends the chain on a cancel or
+when a job made no progress, and releases the follow-up job once every run is finished; jobs/pipeline.sh
+submits the four jobs in their order. The schedulers' commands (sbatch, scontrol, squeue, scancel, qsub,
+qstat, qrls, qdel), the trainers, torchrun, aprun and module are small fakes on PATH; tests/test_slurm.py
+runs the same files on a real Slurm."""
 import contextlib
 import io
 import os
@@ -19,7 +23,7 @@ from conftest import REPO
 
 JOBS = os.path.join(REPO, "jobs")
 SHELL_FILES = sorted(f for f in os.listdir(JOBS) if f.endswith((".pbs", ".slurm", ".sh")))
-PY_SCRIPTS = ("train_baseline.py", "train_gan.py", "visualize.py", "make_gif.py")
+PY_SCRIPTS = ("train_baseline.py", "train_gan.py", "visualize.py", "make_gif.py", "report.py")
 TRAINING_JOBS = ("baseline.pbs", "gan.pbs", "baseline.slurm", "gan.slurm", "gan_multigpu.slurm")
 SHELL_OPERATORS = {"||", "&&", ";", "|", "&"}
 
@@ -77,9 +81,9 @@ def help_texts():
     return texts
 
 
-def test_the_jobs_call_every_trainer_and_visualize():
+def test_the_jobs_call_every_trainer_visualize_and_report():
     called = {script for calls in ALL_CALLS.values() for script, _, _ in calls}
-    assert {"train_baseline.py", "train_gan.py", "visualize.py"} <= called
+    assert {"train_baseline.py", "train_gan.py", "visualize.py", "make_gif.py", "report.py"} <= called
 
 
 @pytest.mark.parametrize("name", [n for n in SHELL_FILES if ALL_CALLS[n]])
@@ -97,26 +101,58 @@ def test_each_training_job_resubmits_itself_with_resume(name):
     with open(os.path.join(JOBS, name)) as f:
         text = f.read()
     assert re.search(rf"^JOB_SCRIPT=jobs/{re.escape(name)}$", text, re.M)
+    # JOB_NAME names the trainer's checkpoint, <OUT_DIR>/<JOB_NAME>.ckpt, which the chain watches for progress.
     (script, _, flags), = ALL_CALLS[name]
+    job_name = re.search(r"^JOB_NAME=(\w+)$", text, re.M).group(1)
+    assert script == f"train_{job_name}.py"
     assert script.startswith("train_") and "--resume" in flags
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The chain logic, with fakes on PATH
 
+# sbatch and qsub: record the call (one a line, --test-only calls apart) and answer with a new job id as the
+# real ones do. TEST_ONLY_SAYS makes sbatch --test-only refuse with that message.
 FAKE_SUBMIT = """#!/bin/bash
-# Records its command line, one call a line, and answers as the real one would.
-printf '%q ' "$(basename "$0")" "$@" >> "$FAKES/submitted"
-echo >> "$FAKES/submitted"
-echo "Submitted batch job 2"
+record=submitted
+case " $* " in *" --test-only "*) record=tested ;; esac
+printf '%q ' "$(basename "$0")" "$@" >> "$FAKES/$record"
+echo >> "$FAKES/$record"
+if [ "$record" = tested ]; then
+    [ -z "$TEST_ONLY_SAYS" ] || { echo "allocation failure: $TEST_ONLY_SAYS" >&2; exit 1; }
+    echo "sbatch: Job 99 to start at 2030-01-01T00:00:00" >&2; exit 0
+fi
+id=$(( $(cat "$FAKES/last_id" 2>/dev/null || echo 1) + 1 ))
+echo "$id" > "$FAKES/last_id"
+case "$(basename "$0") $*" in qsub*) echo "$id.bw" ;; *--parsable*) echo "$id" ;; *) echo "Submitted batch job $id" ;; esac
+"""
+
+# scontrol show job -o / qstat -f: the record in $FAKES/record; scontrol release, qrls, scancel, qdel: recorded.
+FAKE_QUERY = """#!/bin/bash
+case "$(basename "$0") $1" in
+    "scontrol show" | "qstat -f") cat "$FAKES/record" 2>/dev/null ;;
+    squeue*) cat "$FAKES/squeue" 2>/dev/null ;;
+    *) echo "$(basename "$0") $*" >> "$FAKES/other" ;;
+esac
 """
 
 # The trainers' contract in miniature: exit STATUS at once, or with "sleep" wait for SIGUSR1 or SIGTERM,
-# write its name to $FAKES/signal and then exit STATUS. Arguments are recorded in $FAKES/args.
+# append its name to $FAKES/signal and exit STATUS after STOP_DELAY seconds (the rest of a batch); stopping
+# with 75 writes to the checkpoint PROGRESS (unless NO_PROGRESS is set). Arguments are recorded in
+# $FAKES/args (and appended to $FAKES/calls), the environment in $FAKES/env.
 FAKE_TRAINER = """#!/bin/bash
-printf '%q ' "$@" > "$FAKES/args"
-trap 'echo USR1 > "$FAKES/signal"; exit "$STATUS"' USR1
-trap 'echo TERM > "$FAKES/signal"; exit "$STATUS"' TERM
+printf '%q ' "$(basename "$0")" "$@" > "$FAKES/args"
+cat "$FAKES/args" >> "$FAKES/calls"; echo >> "$FAKES/calls"
+env > "$FAKES/env"
+stop() {
+    echo "$1" >> "$FAKES/signal"
+    [ "$STATUS" != 75 ] || [ -n "$NO_PROGRESS" ] || echo "$1 $$" >> "$PROGRESS"
+    sleep "${STOP_DELAY:-0}"
+    exit "$STATUS"
+}
+trap 'stop USR1' USR1
+trap 'stop TERM' TERM
+case " $* " in *" sleep "*) ;; *) [ "$STATUS" != 75 ] || stop none ;; esac
 case " $* " in *" sleep "*) ;; *) exit "$STATUS" ;; esac
 touch "$FAKES/started"
 for _ in $(seq 200); do sleep 0.05; done
@@ -130,48 +166,76 @@ exec "$@"
 
 DRIVER = """. "$REPO/jobs/lib.sh"
 JOB_SCRIPT=jobs/some.job
+JOB_NAME=trainer
 JOB_VARS="OUT_DIR EPOCHS EXTRA_ARGS"
 run_chain trainer "$@"
 """
 
+FAKES = {"qsub": FAKE_SUBMIT, "sbatch": FAKE_SUBMIT, "trainer": FAKE_TRAINER, "python": FAKE_TRAINER,
+         "torchrun": FAKE_TRAINER, "aprun": FAKE_APRUN, "module": "#!/bin/bash\n"}
+FAKES.update(dict.fromkeys(("scontrol", "qstat", "squeue", "scancel", "qrls", "qdel"), FAKE_QUERY))
+
 
 @pytest.fixture
 def fakes(tmp_path):
-    """A folder FAKES with bin/ (qsub, sbatch, trainer, python, aprun, module) and the driver script."""
+    """A folder FAKES with bin/ (the fakes above) and the driver script."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, text in (("qsub", FAKE_SUBMIT), ("sbatch", FAKE_SUBMIT), ("trainer", FAKE_TRAINER),
-                       ("python", FAKE_TRAINER), ("aprun", FAKE_APRUN), ("module", "#!/bin/bash\n")):
+    for name, text in FAKES.items():
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     (tmp_path / "driver.sh").write_text(DRIVER)
     return tmp_path
 
 
-def job_env(fakes, scheduler, status, **extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PBS_"))}
+def job_env(fakes, scheduler, status, name="trainer", **extra):
+    """The environment of a job of the driver (or of the job file for run `name`) under `scheduler`."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "PBS_", "SBATCH_")) and k != "PYTHONUNBUFFERED"}
     env.update(PATH=f"{fakes / 'bin'}:{env['PATH']}", FAKES=str(fakes), REPO=REPO, STATUS=str(status),
-               OUT_DIR=str(fakes / "run"), EPOCHS="7", EXTRA_ARGS="--seed 1 --lr 2e-4")
+               OUT_DIR=str(fakes / "run"), EPOCHS="7", EXTRA_ARGS="--seed 1 --lr 2e-4",
+               PROGRESS=str(fakes / "run" / f"{name}.ckpt"), TEST_ONLY_SAYS="", NO_PROGRESS="")
     env.update({"slurm": {"SLURM_JOB_ID": "1", "SLURM_SUBMIT_DIR": REPO},
                 "pbs": {"PBS_JOBID": "1.bw", "PBS_O_WORKDIR": REPO}, None: {}}[scheduler])
     env.update(extra)
     return env
 
 
-def submitted(fakes):
-    """The recorded qsub/sbatch calls, each as its list of words."""
-    path = fakes / "submitted"
+def calls(fakes, name):
+    """The recorded calls in $FAKES/name, each as its list of words."""
+    path = fakes / name
     return [shlex.split(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def submitted(fakes):
+    return calls(fakes, "submitted")
+
+
+def option(call, name):
+    """The value of --name=value in a recorded call, or None."""
+    values = [w.split("=", 1)[1] for w in call if w.startswith(f"{name}=")]
+    return values[-1] if values else None
 
 
 def exported(call):
     """The NAME=value pairs a recorded qsub -v / sbatch --export call passes on."""
-    spec = call[2] if call[0] == "qsub" else call[1].removeprefix("--export=ALL,")
+    spec = call[call.index("-v") + 1] if call[0] == "qsub" else option(call, "--export").removeprefix("ALL,")
     return dict(item.split("=", 1) for item in spec.split(","))
+
+
+def chain_state(fakes, name="trainer"):
+    return (fakes / "run" / f"{name}.chain").read_text()
 
 
 def run_driver(fakes, scheduler, status, *args, **env):
     return subprocess.run(["bash", str(fakes / "driver.sh"), *args], env=job_env(fakes, scheduler, status, **env),
+                          capture_output=True, text=True, timeout=30)
+
+
+def run_job(fakes, name, scheduler, status, **env):
+    """Runs the job file jobs/<name> as the scheduler would, the run's name taken from the file name."""
+    run = name.split(".")[0].split("_")[0]
+    return subprocess.run(["bash", os.path.join(JOBS, name)], env=job_env(fakes, scheduler, status, run, **env),
                           capture_output=True, text=True, timeout=30)
 
 
@@ -182,7 +246,10 @@ def test_stopped_run_is_resubmitted_with_the_same_variables(fakes, scheduler):
     (call,) = submitted(fakes)
     assert call[0] == {"pbs": "qsub", "slurm": "sbatch"}[scheduler] and call[-1] == "jobs/some.job"
     assert exported(call) == {"OUT_DIR": str(fakes / "run"), "EPOCHS": "7", "EXTRA_ARGS": "--seed 1 --lr 2e-4",
-                              "MAX_CHAIN": "20", "STOP_MARGIN": "300", "JOB_CHAIN": "2"}
+                              "MAX_CHAIN": "20", "STOP_MARGIN": "300", "FOLLOW_UP": "", "FOLLOW_UP_AFTER": "",
+                              "JOB_CHAIN": "2"}
+    job = {"pbs": "2.bw", "slurm": "2"}[scheduler]
+    assert chain_state(fakes) == f"queued: job {job}, link 2 of the chain\n"
 
 
 @pytest.mark.parametrize("status", [0, 2, 1])
@@ -190,8 +257,52 @@ def test_finished_or_failed_run_is_not_resubmitted(fakes, status):
     result = run_driver(fakes, "slurm", status)
     assert result.returncode == status
     assert submitted(fakes) == []
+    state = chain_state(fakes)
     if status:
         assert f"failed with status {status}" in result.stderr
+        assert state.startswith(f"failed: the trainer exited with status {status} in job 1")
+    else:
+        assert state.startswith("finished: job 1, link 1 of the chain")
+
+
+def test_the_trainer_runs_unbuffered(fakes):
+    """Its lines reach the job's log as they are printed, not when it exits."""
+    run_driver(fakes, "slurm", 0)
+    assert "PYTHONUNBUFFERED=1" in (fakes / "env").read_text().splitlines()
+
+
+SLURM_RECORD = ("JobId=1 JobName=gan UserId=me(1) Account=(null) QOS=normal JobState=RUNNING Partition=gpu "
+                "TimeLimit=02:00:00 NumCPUs=4 CPUs/Task=4 Features=a100 TRES=cpu=4,mem=8G,node=1,billing=4 "
+                "StdOut=/scratch/me/logs/gan-1.out MinMemoryNode=8G TresPerNode=gres:gpu:2 ")
+
+
+def test_slurm_resubmits_with_the_resources_the_first_job_got(fakes):
+    """Whatever the first sbatch was given (command line, #SBATCH lines, SBATCH_* variables) holds for the next
+    job: the chain passes on what Slurm reports for this job, and nothing that Slurm reports as unset."""
+    (fakes / "record").write_text(SLURM_RECORD + "\n")
+    assert run_driver(fakes, "slurm", 75).returncode == 0
+    (call,) = submitted(fakes)
+    options = [w for w in call if w.startswith("--") and not w.startswith("--export")]
+    assert options == ["--job-name=gan", "--partition=gpu", "--qos=normal", "--constraint=a100", "--time=02:00:00",
+                       "--cpus-per-task=4", "--mem=8G", "--gres=gpu:2", "--output=/scratch/me/logs/%x-%j.out"]
+
+
+def test_slurm_keeps_a_job_without_gpus_without_them(fakes):
+    """--gres=none given to the first job must not turn into the job file's --gres=gpu:1 in the next."""
+    (fakes / "record").write_text(SLURM_RECORD.replace("TresPerNode=gres:gpu:2 ", "") + "\n")
+    assert run_driver(fakes, "slurm", 75).returncode == 0
+    (call,) = submitted(fakes)
+    assert option(call, "--gres") == "none"
+
+
+def test_pbs_resubmits_with_the_resources_the_first_job_got(fakes):
+    (fakes / "record").write_text("Job Id: 1.bw\n    Job_Name = gan\n    queue = high\n    Account_Name = bazz\n"
+                                  "    Resource_List.nodect = 1\n    Resource_List.nodes = 1:ppn=16:xk\n"
+                                  "    Resource_List.walltime = 01:30:00\n")
+    assert run_driver(fakes, "pbs", 75).returncode == 0
+    (call,) = submitted(fakes)
+    assert call[1:call.index("-v")] == ["-N", "gan", "-q", "high", "-A", "bazz", "-l", "walltime=01:30:00",
+                                        "-l", "nodes=1:ppn=16:xk"]
 
 
 @pytest.mark.parametrize("name", ["gan.slurm", "gan.pbs"])
@@ -199,20 +310,18 @@ def test_a_chain_of_real_job_scripts_runs_75_then_0_then_2(fakes, name):
     """The job script itself: python gets the same command every time; 75 resubmits with the variables,
     the next job's 0 ends the chain, and a 2 (bad input) fails the job."""
     scheduler = "slurm" if name.endswith(".slurm") else "pbs"
-    env = job_env(fakes, scheduler, 75, WIDTH="128")
-    first = subprocess.run(["bash", os.path.join(JOBS, name)], env=env, capture_output=True, text=True, timeout=30)
+    first = run_job(fakes, name, scheduler, 75, WIDTH="128")
     assert first.returncode == 0, first.stdout + first.stderr
     (call,) = submitted(fakes)
     assert call[-1] == f"jobs/{name}"
     passed = exported(call)
     assert passed["WIDTH"] == "128" and passed["EPOCHS"] == "7" and passed["JOB_CHAIN"] == "2"
     args = (fakes / "args").read_text()
-    assert args.startswith("train_gan.py --resume") and "--width 128" in args and "--seed 1 --lr 2e-4" in args
+    assert args.startswith("python train_gan.py --resume") and "--width 128" in args and "--seed 1 --lr 2e-4" in args
 
     # The next job gets only what was passed on (and what the scheduler sets).
     for status, code in ((0, 0), (2, 2)):
-        env = job_env(fakes, scheduler, status, **passed)
-        nxt = subprocess.run(["bash", os.path.join(JOBS, name)], env=env, capture_output=True, text=True, timeout=30)
+        nxt = run_job(fakes, name, scheduler, status, **passed)
         assert nxt.returncode == code, nxt.stdout + nxt.stderr
         assert (fakes / "args").read_text() == args
         assert len(submitted(fakes)) == 1
@@ -228,23 +337,60 @@ def run_until_started(fakes, scheduler, status, **env):
     return proc
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
-def test_the_schedulers_signal_reaches_the_trainer(fakes, sig):
-    proc = run_until_started(fakes, "slurm", 75)
-    proc.send_signal(sig)
+@pytest.mark.parametrize("child_signal", ["USR1", "TERM"])
+def test_the_walltime_warning_reaches_the_trainer_and_resubmits(fakes, child_signal):
+    """USR1 is the walltime warning; the trainer gets it as JOB_CHILD_SIGNAL (TERM for torchrun). A TERM after
+    it (the walltime itself) changes nothing."""
+    proc = run_until_started(fakes, "slurm", 75, JOB_CHILD_SIGNAL=child_signal, STOP_DELAY="1")
+    proc.send_signal(signal.SIGUSR1)
+    while not (fakes / "signal").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # while the trainer is still saving
     out, err = proc.communicate(timeout=10)
-    assert (fakes / "signal").read_text().strip() == sig.name.removeprefix("SIG")
+    assert (fakes / "signal").read_text().split()[0] == child_signal  # then the forwarded TERM, harmless
     assert proc.returncode == 0, out + err
     assert len(submitted(fakes)) == 1
 
 
-def test_a_launcher_failing_after_the_stop_signal_counts_as_stopped(fakes):
-    """torchrun exits 1 after its workers stopped with 75."""
-    proc = run_until_started(fakes, "slurm", 1)
+@pytest.mark.parametrize("scheduler", ["slurm", "pbs"])
+def test_a_cancel_ends_the_chain_and_says_how_to_continue(fakes, scheduler):
+    """scancel/qdel send SIGTERM with no walltime warning before it: the trainer saves and the chain ends, the
+    log and the chain file giving the command that continues it."""
+    (fakes / "record").write_text(SLURM_RECORD if scheduler == "slurm" else "    queue = high\n")
+    proc = run_until_started(fakes, scheduler, 75)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=10)
+    assert (fakes / "signal").read_text().strip() == "TERM"
+    assert proc.returncode == 75, out + err
+    assert submitted(fakes) == []
+    (message,) = err.splitlines()
+    assert "was cancelled" in message and "not resubmitting" in message
+    command = shlex.split(message.split("to continue it: ")[1])
+    assert command[0] == {"slurm": "sbatch", "pbs": "qsub"}[scheduler] and command[-1] == "jobs/some.job"
+    assert exported(command)["JOB_CHAIN"] == "1" and exported(command)["EPOCHS"] == "7"
+    assert ("--time=02:00:00" in command) if scheduler == "slurm" else (command[1:3] == ["-q", "high"])
+    assert chain_state(fakes).startswith("stopped: job 1")
+
+
+def test_a_launcher_failing_after_the_walltime_warning_counts_as_stopped(fakes):
+    """torchrun exits 1 after its workers stopped with 75."""
+    proc = run_until_started(fakes, "slurm", 1)
+    (fakes / "run" / "trainer.ckpt").write_text("saved by the workers")
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=10)
     assert proc.returncode == 0, out + err
     assert len(submitted(fakes)) == 1
+
+
+def test_a_job_that_made_no_progress_is_not_resubmitted(fakes):
+    """A stop before the trainer could save anything (a signal during start-up, a limit too short) leaves the
+    checkpoint as it was: another job would not get further."""
+    (fakes / "run").mkdir()
+    (fakes / "run" / "trainer.ckpt").write_text("epoch 3")
+    result = run_driver(fakes, "slurm", 75, NO_PROGRESS="1")
+    assert result.returncode == 75 and submitted(fakes) == []
+    assert "no progress" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert chain_state(fakes).startswith("stopped: no progress in job 1")
 
 
 def test_pbs_job_asks_the_trainer_to_stop_before_its_walltime(fakes):
@@ -265,9 +411,10 @@ def test_stop_file_ends_the_chain(fakes):
     (fakes / "run" / "STOP").unlink()
     proc = run_until_started(fakes, "pbs", 75)
     (fakes / "run" / "STOP").touch()  # while the job runs
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=10)
     assert proc.returncode == 75 and submitted(fakes) == []
+    assert chain_state(fakes).startswith("stopped:")
 
 
 def test_a_chain_stops_at_max_chain(fakes):
@@ -286,3 +433,141 @@ def test_a_comma_in_a_variable_is_refused_before_training(fakes):
     result = run_driver(fakes, "slurm", 0, EXTRA_ARGS="--layers 2,3")
     assert result.returncode == 2 and not (fakes / "args").exists()
     assert "comma" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Follow-up jobs
+
+
+@pytest.mark.parametrize("scheduler, release", [("slurm", "scontrol release 7"), ("pbs", "qrls 7")])
+def test_the_last_chain_to_finish_releases_the_follow_up(fakes, scheduler, release):
+    other = fakes / "other.chain"
+    other.write_text("running: job 5, link 3 of the chain\n")
+    wait_for = f"{fakes / 'run' / 'trainer.chain'} {other}"
+    result = run_driver(fakes, scheduler, 0, FOLLOW_UP="7", FOLLOW_UP_AFTER=wait_for)
+    assert result.returncode == 0 and not (fakes / "other").exists()  # the other run is not finished: held
+    assert "stays held" in result.stdout
+
+    other.write_text("finished: job 5, link 3 of the chain\n")
+    result = run_driver(fakes, scheduler, 0, FOLLOW_UP="7", FOLLOW_UP_AFTER=wait_for)
+    assert result.returncode == 0
+    assert (fakes / "other").read_text() == release + "\n"
+
+
+@pytest.mark.parametrize("name", ["visualize.slurm", "visualize.pbs", "report.slurm", "report.pbs"])
+def test_a_follow_up_refuses_a_run_that_is_not_finished(fakes, name):
+    scheduler = "slurm" if name.endswith(".slurm") else "pbs"
+    gan = fakes / "gan"
+    gan.mkdir()
+    (gan / "gan.chain").write_text("queued: job 12, link 2 of the chain\n")
+    result = run_job(fakes, name, scheduler, 0, BASELINE_DIR=str(fakes), GAN_DIR=str(gan))
+    assert result.returncode == 2 and not (fakes / "args").exists()
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: ") and "gan.chain says 'queued: job 12" in line
+
+    # Finished, or trained outside these jobs (no chain file): it runs.
+    (gan / "gan.chain").write_text("finished: job 14, link 3 of the chain\n")
+    result = run_job(fakes, name, scheduler, 0, BASELINE_DIR=str(fakes), GAN_DIR=str(gan))
+    assert result.returncode == 0, result.stderr
+    assert any(word.startswith(str(gan)) for call in calls(fakes, "calls") for word in call)
+
+
+def test_visualize_writes_the_gif_where_report_reads_it(fakes):
+    env = dict(OUT_DIR=str(fakes / "vis"), VIS_DIR=str(fakes / "vis"))
+    assert run_job(fakes, "visualize.slurm", "slurm", 0, **env).returncode == 0
+    make_gif = calls(fakes, "calls")[-1]
+    assert run_job(fakes, "report.slurm", "slurm", 0, **env).returncode == 0
+    report = calls(fakes, "calls")[-1]
+    assert make_gif[make_gif.index("--output") + 1] == report[report.index("--gif") + 1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The multi-GPU job
+
+
+def test_the_multi_gpu_job_without_gpus_says_so_in_one_line(fakes):
+    result = run_job(fakes, "gan_multigpu.slurm", "slurm", 0)
+    assert result.returncode == 2 and not (fakes / "args").exists()
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: ") and "--gres=gpu:N" in line and "NPROC" in line
+
+
+@pytest.mark.parametrize("env, nproc", [({"SLURM_GPUS_ON_NODE": "4"}, "4"), ({"NPROC": "2"}, "2")])
+def test_the_multi_gpu_job_starts_one_process_per_gpu_or_as_asked(fakes, env, nproc):
+    result = run_job(fakes, "gan_multigpu.slurm", "slurm", 0, **env)
+    assert result.returncode == 0, result.stderr
+    args = shlex.split((fakes / "args").read_text())
+    assert args[:3] == ["torchrun", "--standalone", f"--nproc_per_node={nproc}"] and args[3] == "train_gan.py"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# jobs/pipeline.sh
+
+
+def run_pipeline(fakes, scheduler, run_dir="runs/p", **extra):
+    env = job_env(fakes, None, 0, SCHEDULER=scheduler, **extra)
+    for name in ("OUT_DIR", "EPOCHS", "EXTRA_ARGS"):
+        env.pop(name)
+    return subprocess.run([os.path.join(JOBS, "pipeline.sh"), str(fakes / run_dir)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_the_slurm_pipeline_holds_visualize_until_the_chains_release_it(fakes):
+    run = fakes / "runs" / "p"
+    (run / "gan").mkdir(parents=True)
+    (run / "gan" / "gan.chain").write_text("finished: job 3, link 1 of the chain\n")  # from an earlier pipeline
+    result = run_pipeline(fakes, "slurm", GAN_OPTS="--time=1-00:00:00", SUBMIT_OPTS="-p gpu", WIDTH="128")
+    assert result.returncode == 0, result.stderr
+    vis, report, baseline, gan = submitted(fakes)
+    assert vis[-1] == "jobs/visualize.slurm" and "--hold" in vis
+    assert report[-1] == "jobs/report.slurm" and option(report, "--dependency") == "afterok:2"
+    assert exported(report)["VIS_DIR"] == exported(vis)["OUT_DIR"] == str(run / "visualization")
+    for call, name in ((baseline, "baseline"), (gan, "gan")):
+        passed = exported(call)
+        assert call[-1] == f"jobs/{name}.slurm" and passed["OUT_DIR"] == str(run / name)
+        assert passed["FOLLOW_UP"] == "2" and passed["WIDTH"] == "128"
+        assert passed["FOLLOW_UP_AFTER"].split() == [str(run / "baseline" / "baseline.chain"),
+                                                     str(run / "gan" / "gan.chain")]
+        assert (run / name / f"{name}.chain").read_text().startswith("queued: submitted by jobs/pipeline.sh")
+    assert option(gan, "--time") == "1-00:00:00" and option(baseline, "--time") is None
+    assert all(call[call.index("-p") + 1] == "gpu" for call in (vis, report, baseline, gan))
+    assert all(option(call, "--output") == f"{run}/logs/%x-%j.out" for call in (vis, report, baseline, gan))
+    assert len(calls(fakes, "tested")) == 4  # every job checked with --test-only first
+    assert f"{run}/report/report.md" in result.stdout
+
+
+def test_the_pbs_pipeline_holds_visualize_until_the_chains_release_it(fakes):
+    result = run_pipeline(fakes, "pbs", STOP_MARGIN="600")
+    assert result.returncode == 0, result.stderr
+    vis, report, baseline, gan = submitted(fakes)
+    assert vis[0] == "qsub" and "-h" in vis and vis[-1] == "jobs/visualize.pbs"
+    assert report[report.index("-W") + 1] == "depend=afterok:2.bw"
+    assert exported(baseline)["FOLLOW_UP"] == exported(gan)["FOLLOW_UP"] == "2.bw"
+    assert exported(gan)["STOP_MARGIN"] == "600" and gan[-1] == "jobs/gan.pbs"
+
+
+def test_the_pipeline_stops_at_a_request_no_node_can_run(fakes):
+    result = run_pipeline(fakes, "slurm", GAN_OPTS="--cpus-per-task=512",
+                          TEST_ONLY_SAYS="Requested node configuration is not available")
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[0].startswith("error: no node can run jobs/visualize.slurm")
+    assert "Requested node configuration is not available" in result.stderr
+    assert submitted(fakes) == []
+
+
+def test_the_pipeline_cancels_everything_when_a_job_would_wait_forever(fakes):
+    (fakes / "squeue").write_text("2 JobHeldUser\n3 Dependency\n4 None\n5 PartitionTimeLimit\n")
+    result = run_pipeline(fakes, "slurm", GAN_OPTS="--time=30-00:00:00")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: job 5 would wait forever: Slurm says PartitionTimeLimit")
+    assert (fakes / "other").read_text() == "scancel 2 3 4 5\n"
+
+
+@pytest.mark.parametrize("run_dir, extra, message", [("runs/a b", {}, "space or a comma"),
+                                                      ("runs/p", {"GAN_ARGS": "--layers 2,3"}, "comma"),
+                                                      ("runs/p", {"GAN_JOB": "gan_multigpu"}, "GAN_JOB")])
+def test_the_pipeline_refuses_bad_settings_before_submitting(fakes, run_dir, extra, message):
+    result = run_pipeline(fakes, "pbs", run_dir, **extra)
+    assert result.returncode == 2 and submitted(fakes) == []
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: ") and message in line
