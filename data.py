@@ -177,9 +177,9 @@ def _load_image_folder(root, cache_path):
     images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     try:
-        save_torch({"stamp": stamp, "images": images, "labels": labels}, cache_path, hint="decoding again next time")
+        save_torch({"stamp": stamp, "images": images, "labels": labels}, cache_path, hint=None)
     except UserError as e:  # the cache only saves time: go on without it
-        print(f"note: {e}", file=sys.stderr)
+        print(f"note: {e}; going on without the cache (the images are decoded again next time)", file=sys.stderr)
     return images, labels
 
 

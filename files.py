@@ -10,6 +10,7 @@ import errno
 import io
 import json
 import os
+import signal
 import sys
 
 import torch
@@ -19,12 +20,24 @@ class UserError(Exception):
     """A problem the user can fix; the scripts print it as one line, without a traceback."""
 
 
+class Terminated(BaseException):
+    """SIGTERM in a script that has no handler of its own: unwinds like Ctrl-C, so temporary files are removed."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def run_main(main):
     """Run main() with one-line output for what the user can fix: a UserError is `error: ...` and exit 2, a
-    second Ctrl-C (the first asks the trainers to save and stop) is `interrupted` and exit 130."""
+    second Ctrl-C (the first asks the trainers to save and stop) is `interrupted` and exit 130, and SIGTERM,
+    where the script does not catch it itself (the trainers do), ends it the same way with exit 143."""
     # A batch job's stdout is a file, which Python would block-buffer: its log would stay empty while the job runs.
     if hasattr(sys.stdout, "reconfigure"):  # not when a caller has put a StringIO there
         sys.stdout.reconfigure(line_buffering=True)
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
     except UserError as e:
@@ -33,6 +46,11 @@ def run_main(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Terminated:
+        print("stopped by SIGTERM", file=sys.stderr)
+        sys.exit(143)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # errno values that mean "this place cannot take the file": the fix is space, quota or another folder.
@@ -40,30 +58,46 @@ NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def write_error(path, error, hint="choose another --out-dir"):
-    """The UserError for an OSError met while writing path."""
-    reason = error.strerror or str(error)
-    if error.errno in NO_ROOM:
-        hint = f"free space or {hint}"
-    return UserError(f"cannot write {path}: {reason}; {hint}")
+    """The UserError for an OSError met while writing path; hint (None: none) says what to do."""
+    message = f"cannot write {path}: {error.strerror or error}"
+    if hint is not None:
+        message += f"; free space or {hint}" if error.errno in NO_ROOM else f"; {hint}"
+    return UserError(message)
 
 
 def atomic_write(path, content, hint="choose another --out-dir"):
     """Write content (bytes) to path: to a temporary file of this process first, flushed to disk, then
     renamed over path. A kill leaves the old file or the new one, never half of one; a failed write (full
     disk, quota, permission) removes the temporary file, keeps the old one and raises a UserError."""
-    tmp = f"{path}.{os.getpid()}.tmp"
+    write_together([(path, content)], hint)
+
+
+def write_together(contents, hint="choose another --out-dir"):
+    """atomic_write for several files (path, bytes) that belong together, such as an epoch's checkpoint, models
+    and grid: all are written to temporary files first and renamed only when every one of them is written, so
+    a write that fails changes none of them."""
+    written = []
     try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise write_error(path, e, hint)
+        for path, content in contents:
+            tmp = f"{path}.{os.getpid()}.tmp"
+            written.append(tmp)
+            try:
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                with open(tmp, "wb") as f:
+                    f.write(content)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                raise write_error(path, e, hint)
+        for (path, _), tmp in zip(contents, written):
+            try:
+                os.replace(tmp, path)
+            except OSError as e:
+                raise write_error(path, e, hint)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for tmp in written:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def torch_bytes(obj):

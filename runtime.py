@@ -92,7 +92,21 @@ def pick_device(device, world_size=1):
         index = torch.cuda.current_device() if chosen.index is None else chosen.index
     if index >= torch.cuda.device_count():
         raise UserError(f"no GPU cuda:{index}: this machine has {torch.cuda.device_count()}")
+    check_gpu_supported(index)
     return torch.device("cuda", index)
+
+
+def check_gpu_supported(index):
+    """Refuse, in one line, a GPU this PyTorch build has no kernels for (it would fail at the first kernel)."""
+    major, minor = torch.cuda.get_device_capability(index)
+    built = torch.cuda.get_arch_list()
+    # sm_XY runs on that capability; compute_XY (PTX) on it and every newer one.
+    runs = any(arch == f"sm_{major}{minor}" or (arch.startswith("compute_") and int(arch[8:]) <= major * 10 + minor)
+               for arch in built)
+    if built and not runs:
+        raise UserError(f"GPU cuda:{index} ({torch.cuda.get_device_name(index)}, compute capability {major}.{minor}) "
+                        f"is not supported by this PyTorch {torch.__version__}, built for {' '.join(built)}; install "
+                        "a build for it (jobs/README.md) or use --device cpu")
 
 
 class StopSignal:

@@ -20,10 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from checkpoint import model_record, restore_model, save_model
+from checkpoint import model_record, restore_model
 from data import CLASSES, augment
-from files import UserError, run_main
-from images import save_grid, to_unit
+from files import UserError, image_bytes, run_main, torch_bytes
+from images import grid_image, to_unit
 from models import MINIBATCH_DIMS, MINIBATCH_KERNELS, NUM_CLASSES, Discriminator, Generator, class_noise
 from runtime import Runtime, StopSignal, autocast, setup_speed
 from training import (LOG_EVERY, Meter, Run, accuracy, adam, add_data_args, add_recipe_args, add_system_args,
@@ -55,18 +55,32 @@ def parse_args(argv=None):
                    help=f"a minibatch-discrimination layer ({MINIBATCH_KERNELS} kernels of {MINIBATCH_DIMS} dims) on "
                         "the discriminator's pooled features, before the heads; real, fake and interpolated images "
                         "are each compared only among themselves, within each process's share (default: off)")
+    g = parser.add_argument_group("measuring the generator during training (evaluate.py)")
+    g.add_argument("--eval-every", type=int, default=0, metavar="K",
+                   help="every K epochs (and after the last) write the generator's Inception Score, FID and KID, "
+                        "and with --eval-classifier its class accuracy and collapse check, to gan_metrics.jsonl "
+                        "(default: 0, never)")
+    g.add_argument("--eval-n", type=int, default=5000, metavar="N",
+                   help="samples per measurement, from fixed noise so that epochs compare (default: 5000)")
+    g.add_argument("--eval-classifier", metavar="PATH",
+                   help="a CIFAR-10 classifier (cifar10.model from train_baseline.py) for the class accuracy, "
+                        "the Frechet distance in its features and the collapse check")
+    g.add_argument("--inception-weights", metavar="PATH",
+                   help="InceptionV3's weights for IS/FID/KID on a node without internet (see evaluate.py)")
     add_system_args(parser)
     args = parser.parse_args(argv)
     check_common_args(args)
     check_range(args, "n_critic", 1, 1000)
     check_range(args, "lambda_gp", 0, 1e6)
     check_range(args, "feature_matching", 0, 1e6)
+    check_range(args, "eval_every", 0, 1_000_000)
+    check_range(args, "eval_n", 20, 1_000_000)
     return args
 
 
 # Every flag but these and training.MAY_CHANGE_ON_RESUME is checked against the checkpoint on --resume.
-# --epochs may grow: nothing in the GAN's schedule depends on it.
-MAY_CHANGE_ON_RESUME = {"epochs"}
+# --epochs may grow: nothing in the GAN's schedule depends on it; measuring does not change the training.
+MAY_CHANGE_ON_RESUME = {"epochs", "eval_every", "eval_n", "eval_classifier", "inception_weights"}
 
 
 def gradient_penalty(score_hat, x_hat, lambda_gp):
@@ -161,10 +175,19 @@ def fixed_noise(seed):
 
 
 @torch.no_grad()
-def save_samples(gen, noise, path):
+def samples_png(gen, noise):
+    """The grid of the fixed noise through the generator (in eval mode), one class per column, as PNG bytes."""
     gen.eval()
-    save_grid(to_unit(gen(noise)), path, nrow=NUM_CLASSES, column_labels=CLASSES)
+    grid = grid_image(to_unit(gen(noise)), nrow=NUM_CLASSES, column_labels=CLASSES)
     gen.train()
+    return image_bytes(grid, "PNG")
+
+
+def epoch_outputs(gen, disc, noise, out_dir, epoch):
+    """(path, bytes) of what an epoch writes beside the checkpoint: its grid and both model files."""
+    return [(os.path.join(out_dir, "output", f"{epoch:03d}.png"), samples_png(gen, noise)),
+            (os.path.join(out_dir, "generator.model"), torch_bytes(model_record(gen))),
+            (os.path.join(out_dir, "discriminator.model"), torch_bytes(model_record(disc)))]
 
 
 def distribute(gen, disc, rt):
@@ -179,6 +202,14 @@ def distribute(gen, disc, rt):
     # same layout for a single row, which DDP copies correctly, but it warns about it.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     return DistributedDataParallel(gen), DistributedDataParallel(disc)
+
+
+def make_evaluator(args, rt):
+    """evaluate.py's measures with their fixed parts (noise, the real images' features) prepared once."""
+    from evaluate import build_evaluator  # torch-fidelity takes a second to import: only when measuring
+
+    return build_evaluator(args.data_dir, rt.device, args.eval_n, args.seed, args.eval_classifier,
+                           args.inception_weights)
 
 
 def check_batch(args, rt):
@@ -229,6 +260,9 @@ def train(args, stop):
         # With minibatch discrimination a sample's output depends on its group: test in groups of the training size
         test_batch = args.batch_size // rt.world_size if args.minibatch_discrimination else 500
         train_loader, test_loader = training_loaders(args, rt, test_batch)
+        evaluator = rt.rank0_first(lambda: make_evaluator(args, rt), others_too=False) if args.eval_every else None
+        if evaluator is not None and evaluator.inception_note:
+            run.print(f"note: {evaluator.inception_note}")
         run.begin(f"{'epoch':>5} {'test acc':>8} {'real acc':>8} {'gp':>7} {'fake':>8} {'real':>8} {'seconds':>7} "
                   f"{'img/s':>6}")
         for epoch in range(start_epoch, args.epochs):
@@ -250,19 +284,17 @@ def train(args, stop):
                     run.log({"type": "monitor", "epoch": epoch + 1, "batch": b + 1, **window})
             seconds, images_per_s = run.epoch_speed()
 
-            # Evaluate, log, then the grid, the models and the checkpoint (a resumed run drops log lines its
-            # checkpoint has not reached)
+            # Evaluate and log, then write the grid, the models and the checkpoint together (a resumed run drops
+            # log lines its checkpoint has not reached)
             means = meter.means()
             record = {"type": "epoch", "epoch": epoch + 1, "test_acc": accuracy(disc, test_loader),
                       "seconds": seconds, "images_per_s": images_per_s, **means}
             run.log(record)
+            if evaluator is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+                run.log({"type": "eval", "epoch": epoch + 1, **evaluator(gen)})
             meter.reset()
             start_batch = 0
-            if rt.is_rank0:
-                save_samples(gen, noise, os.path.join(args.out_dir, "output", f"{epoch:03d}.png"))
-                save_model(gen, os.path.join(args.out_dir, "generator.model"))
-                save_model(disc, os.path.join(args.out_dir, "discriminator.model"))
-            run.save(state(epoch + 1, 0))
+            run.save(state(epoch + 1, 0), also=lambda: epoch_outputs(gen, disc, noise, args.out_dir, epoch))
             run.print(f"{epoch + 1:5d} {record['test_acc']:8.4f} {means['real_acc']:8.4f} {means['gp']:7.3f} "
                       f"{means['fake_score']:8.3f} {means['real_score']:8.3f} {seconds:7.1f} {images_per_s:6.0f}")
             if epoch + 1 < args.epochs and run.stop_requested():

@@ -24,7 +24,8 @@ import torch
 
 from checkpoint import load_checkpoint
 from data import Loader, load_split, to_float
-from files import UserError, append_metrics, atomic_write, read_metrics, rewrite_metrics, save_torch
+from files import (UserError, append_metrics, atomic_write, read_metrics, rewrite_metrics, torch_bytes,
+                   write_together)
 from models import ARCHS, DEFAULT_WIDTH
 from runtime import DEVICE_HELP, progress_bar
 
@@ -405,10 +406,12 @@ class Run:
         if self.rt.is_rank0:
             append_metrics(self.metrics_path, record)
 
-    def save(self, state):
-        """The checkpoint, with the job and its configuration, written atomically by rank 0."""
+    def save(self, state, also=None):
+        """The checkpoint, with the job and its configuration, and the files (path, bytes) that also() lists,
+        written together by rank 0: a write that fails (a full disk) changes none of them."""
         if self.rt.is_rank0:
-            save_torch({"job": self.job, "config": self.config, **state}, self.ckpt_path)
+            checkpoint = torch_bytes({"job": self.job, "config": self.config, **state})
+            write_together([*(also() if also else []), (self.ckpt_path, checkpoint)])
 
     def batches(self, loader, epoch, start, epochs):
         """The loader's batches of this epoch from `start` on, under a progress bar on a terminal (rank 0); also

@@ -159,12 +159,16 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes(tiny_image_folder, tm
     assert torch.load(out / "gan.ckpt", weights_only=True)["epoch"] == 1
 
 
-def pretend_cuda(monkeypatch, count):
-    """A CPU machine made to look like one with `count` GPUs, down to the call that would select one."""
+def pretend_cuda(monkeypatch, count, capability=(9, 0)):
+    """A CPU machine made to look like one with `count` GPUs of a compute capability, down to the call that
+    would select one; this PyTorch is taken to be built for sm_75 to sm_90."""
     selected = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "Tesla K20X" if capability < (7, 5) else "GPU")
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75", "sm_80", "sm_86", "sm_90"])
     monkeypatch.setattr(torch._C, "_cuda_setDevice", selected.append, raising=False)
     return selected
 
@@ -186,3 +190,9 @@ def test_runtime_names_a_missing_gpu(monkeypatch):
     pretend_cuda(monkeypatch, 1)
     with pytest.raises(UserError, match="no GPU cuda:3: this machine has 1"):
         Runtime("cuda:3")
+
+
+def test_runtime_refuses_a_gpu_this_build_has_no_kernels_for(monkeypatch):
+    pretend_cuda(monkeypatch, 1, capability=(3, 5))
+    with pytest.raises(UserError, match=r"Tesla K20X, compute capability 3.5\) is not supported .* sm_75"):
+        Runtime("cuda")

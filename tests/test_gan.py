@@ -258,3 +258,30 @@ def test_split_penalty_pass_equals_the_one_batch_formulation():
     got = torch.cat([g.flatten() for g in torch.autograd.grad(split, params)])
     want = torch.cat([g.flatten() for g in torch.autograd.grad(one_batch, params)])
     assert (got - want).norm() <= 1e-5 * want.norm()
+
+
+def test_eval_every_logs_the_measures_without_changing_the_training(tiny_image_folder, tmp_path):
+    """Offline: the Inception metrics are reported unavailable in one note, the classifier's measures are
+    logged every epoch, and the run trains exactly as one without them."""
+    from checkpoint import save_model
+
+    torch.manual_seed(0)
+    save_model(Discriminator(8), tmp_path / "cifar10.model")
+    plain, measured = tmp_path / "plain", tmp_path / "measured"
+    env = dict(os.environ, TORCH_HOME=str(tmp_path / "torch-home"))
+    no_network = "import socket; socket.socket.connect = lambda *a: (_ for _ in ()).throw(OSError('offline'))"
+    command = [sys.executable, "-c", f"{no_network}; import runpy, sys; sys.argv[0] = 'train_gan.py'; "
+               f"sys.path.insert(0, {REPO!r}); runpy.run_path({os.path.join(REPO, 'train_gan.py')!r}, "
+               "run_name='__main__')"]
+    for out, extra in ((plain, []), (measured, ["--eval-every", 1, "--eval-n", 20, "--eval-classifier",
+                                                tmp_path / "cifar10.model"])):
+        result = subprocess.run(command + list(map(str, gan_args(tiny_image_folder, out, "--epochs", 2, *extra))),
+                                capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0, result.stderr
+    assert "note: Inception Score, FID and KID unavailable" in result.stdout
+    evals = [r for r in read_metrics(measured / "gan_metrics.jsonl")[0] if r["type"] == "eval"]
+    assert [r["epoch"] for r in evals] == [1, 2]
+    assert 0 <= evals[-1]["class_acc"] <= 1 and len(evals[-1]["spread_ratio_per_class"]) == 10
+    assert "inception_unavailable" in evals[-1] and "fid" not in evals[-1]
+    a, b = (torch.load(out / "generator.model", weights_only=True)["state_dict"] for out in (plain, measured))
+    assert all(torch.equal(a[k], b[k]) for k in a)
