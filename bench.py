@@ -28,7 +28,7 @@ import train_baseline
 import train_gan
 from data import augment
 from models import Discriminator, Generator, class_noise
-from files import UserError, run_main
+from files import check_range, run_main
 from runtime import DEVICE_HELP, Runtime
 
 
@@ -120,11 +120,10 @@ def images_per_second(step, batch, steps, warmup, device):
 
 
 def run(args):
-    for name in ("width", "batch_size", "steps"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.warmup < 0:
-        raise UserError(f"--warmup must not be negative, got {args.warmup}")
+    check_range(args, "width", 1, 2048)
+    check_range(args, "batch_size", 1, 65_536)
+    check_range(args, "steps", 1, 100_000)
+    check_range(args, "warmup", 0, 100_000)
     rt = Runtime(args.device)
     device = rt.device
     cuda = device.type == "cuda"

@@ -290,10 +290,12 @@ def build_evaluator(data_dir, device, n=10000, seed=0, classifier_path=None, inc
     """An Evaluator of CIFAR-10 from data_dir: the Inception metrics against the train split (when the weights
     are at hand; otherwise a note says why not), and with classifier_path that classifier's measures against
     the test split."""
-    if n < MIN_SAMPLES:
-        raise UserError(f"--n must be at least {MIN_SAMPLES} (two samples per class), got {n}")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if not MIN_SAMPLES <= n <= 1_000_000:
+        raise UserError(f"--n must be in [{MIN_SAMPLES}, 1000000] (two samples per class or more), got {n}")
+    if not 1 <= batch_size <= 10_000:
+        raise UserError(f"--batch-size must be in [1, 10000], got {batch_size}")
+    if not 0 <= seed < 2 ** 63:
+        raise UserError(f"--seed must be in [0, 2**63), got {seed}")
     # The quick checks of the files first, then the passes over the real images.
     model = None if classifier_path is None else load_model(classifier_path, "discriminator", device)
     weights, note = inception_weights(inception_weights_path, progress)

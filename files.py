@@ -1,6 +1,7 @@
 """Errors a user can fix, and writing files so that no failure or kill ever leaves half a file.
 
-- UserError and run_main: a problem the user can fix is one line on stderr and exit status 2.
+- UserError and run_main: a problem the user can fix is one line on stderr and exit status 2; check_range
+  checks a numeric flag.
 - atomic_write: every file the scripts write goes through it (temporary name, fsync, rename); a write that
   fails for lack of space, quota or permission removes its temporary file, leaves the old file as it was, and
   becomes a UserError.
@@ -9,6 +10,7 @@
 import errno
 import io
 import json
+import math
 import os
 import signal
 import sys
@@ -51,6 +53,19 @@ def run_main(main):
         sys.exit(143)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def check_range(args, name, low, high=math.inf, low_open=False):
+    """--name must lie in [low, high] ((low, high] with low_open); None (a flag not given) passes."""
+    value = getattr(args, name)
+    if value is None:
+        return
+    if not ((value > low if low_open else value >= low) and value <= high):  # NaN fails both
+        if high == math.inf:
+            bounds = f"{'above' if low_open else 'at least'} {low:g}"
+        else:
+            bounds = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+        raise UserError(f"--{name.replace('_', '-')} must be {bounds}, got {value:g}")
 
 
 # errno values that mean "this place cannot take the file": the fix is space, quota or another folder.

@@ -16,7 +16,7 @@ import imageio.v3 as iio
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from files import UserError, atomic_write, run_main
+from files import UserError, atomic_write, check_range, run_main
 from images import HEADER
 
 GRID_NAME = re.compile(r"^(\d{3,})\.png$")
@@ -43,12 +43,9 @@ def parse_args(argv=None):
 
 def check_args(args):
     # GIF delays are whole hundredths of a second, and browsers slow anything under 2 of them.
-    if not 0 < args.fps <= 50:
-        raise UserError(f"--fps must be above 0 and at most 50, got {args.fps:g}")
-    if args.every is not None and args.every < 1:
-        raise UserError(f"--every must be at least 1, got {args.every}")
-    if args.width < 16:
-        raise UserError(f"--width must be at least 16 pixels, got {args.width}")
+    check_range(args, "fps", 0, 50, low_open=True)
+    check_range(args, "every", 1)
+    check_range(args, "width", 16, 4096)
 
 
 def epoch_grids(folder):

@@ -14,7 +14,7 @@ from checkpoint import load_model
 from data import CLASSES
 from images import save_grid, to_unit
 from models import class_noise
-from files import UserError, run_main
+from files import UserError, check_range, run_main
 from runtime import DEVICE_HELP, Runtime
 
 
@@ -48,8 +48,8 @@ def sample(gen, classes, n, seed):
 
 
 def run(args):
-    if args.n < 1:
-        raise UserError(f"--n must be at least 1, got {args.n}")
+    check_range(args, "n", 1, 10_000)
+    check_range(args, "seed", 0, 2 ** 63 - 1)
     classes = [class_index(c) for c in args.classes]
     gen = load_model(args.model, "generator", Runtime(args.device).device)
     images = to_unit(sample(gen, classes, args.n, args.seed))

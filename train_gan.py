@@ -22,12 +22,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from checkpoint import model_record, restore_model
 from data import CLASSES, augment
-from files import UserError, image_bytes, run_main, torch_bytes
+from files import UserError, check_range, image_bytes, run_main, torch_bytes
 from images import grid_image, to_unit
 from models import MINIBATCH_DIMS, MINIBATCH_KERNELS, NUM_CLASSES, Discriminator, Generator, class_noise
 from runtime import Runtime, StopSignal, autocast, setup_speed
 from training import (LOG_EVERY, Meter, Run, accuracy, adam, add_data_args, add_recipe_args, add_system_args,
-                      check_common_args, check_range, load_optimizer, run_config, training_loaders)
+                      check_common_args, load_optimizer, run_config, training_loaders)
 
 # The discriminator step's monitored values, each a mean over the batch: gradient penalty, critic scores of
 # fake and real images, class cross entropy of real and fake images, and the accuracy on the real batch.

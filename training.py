@@ -14,7 +14,6 @@ A trainer's loop, in this module's terms:
         run.log({...}); run.save(state(epoch + 1, 0))
 """
 import json
-import math
 import os
 import socket
 import threading
@@ -24,8 +23,8 @@ import torch
 
 from checkpoint import load_checkpoint
 from data import Loader, load_split, to_float
-from files import (UserError, append_metrics, atomic_write, read_metrics, rewrite_metrics, torch_bytes,
-                   write_together)
+from files import (UserError, append_metrics, atomic_write, check_range, read_metrics, rewrite_metrics,
+                   torch_bytes, write_together)
 from models import ARCHS, DEFAULT_WIDTH
 from runtime import DEVICE_HELP, progress_bar
 
@@ -90,17 +89,6 @@ MAY_CHANGE_ON_RESUME = {"data_dir", "out_dir", "resume", "limit_test", "lock_wai
 def run_config(args, may_change=frozenset()):
     """The flags a resumed run must keep: all but MAY_CHANGE_ON_RESUME and the script's own may_change."""
     return {k: v for k, v in vars(args).items() if k not in MAY_CHANGE_ON_RESUME | set(may_change)}
-
-
-def check_range(args, name, low, high=math.inf, low_open=False):
-    """--name must lie in [low, high] ((low, high] with low_open); None (a flag not given) passes."""
-    value = getattr(args, name)
-    if value is None:
-        return
-    ok = (value > low if low_open else value >= low) and value <= high and not math.isnan(value)
-    if not ok:
-        bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise UserError(f"--{name.replace('_', '-')} must be in {bounds}, got {value:g}")
 
 
 def check_common_args(args):

@@ -287,7 +287,7 @@ def test_cli_with_a_weights_file_measures_inception_offline(tmp_path, inception_
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--n", "5"], "--n must be at least 20"),
+    (["--n", "5"], "--n must be in [20, 1000000]"),
     (["--generator", "missing.model"], "missing.model does not exist"),
     (["--classifier", "generator.model"], "holds a generator, expected a discriminator"),
     (["--inception-weights", "missing.pth"], "--inception-weights missing.pth does not exist"),

@@ -87,7 +87,7 @@ def test_frames_are_shrunk_and_captioned(tmp_path):
 @pytest.mark.parametrize("setup, flags, message", [
     (lambda d: None, [], "is not a folder"),
     (lambda d: d.mkdir(), [], "holds no epoch grids"),
-    (lambda d: write_grids(d, [0]), ["--every", "0"], "--every must be at least 1"),
+    (lambda d: write_grids(d, [0]), ["--every", "0"], "--every must be at least 1, got 0"),
     (lambda d: write_grids(d, [0]), ["--fps", "100"], "--fps must be"),
 ])
 def test_one_line_errors(tmp_path, capsys, setup, flags, message):
