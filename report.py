@@ -1,45 +1,76 @@
 """Gather the assignment's deliverables into one document to hand in: <out-dir>/report.md with its images
 beside it, and the same content as <out-dir>/report.pdf (one figure per page).
 
-    python report.py                                        # reads . and visualization/, writes report/
-    python report.py --run-dir runs/w128 --vis-dir runs/w128/visualization --out-dir runs/w128/report
+    python report.py                          # all runs in . and visualization/; writes report/
+    python report.py --gan-dir runs/gan128    # jobs/README's layout: baseline in ., GAN in runs/gan128,
+                                              # visualization/ (with progress.gif in it) from jobs/visualize.*
+    python report.py --baseline-dir runs/b --gan-dir runs/g --vis-dir runs/vis --out-dir runs/report
 
-Reads from --run-dir: baseline_metrics.jsonl (train_baseline.py), gan_metrics.jsonl and output/NNN.png
-(train_gan.py), progress.gif (make_gif.py, optional); from --vis-dir: one folder per discriminator as
-visualize.py writes them (cifar10/ and discriminator/ by default). A part whose inputs are missing says so in
-the document, and the command lists it, instead of failing.
+What it reads:
+    --baseline-dir   baseline_metrics.jsonl (train_baseline.py)
+    --gan-dir        gan_metrics.jsonl and output/NNN.png (train_gan.py); the generator-quality records of
+                     train_gan.py --eval-every K in the metrics, and eval.json (evaluate.py), when present
+    --vis-dir        one folder per discriminator as visualize.py writes them (cifar10/, discriminator/)
+    --gif            make_gif.py's animation; by default the first of <gan-dir>/progress.gif and
+                     <vis-dir>/progress.gif that exists (jobs/visualize.* write the latter)
+
+A part whose inputs are missing, an image that cannot be decoded and metrics lines cut short are named in the
+document and by the command, and the rest of the report is still made; the parts the assignment does not ask
+for are marked optional; the exit status is 0. Everything is rendered in memory first, then each file is
+written to a temporary name and renamed, report.pdf last: a failed write (one line, exit 2) or a kill leaves
+the previous report.pdf as it was.
 """
 import argparse
+import io
 import json
 import os
 import re
-import shutil
+from typing import NamedTuple
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on a cluster node
 import matplotlib.pyplot as plt
+import numpy as np
 from matplotlib.backends.backend_pdf import PdfPages
+from matplotlib.ticker import MaxNLocator
+from PIL import Image, ImageSequence, UnidentifiedImageError
 
 from data import CLASSES
+from evaluate import format_table
+from files import UserError, atomic_write, read_metrics, run_main
 from make_gif import epoch_grids
-from files import UserError, read_metrics, run_main
 
 PAGE = (11.69, 8.27)  # A4 landscape, inches
 FEATURES_NAME = re.compile(r"^max_features_layer(\d+)\.png$")
 PERTURB_FILES = [("real_images.png", "real images"), ("gradient_image.png", "gradient"),
                  ("jittered_images.png", "perturbed")]
+NOISE_FILES = [("noise_images.png", "noise images"), ("noise_gradient_image.png", "gradient"),
+               ("noise_jittered_images.png", "perturbed")]
+# The files that make a folder of --vis-dir a model's visualizations.
+MODEL_FILES = {"results.json", "max_class.png"} | {f for f, _ in PERTURB_FILES + NOISE_FILES}
 # What the default model names of visualize.py (the file stems) stand for; other names are shown as they are.
 DESCRIPTIONS = {"cifar10": "baseline classifier", "discriminator": "GAN discriminator"}
 VISUALIZE = "python visualize.py all --model cifar10.model --model discriminator.model"
+STARTS = {"real": "real test images", "mean": "the mean image of the test batch", "noise": "uniform noise images"}
+SCALINGS = {"min-max per batch": "one min-max over the whole batch, as the assignment does",
+            "min-max per image": "each image min-max scaled on its own"}
+# The generator-quality measures plotted over epochs: (record key, title, which way is better).
+QUALITY = [("is_mean", "Inception Score", "higher is better"), ("fid", "FID", "lower is better"),
+           ("class_acc", "class accuracy", "higher is better")]
+OPTIONAL = "optional: the assignment does not ask for it"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", default=".",
-                        help="where the trainers wrote their metrics, output/ grids and models (default: .)")
+    parser.add_argument("--baseline-dir", default=".",
+                        help="train_baseline.py's --out-dir: baseline_metrics.jsonl (default: .)")
+    parser.add_argument("--gan-dir", default=".",
+                        help="train_gan.py's --out-dir: gan_metrics.jsonl, output/NNN.png (default: .)")
     parser.add_argument("--vis-dir", default="visualization",
                         help="visualize.py's --out-dir: one folder per model (default: visualization)")
+    parser.add_argument("--gif", help="make_gif.py's GIF (default: the first of <gan-dir>/progress.gif and "
+                                      "<vis-dir>/progress.gif that exists)")
     parser.add_argument("--out-dir", default="report", help="where report.md, report.pdf and the images go "
                                                             "(default: report)")
     parser.add_argument("--grids", type=int, default=6,
@@ -51,22 +82,179 @@ def label(name):
     return f"{DESCRIPTIONS[name]} ({name})" if name in DESCRIPTIONS else name
 
 
-def read_records(path, missing, hint):
-    """The records of a metrics file, or None (noted as missing) when there is none or it is unreadable."""
+# ---------------------------------------------------------------------------------------------------------
+# Reading the inputs: everything is read and decoded here, and each gap noted, before anything is drawn
+
+class Gap(NamedTuple):
+    """An input the report lacks: section and model say where the document names it."""
+    section: str
+    text: str
+    kind: str = "missing"  # or "damaged"
+    optional: bool = False
+    model: str = None
+
+    def heading(self):
+        return f"{self.kind} ({OPTIONAL})" if self.optional else self.kind
+
+
+class Picture(NamedTuple):
+    content: bytes  # the file as it is, copied beside report.md
+    pixels: np.ndarray  # RGB, for the PDF
+
+
+def decode_error(e):
+    return "not an image file" if isinstance(e, UnidentifiedImageError) else str(e) or type(e).__name__
+
+
+def read_picture(path):
+    """(Picture, None), or (None, why the file cannot be read or decoded)."""
+    try:
+        with open(path, "rb") as f:
+            content = f.read()
+        with Image.open(io.BytesIO(content)) as image:
+            return Picture(content, np.asarray(image.convert("RGB"))), None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return None, decode_error(e)
+
+
+def read_gif(path):
+    """(the GIF's bytes, None) once every frame decodes, or (None, why not)."""
+    try:
+        with open(path, "rb") as f:
+            content = f.read()
+        with Image.open(io.BytesIO(content)) as image:
+            for frame in ImageSequence.Iterator(image):
+                frame.load()
+        return content, None
+    except (OSError, EOFError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return None, decode_error(e)
+
+
+def latest(records, key):
+    """One record per key (the last one written: a resumed run may repeat an epoch), in key order."""
+    return sorted({key(r): r for r in records}.values(), key=key)
+
+
+class Inputs:
+    """What the report shows: the metrics, the decoded images, the visualizations' numbers, and the gaps."""
+
+    def __init__(self):
+        self.gaps = []
+        self.pictures = {}  # path -> Picture, or None when the file cannot be decoded
+        self.baseline = None  # baseline records, one per epoch
+        self.gan_epochs, self.monitors, self.evals = [], [], []  # the GAN's records of each type
+        self.eval_json_path, self.eval_json = None, None  # evaluate.py's record
+        self.grids = []  # (epoch index, path, Picture or None)
+        self.gif = None  # (path, bytes)
+        self.models = []  # read_model's dicts
+
+    def note(self, section, text, kind="missing", optional=False, model=None):
+        self.gaps.append(Gap(section, text, kind, optional, model))
+
+    def picture(self, path, section, advice, model=None):
+        """The Picture at path (None: the file is missing or damaged; a damaged one is noted here with the
+        advice, a missing one by the caller, which knows how to make it)."""
+        if path not in self.pictures and os.path.isfile(path):
+            self.pictures[path], error = read_picture(path)
+            if error:
+                self.note(section, f"{path} cannot be decoded ({error}); {advice}", "damaged", model=model)
+        return self.pictures.get(path)
+
+    def metrics(self, path, hint, epoch_types):
+        """The records of a metrics file, or None (noted) when there is none; damaged lines are skipped and
+        noted. Only the records of epoch_types ("epoch" stands for the baseline's untyped ones) are kept."""
+        if not os.path.isfile(path):
+            self.note("curves", f"{path} ({hint})")
+            return None
+        try:
+            records, skipped = read_metrics(path)
+        except OSError as e:
+            self.note("curves", f"{path} cannot be read ({e.strerror}); {hint}", "damaged")
+            return None
+        records = [dict(r, type=r.get("type", "epoch")) for r in records if isinstance(r.get("epoch"), int)]
+        records = [r for r in records if r["type"] in epoch_types]
+        if skipped:
+            self.note("curves", f"{skipped} line(s) of {path} cut short or garbled: skipped, the other "
+                                f"{len(records)} records are shown", "damaged")
+        if not records:
+            self.note("curves", f"{path} holds no records ({hint})")
+            return None
+        return records
+
+
+def model_folders(vis_dir):
+    """The folders of vis_dir that hold a model's visualizations, the baseline first, then the GAN, then others."""
+    if not os.path.isdir(vis_dir):
+        return []
+    names = [d.name for d in os.scandir(vis_dir) if d.is_dir()
+             and any(f in MODEL_FILES or FEATURES_NAME.match(f) for f in os.listdir(d.path))]
+    return sorted(names, key=lambda n: (n not in DESCRIPTIONS, n))
+
+
+def read_model(inputs, vis_dir, name):
+    """One model's visualizations: its results.json and its images, each gap noted under the model."""
+    folder = os.path.join(vis_dir, name)
+    note = lambda section, text, **kw: inputs.note(section, text, model=name, **kw)
+    results, path = {}, os.path.join(folder, "results.json")
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                results = json.load(f)
+        except (OSError, ValueError) as e:
+            note("perturb", f"{path} cannot be read ({getattr(e, 'strerror', None) or e}); the images are "
+                            f"shown without their numbers ({VISUALIZE})", "damaged")
+        if not isinstance(results, dict):
+            results = {}
+    files = os.listdir(folder)
+    layers = sorted(int(m.group(1)) for f in files if (m := FEATURES_NAME.match(f)))
+
+    for file, _ in PERTURB_FILES:
+        if not os.path.isfile(os.path.join(folder, file)):
+            note("perturb", f"{folder}/{file} ({VISUALIZE})")
+    if "perturb" not in results:
+        note("perturb", f"{folder}/results.json with the perturbation's accuracies (visualize.py perturb)")
+    if "perturb_noise" not in results and not any(f in files for f, _ in NOISE_FILES):
+        note("perturb", f"the perturbation of noise images in {folder}/ (visualize.py perturb --start noise, "
+                        f"or visualize.py all)", optional=True)
+    else:
+        for file, _ in NOISE_FILES:
+            if file not in files:
+                note("perturb", f"{folder}/{file} (visualize.py perturb --start noise)", optional=True)
+        if "perturb_noise" not in results:
+            note("perturb", f"{folder}/results.json with the noise perturbation's numbers (visualize.py perturb "
+                            f"--start noise)", optional=True)
+    if not os.path.isfile(os.path.join(folder, "max_class.png")):
+        note("max_class", f"{folder}/max_class.png ({VISUALIZE})")
+    if len(layers) < 2:
+        note("max_features", f"{folder}/max_features_layer<K>.png for two layers or more "
+                             f"(visualize.py max-features)")
+
+    sections = [(f, "perturb") for f, _ in PERTURB_FILES + NOISE_FILES] + [("max_class.png", "max_class")] + \
+               [(f"max_features_layer{k}.png", "max_features") for k in layers]
+    for file, section in sections:
+        inputs.picture(os.path.join(folder, file), section, f"make it again ({VISUALIZE})", name)
+    return {"name": name, "folder": folder, "results": results, "layers": layers}
+
+
+def read_eval_json(inputs, path):
+    """evaluate.py's record in path, or None (noted when the file is there but unreadable)."""
     if not os.path.isfile(path):
-        missing.append(f"{path} ({hint})")
         return None
     try:
-        records, skipped = read_metrics(path)
-    except OSError as e:
-        missing.append(f"{path} is unreadable ({e.strerror}); {hint}")
+        with open(path) as f:
+            record = json.load(f)
+        format_table(record)  # every field the table shows is there
+        return record
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        inputs.note("quality", f"{path} cannot be read as evaluate.py's output ({type(e).__name__}: {e})",
+                    "damaged", optional=True)
         return None
-    if skipped:
-        print(f"note: skipped {skipped} damaged line(s) of {path}")
-    if not records:
-        missing.append(f"{path} is empty ({hint})")
-        return None
-    return records
+
+
+def eval_advice(args):
+    return (f"python train_gan.py --eval-every K writes them into {args.gan_dir}/gan_metrics.jsonl; or measure "
+            f"the final generator with python evaluate.py --generator {args.gan_dir}/generator.model "
+            f"--classifier {args.baseline_dir}/cifar10.model --output {args.gan_dir}/eval.json")
 
 
 def spread(items, count):
@@ -76,82 +264,88 @@ def spread(items, count):
     return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)]
 
 
-def model_inputs(vis_dir, name):
-    folder = os.path.join(vis_dir, name)
-    results = {}
-    if os.path.isfile(os.path.join(folder, "results.json")):
-        try:
-            with open(os.path.join(folder, "results.json")) as f:
-                results = json.load(f)
-        except (OSError, ValueError):
-            pass  # the images are shown without their numbers; the document says so
-    layers = sorted(int(m.group(1)) for f in os.listdir(folder) if (m := FEATURES_NAME.match(f)))
-    return {"name": name, "folder": folder, "results": results, "layers": layers}
+def gif_path(args):
+    if args.gif:
+        return args.gif
+    candidates = [os.path.join(args.gan_dir, "progress.gif"), os.path.join(args.vis_dir, "progress.gif")]
+    return next((p for p in candidates if os.path.isfile(p)), None)
 
 
 def gather(args):
-    """Everything the report shows that exists, and a list of what is missing."""
-    missing = []
-    found = {
-        "baseline": read_records(os.path.join(args.run_dir, "baseline_metrics.jsonl"), missing,
-                                 "run train_baseline.py"),
-        "gan": read_records(os.path.join(args.run_dir, "gan_metrics.jsonl"), missing, "run train_gan.py"),
-    }
-    output = os.path.join(args.run_dir, "output")
+    """Everything the report shows, read from the input folders, with the gaps noted."""
+    inputs = Inputs()
+    baseline = inputs.metrics(os.path.join(args.baseline_dir, "baseline_metrics.jsonl"), "run train_baseline.py",
+                              {"epoch"})
+    inputs.baseline = baseline and latest(baseline, lambda r: r["epoch"])
+    gan = inputs.metrics(os.path.join(args.gan_dir, "gan_metrics.jsonl"), "run train_gan.py",
+                         {"epoch", "monitor", "eval"}) or []
+    inputs.gan_epochs = latest([r for r in gan if r["type"] == "epoch"], lambda r: r["epoch"])
+    inputs.monitors = latest([r for r in gan if r["type"] == "monitor" and isinstance(r.get("batch"), int)],
+                             lambda r: (r["epoch"], r["batch"]))
+    inputs.evals = latest([r for r in gan if r["type"] == "eval"], lambda r: r["epoch"])
+    inputs.eval_json_path = os.path.join(args.gan_dir, "eval.json")
+    inputs.eval_json = read_eval_json(inputs, inputs.eval_json_path)
+    if not inputs.evals:
+        what = "generator quality measures (IS, FID, class accuracy) over epochs"
+        inputs.note("quality", f"{what}: {eval_advice(args)}", optional=True)
+
+    output = os.path.join(args.gan_dir, "output")
     try:
-        grids = epoch_grids(output)
+        grids = spread(epoch_grids(output), args.grids)
     except UserError:
         grids = []
-        missing.append(f"{output}/NNN.png generator grids (run train_gan.py)")
-    found["grids"] = spread(grids, args.grids)
-    gif = os.path.join(args.run_dir, "progress.gif")
-    found["gif"] = gif if os.path.isfile(gif) else None
+        inputs.note("generator", f"{output}/NNN.png generator grids (run train_gan.py)")
+    advice = "its place stays empty (sample.py draws from the final generator)"
+    inputs.grids = [(epoch, path, inputs.picture(path, "generator", advice)) for epoch, path in grids]
 
-    names = sorted(d.name for d in os.scandir(args.vis_dir) if d.is_dir()) if os.path.isdir(args.vis_dir) else []
-    names.sort(key=lambda n: (n not in DESCRIPTIONS, n))  # the baseline, then the GAN, then others
-    found["models"] = [model_inputs(args.vis_dir, n) for n in names]
+    gif = gif_path(args)
+    if gif is None or not os.path.isfile(gif):
+        where = gif or f"{args.gan_dir}/progress.gif or {args.vis_dir}/progress.gif"
+        inputs.note("generator", f"{where}, the animation of every epoch (python make_gif.py --input {output} "
+                                 f"--output {args.vis_dir}/progress.gif)")
+    else:
+        content, error = read_gif(gif)
+        if error:
+            inputs.note("generator", f"{gif} cannot be decoded ({error}); make it again with make_gif.py",
+                        "damaged")
+        else:
+            inputs.gif = (gif, content)
+
+    names = model_folders(args.vis_dir)
+    inputs.models = [read_model(inputs, args.vis_dir, n) for n in names]
     if not names:
-        missing.append(f"{args.vis_dir}/<model>/ visualizations ({VISUALIZE})")
+        inputs.note("models", f"{args.vis_dir}/<model>/ visualizations ({VISUALIZE})")
     elif len(names) == 1:
-        missing.append(f"a second model in {args.vis_dir}/: the assignment shows both discriminators ({VISUALIZE})")
-    for model in found["models"]:
-        folder, results = model["folder"], model["results"]
-        for file, _ in PERTURB_FILES + [("max_class.png", None)]:
-            if not os.path.isfile(os.path.join(folder, file)):
-                missing.append(f"{folder}/{file} ({VISUALIZE})")
-        if "perturb" not in results:
-            missing.append(f"{folder}/results.json with the perturbation's accuracies (visualize.py perturb)")
-        if len(model["layers"]) < 2:
-            missing.append(f"{folder}/max_features_layer<K>.png for two layers or more (visualize.py max-features)")
-    found["missing"] = missing
-    return found
-
-
-def last_epoch(records):
-    """The last per-epoch record: every baseline record, the "epoch" records of the GAN."""
-    epochs = [r for r in records or [] if r.get("type", "epoch") == "epoch"]
-    return epochs[-1] if epochs else None
+        inputs.note("models", f"a second model in {args.vis_dir}/: the assignment shows both discriminators "
+                              f"({VISUALIZE})")
+    return inputs
 
 
 def test_accuracies(found):
     """(discriminator, trained by, last epoch, test accuracy) of both nets; None where the metrics are missing."""
     rows = []
-    for key, what, script in [("baseline", "baseline classifier", "train_baseline.py, cifar10.model"),
-                              ("gan", "GAN discriminator (auxiliary classifier)", "train_gan.py, discriminator.model")]:
-        record = last_epoch(found[key])
-        rows.append((what, script, record and record["epoch"], record and record["test_acc"]))
+    for records, what, script in [(found.baseline, "baseline classifier", "train_baseline.py, cifar10.model"),
+                                  (found.gan_epochs, "GAN discriminator (auxiliary classifier)",
+                                   "train_gan.py, discriminator.model")]:
+        record = records[-1] if records else None
+        accuracy = record and record.get("test_acc")
+        rows.append((what, script, record and record["epoch"], accuracy))
     return rows
 
+
+# ---------------------------------------------------------------------------------------------------------
+# Figures
 
 def plot_baseline(records):
     fig, (loss, acc) = plt.subplots(1, 2, figsize=PAGE)
     epochs = [r["epoch"] for r in records]
-    loss.plot(epochs, [r["train_loss"] for r in records], label="train loss")
-    acc.plot(epochs, [r["train_acc"] for r in records], label="train accuracy (augmented)")
-    acc.plot(epochs, [r["test_acc"] for r in records], label="test accuracy")
+    value = lambda key: [r.get(key, float("nan")) for r in records]
+    loss.plot(epochs, value("train_loss"), label="train loss")
+    acc.plot(epochs, value("train_acc"), label="train accuracy (augmented)")
+    acc.plot(epochs, value("test_acc"), label="test accuracy")
     # Dotted lines where the learning rate steps down.
     for before, after in zip(records, records[1:]):
-        if after["lr"] != before["lr"]:
+        if after.get("lr") != before.get("lr"):
             for ax in (loss, acc):
                 ax.axvline(after["epoch"] - 0.5, color="grey", linestyle=":")
     loss.set_ylabel("cross entropy")
@@ -164,11 +358,9 @@ def plot_baseline(records):
     return fig
 
 
-def plot_gan(records):
+def plot_gan(epochs, monitors):
     """Critic scores, gradient penalty, class cross entropies and accuracies over training. The monitor records
     (every 50 batches) sit at epoch - 1 + batch / batches per epoch, counting epochs from 1 as the logs do."""
-    epochs = [r for r in records if r.get("type") == "epoch"]
-    monitors = [r for r in records if r.get("type") == "monitor"]
     per_epoch = max((r["batch"] for r in monitors), default=1) or 1
     points = monitors or epochs
     x = [r["epoch"] - 1 + r["batch"] / per_epoch for r in monitors] if monitors else [r["epoch"] for r in epochs]
@@ -181,7 +373,8 @@ def plot_gan(records):
         for key, name in series:
             ax.plot(x, [r.get(key, float("nan")) for r in points], label=name, linewidth=0.8)
         ax.set_title(title)
-    axes[1, 1].plot([r["epoch"] for r in epochs], [r["test_acc"] for r in epochs], label="test set", marker=".")
+    axes[1, 1].plot([r["epoch"] for r in epochs], [r.get("test_acc", float("nan")) for r in epochs],
+                    label="test set", marker=".")
     for ax in axes.flat:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -191,14 +384,46 @@ def plot_gan(records):
     return fig
 
 
-def image_page(paths_titles, title, rows=1):
-    """A page of PNGs side by side (rows x ceil(n / rows)), each under its title."""
-    cols = -(-len(paths_titles) // rows)
+def plot_quality(evals, measures):
+    """One panel per measure over the epochs of the eval records; the Inception Score with its spread and the
+    real images' own score."""
+    fig, axes = plt.subplots(1, len(measures), figsize=PAGE, squeeze=False)
+    for ax, (key, title, better) in zip(axes.flat, measures):
+        points = [r for r in evals if key in r]
+        epochs = [r["epoch"] for r in points]
+        if key == "is_mean":
+            ax.errorbar(epochs, [r["is_mean"] for r in points], yerr=[r.get("is_std", 0) for r in points],
+                        marker="o", capsize=3, label="samples")
+            reference = points[-1].get("reference_is_mean")
+            if reference is not None:
+                ax.axhline(reference, color="grey", linestyle=":", label="real images")
+            ax.legend()
+        else:
+            scale = 100 if key == "class_acc" else 1
+            ax.plot(epochs, [scale * r[key] for r in points], marker="o")
+        ax.set_title(f"{title}{' (%)' if key == 'class_acc' else ''}: {better}")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    n = evals[-1].get("n")
+    fig.suptitle(f"generator quality over training (train_gan.py --eval-every), {n} samples from fixed noise")
+    fig.tight_layout()
+    return fig
+
+
+def image_page(cells, title, rows=1):
+    """A page of images side by side (rows x ceil(n / rows)). cells: (Picture, or None for a file that cannot
+    be decoded, caption, path)."""
+    cols = -(-len(cells) // rows)
     fig, axes = plt.subplots(rows, cols, figsize=PAGE, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (path, caption) in zip(axes.flat, paths_titles):
-        ax.imshow(plt.imread(path), interpolation="nearest")
+    for ax, (picture, caption, path) in zip(axes.flat, cells):
+        if picture is None:
+            ax.text(0.5, 0.5, f"damaged: cannot be decoded\n{path}", ha="center", va="center", color="red",
+                    transform=ax.transAxes, wrap=True)
+        else:
+            ax.imshow(picture.pixels, interpolation="nearest")
         ax.set_title(caption)
     fig.suptitle(title)
     fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.9, wspace=0.05, hspace=0.15)
@@ -212,172 +437,290 @@ def text_page(title, lines):
     return fig
 
 
-class Document:
-    """report.md and report.pdf, written side by side: each part adds Markdown lines, copies its images
-    beside report.md, and adds PDF pages."""
+# ---------------------------------------------------------------------------------------------------------
+# The document
 
-    def __init__(self, out_dir):
-        self.out_dir = out_dir
+class Document:
+    """report.md and report.pdf, built in memory side by side: each part adds Markdown lines, the images to
+    put beside report.md, and PDF pages. write() then writes each file atomically, report.pdf last."""
+
+    def __init__(self):
         self.lines = []
-        self.pdf = PdfPages(os.path.join(out_dir, "report.pdf"))
+        self.files = {}  # path relative to the out-dir -> bytes
+        self.buffer = io.BytesIO()
+        self.pdf = PdfPages(self.buffer)
         self.pages = 0
 
     def add(self, *lines):
         self.lines.extend(lines)
 
-    def copy(self, src, rel):
-        """src copied to <out-dir>/rel; returns rel, the Markdown link."""
-        dst = os.path.join(self.out_dir, rel)
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        if not (os.path.exists(dst) and os.path.samefile(src, dst)):
-            shutil.copyfile(src, dst)
+    def image(self, picture, rel, caption, path):
+        """The Markdown for a picture copied to <out-dir>/rel, or a note when it cannot be decoded."""
+        if picture is None:
+            return f"_damaged: `{path}` cannot be decoded_"
+        self.files[rel] = picture.content
+        return f"![{caption}]({rel})"
+
+    def attach(self, rel, content):
+        self.files[rel] = content
         return rel
 
     def page(self, fig, png=None):
         """A figure as a PDF page and, with png, as an image beside report.md."""
         if png is not None:
-            fig.savefig(os.path.join(self.out_dir, png), dpi=100)
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=100)
+            self.files[png] = buffer.getvalue()
         self.pdf.savefig(fig)
         plt.close(fig)
         self.pages += 1
 
-    def close(self):
+    def write(self, out_dir):
         self.pdf.close()
-        with open(os.path.join(self.out_dir, "report.md"), "w") as f:
-            f.write("\n".join(self.lines) + "\n")
+        for rel, content in self.files.items():
+            atomic_write(os.path.join(out_dir, rel), content)
+        atomic_write(os.path.join(out_dir, "report.md"), ("\n".join(self.lines) + "\n").encode())
+        atomic_write(os.path.join(out_dir, "report.pdf"), self.buffer.getvalue())
 
 
-def missing_note(found, *needles):
-    """The Markdown notes for the missing inputs whose description contains any of the needles."""
-    notes = [f"- _Missing: {m}._" for m in found["missing"] if any(n in m for n in needles)]
+def gap_notes(found, section, model=None):
+    """The Markdown notes for the gaps of a section (of one model's part of it)."""
+    notes = [f"- _{g.heading()[0].upper()}{g.heading()[1:]}: {g.text}._" for g in found.gaps
+             if g.section == section and g.model == model]
     return [*notes, ""] if notes else []
+
+
+def gap_lines(found):
+    """The gaps as the summary page and the command list them: the assignment's deliverables first."""
+    ordered = sorted(found.gaps, key=lambda g: (g.optional, g.kind))
+    return [f"{g.heading()}: {g.text}" for g in ordered]
+
+
+def percent(value, digits=1):
+    return "missing" if value is None else f"{value:.{digits}%}"
 
 
 def write_summary(doc, found, args):
     rows = test_accuracies(found)
     doc.add("# Understanding CNNs and GANs on CIFAR-10: results", "",
-            f"Made by `report.py` from `{args.run_dir}` (training) and `{args.vis_dir}` (visualizations).", "",
+            f"Made by `report.py` from `{args.baseline_dir}` (baseline), `{args.gan_dir}` (GAN) and "
+            f"`{args.vis_dir}` (visualizations).", "",
             "## Test accuracy", "", "| discriminator | trained by | epochs | test accuracy |", "|---|---|---|---|",
-            *(f"| {what} | {script} | {epoch or 'missing'} | {'missing' if acc is None else f'{acc:.2%}'} |"
-              for what, script, epoch, acc in rows), "")
+            *(f"| {what} | {script} | {epoch or 'missing'} | {percent(acc, 2)} |" for what, script, epoch, acc in rows),
+            "")
     lines = [f"{what}: " + ("missing" if acc is None else f"{acc:.2%} after {epoch} epochs")
              for what, _, epoch, acc in rows]
-    for model in found["models"]:
+    for model in found.models:
         p = model["results"].get("perturb")
         if p:
             lines.append(f"{label(model['name'])}: accuracy {p['accuracy_before']:.0%} on {p['images']} test "
                          f"images, {p['accuracy_after']:.0%} after the perturbation (gain {p['gain']:g})")
-    if found["missing"]:
-        lines += ["", "Missing:", *found["missing"]]
+    missing = sum(not g.optional for g in found.gaps)
+    if found.gaps:
+        lines += ["", f"{missing} deliverable(s) of the assignment missing or damaged; all gaps:", *gap_lines(found)]
     doc.page(text_page("Understanding CNNs and GANs on CIFAR-10", ["Test accuracy (last epoch):", *lines]))
 
 
 def write_curves(doc, found):
     doc.add("## Training curves", "")
-    if found["baseline"]:
-        doc.page(plot_baseline(found["baseline"]), "baseline_curves.png")
+    if found.baseline:
+        doc.page(plot_baseline(found.baseline), "baseline_curves.png")
         doc.add("![baseline training curves](baseline_curves.png)", "")
-    if found["gan"]:
-        doc.page(plot_gan(found["gan"]), "gan_curves.png")
+    if found.gan_epochs or found.monitors:
+        doc.page(plot_gan(found.gan_epochs, found.monitors), "gan_curves.png")
         doc.add("![GAN training curves](gan_curves.png)", "")
-    doc.add(*missing_note(found, "metrics.jsonl"))
+    doc.add(*gap_notes(found, "curves"))
 
 
 def write_generator(doc, found):
     doc.add("## Generator progress", "")
-    grids = found["grids"]
+    grids = found.grids
     if grids:
         doc.add("The fixed noise batch through the generator at epochs spread over training: one column per "
                 "class, ten samples each.", "")
-        cells = [(doc.copy(path, f"progress/{os.path.basename(path)}"), f"epoch {epoch + 1}") for epoch, path in grids]
+        cells = [(doc.image(picture, f"progress/{os.path.basename(path)}", f"epoch {epoch + 1}", path),
+                  f"epoch {epoch + 1}") for epoch, path, picture in grids]
         for start in range(0, len(cells), 3):
             row = cells[start:start + 3]
             doc.add("| " + " | ".join(caption for _, caption in row) + " |", "|---" * len(row) + "|",
-                    "| " + " | ".join(f"![{caption}]({rel})" for rel, caption in row) + " |", "")
-        doc.page(image_page([(path, f"epoch {epoch + 1}") for epoch, path in grids], "generator progress",
+                    "| " + " | ".join(link for link, _ in row) + " |", "")
+        title = "generator progress" + (", every epoch: progress.gif beside report.md" if found.gif else "")
+        doc.page(image_page([(picture, f"epoch {epoch + 1}", path) for epoch, path, picture in grids], title,
                             rows=2 if len(grids) > 3 else 1))
-    if found["gif"]:
-        doc.add(f"Every epoch as an animation: [progress.gif]({doc.copy(found['gif'], 'progress.gif')})", "")
-    doc.add(*missing_note(found, "generator grids"))
+    if found.gif:
+        path, content = found.gif
+        doc.add(f"Every epoch as an animation: [progress.gif]({doc.attach('progress.gif', content)}) "
+                f"(from `{path}`)", "")
+    doc.add(*gap_notes(found, "generator"))
 
 
-def no_models(found):
-    return missing_note(found, "visualizations (", "second model")
+def write_quality(doc, found):
+    doc.add("## Generator quality", "",
+            "Measured on class-balanced samples from fixed noise: Inception Score and FID against the CIFAR-10 "
+            "training split (torch-fidelity's InceptionV3), and the share of samples a CIFAR-10 classifier puts "
+            "in the class they were generated for. These measures are extra: the assignment does not ask for "
+            "them.", "")
+    evals = found.evals
+    if evals:
+        measures = [m for m in QUALITY if any(m[0] in r for r in evals)]
+        if measures:
+            doc.page(plot_quality(evals, measures), "generator_quality.png")
+            doc.add("![generator quality over epochs](generator_quality.png)", "")
+        else:
+            doc.add("_The eval records hold none of Inception Score, FID or class accuracy (see the table)._", "")
+        last = evals[-1]
+        write_table(doc, last, f"At epoch {last['epoch']}, the last measurement of `train_gan.py --eval-every`")
+    if found.eval_json:
+        record = found.eval_json
+        write_table(doc, record, f"The final generator measured by `evaluate.py` (`{found.eval_json_path}`, "
+                                 f"generator `{record.get('generator')}`)")
+    doc.add(*gap_notes(found, "quality"))
+
+
+def write_table(doc, record, title):
+    try:
+        table = format_table(record)
+    except (KeyError, TypeError, IndexError) as e:
+        table = f"the record is incomplete ({type(e).__name__}: {e})"
+    doc.add(f"{title}:", "", "```", table, "```", "")
+    doc.page(text_page(title.replace("`", ""), table.splitlines()))
+
+
+def scaling_text(p):
+    scaling = p.get("gradient_scaling")
+    if scaling is None:
+        return "the gradient image's scaling is not recorded in results.json"
+    return f"the gradient image is scaled {scaling}" + (f" ({SCALINGS[scaling]})" if scaling in SCALINGS else "")
+
+
+def alternative_text(p):
+    share = p.get("alternative_after")
+    return "" if share is None else f", and {share:.1%} are then classified as label + 1"
+
+
+def start_text(results):
+    start = results.get("start")
+    return STARTS.get(start, start) if start else "a start not recorded in results.json"
+
+
+def perturb_cells(doc, found, model, files):
+    """The Markdown table and the PDF cells of one perturbation's three images (those that exist)."""
+    name, folder = model["name"], model["folder"]
+    present = [(f, c, os.path.join(folder, f)) for f, c in files if os.path.isfile(os.path.join(folder, f))]
+    cells = [(found.pictures.get(path), c, path) for f, c, path in present]
+    if present:
+        doc.add("| " + " | ".join(c for _, c, _ in present) + " |", "|---" * len(present) + "|",
+                "| " + " | ".join(doc.image(picture, f"{name}/{f}", c, path)
+                                  for (f, _, _), (picture, c, path) in zip(present, cells)) + " |", "")
+    return cells
 
 
 def write_perturbation(doc, found):
-    doc.add("## Perturbed real images", "",
-            "Each pixel moves `gain` intensity levels (of 255) against the gradient of the cross entropy of "
-            "the label true + 1; the gradient is shown min-max scaled per image.", "")
-    for model in found["models"]:
-        name, folder, p = model["name"], model["folder"], model["results"].get("perturb")
+    doc.add("## Perturbed images", "",
+            "Each pixel moves `gain` intensity levels (of 255) against the sign of the gradient of the cross "
+            "entropy of the label true + 1. The scaling of the gradient image is stated for each model, as "
+            "visualize.py recorded it.", "")
+    for model in found.models:
+        name, results = model["name"], model["results"]
         doc.add(f"### {label(name)}", "")
+        p = results.get("perturb")
         if p:
-            doc.add(f"Accuracy on {p['images']} test images: {p['accuracy_before']:.1%} before, "
-                    f"{p['accuracy_after']:.1%} after the perturbation (gain {p['gain']:g}).", "")
-        present = [(f, c) for f, c in PERTURB_FILES if os.path.isfile(os.path.join(folder, f))]
-        if present:
-            doc.add("| " + " | ".join(c for _, c in present) + " |", "|---" * len(present) + "|",
-                    "| " + " | ".join(f"![{c}]({doc.copy(os.path.join(folder, f), f'{name}/{f}')})"
-                                      for f, c in present) + " |", "")
-            title = label(name) + (f": accuracy {p['accuracy_before']:.0%} -> {p['accuracy_after']:.0%}" if p else "")
-            doc.page(image_page([(os.path.join(folder, f), c) for f, c in present], title))
-        doc.add(*missing_note(found, *(f"{folder}/{f}" for f, _ in PERTURB_FILES), f"{folder}/results.json"))
-    doc.add(*no_models(found))
+            doc.add(f"{p['images']} real test images: accuracy {p['accuracy_before']:.1%} before, "
+                    f"{p['accuracy_after']:.1%} after the perturbation (gain {p['gain']:g}){alternative_text(p)}; "
+                    f"{scaling_text(p)}.", "")
+        cells = perturb_cells(doc, found, model, PERTURB_FILES)
+        if cells:
+            title = label(name) + (f": accuracy {p['accuracy_before']:.0%} -> {p['accuracy_after']:.0%} "
+                                   f"(gain {p['gain']:g}, gradient {p.get('gradient_scaling', 'scaling unknown')})"
+                                   if p else "")
+            doc.page(image_page(cells, title))
+        n = results.get("perturb_noise")
+        if n or any(os.path.isfile(os.path.join(model["folder"], f)) for f, _ in NOISE_FILES):
+            doc.add("#### noise images", "")
+        if n:
+            doc.add(f"{n['images']} images of uniform noise, labelled as the model classifies them: after the "
+                    f"perturbation (gain {n['gain']:g}) {n['accuracy_after']:.1%} keep that class"
+                    f"{alternative_text(n)}; {scaling_text(n)}.", "")
+        cells = perturb_cells(doc, found, model, NOISE_FILES)
+        if cells:
+            title = f"{label(name)}, noise images" + (
+                f": {n['accuracy_after']:.0%} keep their class (gain {n['gain']:g}, gradient "
+                f"{n.get('gradient_scaling', 'scaling unknown')})" if n else "")
+            doc.page(image_page(cells, title))
+        doc.add(*gap_notes(found, "perturb", name))
+    doc.add(*gap_notes(found, "models"))
 
 
 def write_max_class(doc, found):
     doc.add("## Synthetic images maximizing each class", "")
-    for model in found["models"]:
+    for model in found.models:
         name, folder = model["name"], model["folder"]
         doc.add(f"### {label(name)}", "")
         path = os.path.join(folder, "max_class.png")
         if os.path.isfile(path):
             c = model["results"].get("max_class")
+            start = start_text(c or {})
             if c:
-                hits = sum(p == cls for p, cls in zip(c["predicted"], CLASSES))
-                doc.add(f"{c['iterations']} steps of lr {c['lr']:g}, weight decay {c['weight_decay']:g}; "
-                        f"{hits} of 10 images are classified as their class.", "")
-            doc.add(f"![class maximization, {name}]({doc.copy(path, f'{name}/max_class.png')})", "")
-            doc.page(image_page([(path, "")], f"{label(name)}: one image per class"))
-        doc.add(*missing_note(found, f"{folder}/max_class.png"))
-    doc.add(*no_models(found))
+                hits = sum(p == cls for p, cls in zip(c.get("predicted", []), CLASSES))
+                doc.add(f"{c['iterations']} steps of lr {c['lr']:g}, weight decay {c['weight_decay']:g}, starting "
+                        f"from {start}; {hits} of 10 images are classified as their class.", "")
+            else:
+                doc.add(f"_{folder}/results.json does not record this synthesis' settings or start._", "")
+            doc.add(doc.image(found.pictures.get(path), f"{name}/max_class.png", f"class maximization, {name}", path), "")
+            doc.page(image_page([(found.pictures.get(path), "", path)],
+                                f"{label(name)}: one image per class, from {start}"))
+        doc.add(*gap_notes(found, "max_class", name))
+    doc.add(*gap_notes(found, "models"))
 
 
 def write_max_features(doc, found):
     doc.add("## Synthetic images maximizing features", "",
             "Image i maximizes feature i of the layer (its map max-pooled over space), for the first 100 "
             "features, row by row.", "")
-    for model in found["models"]:
+    for model in found.models:
         name, folder = model["name"], model["folder"]
         doc.add(f"### {label(name)}", "")
         for layer in model["layers"]:
             file = f"max_features_layer{layer}.png"
             path = os.path.join(folder, file)
-            doc.add(f"#### layer {layer}", "", f"![layer {layer}, {name}]({doc.copy(path, f'{name}/{file}')})", "")
-            doc.page(image_page([(path, "")], f"{label(name)}: features of layer {layer}"))
-        doc.add(*missing_note(found, f"{folder}/max_features_layer"))
-    doc.add(*no_models(found))
+            settings = model["results"].get("max_features", {}).get(str(layer))
+            start = start_text(settings or {})
+            doc.add(f"#### layer {layer}", "")
+            if settings:
+                doc.add(f"{settings.get('features', '?')} features, {settings['iterations']} steps of lr "
+                        f"{settings['lr']:g}, weight decay {settings['weight_decay']:g}, starting from {start}.", "")
+            else:
+                doc.add(f"_{folder}/results.json does not record this synthesis' settings or start._", "")
+            doc.add(doc.image(found.pictures.get(path), f"{name}/{file}", f"layer {layer}, {name}", path), "")
+            doc.page(image_page([(found.pictures.get(path), "", path)],
+                                f"{label(name)}: features of layer {layer}, from {start}"))
+        doc.add(*gap_notes(found, "max_features", name))
+    doc.add(*gap_notes(found, "models"))
+
+
+def prepare_out_dir(out_dir):
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write to --out-dir {out_dir}: {e.strerror}; choose another --out-dir")
 
 
 def report(args):
     if args.grids < 2:
         raise UserError(f"--grids must be at least 2, got {args.grids}")
+    prepare_out_dir(args.out_dir)
     found = gather(args)
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot write to --out-dir {args.out_dir}: {e.strerror}")
-    doc = Document(args.out_dir)
+    doc = Document()
     write_summary(doc, found, args)
     write_curves(doc, found)
     write_generator(doc, found)
+    write_quality(doc, found)
     write_perturbation(doc, found)
     write_max_class(doc, found)
     write_max_features(doc, found)
-    doc.close()
-    for item in found["missing"]:
-        print(f"missing: {item}")
+    doc.write(args.out_dir)
+    for line in gap_lines(found):
+        print(line)
     print(f"wrote {os.path.join(args.out_dir, 'report.md')} and {os.path.join(args.out_dir, 'report.pdf')} "
           f"({doc.pages} page{'s' if doc.pages != 1 else ''})")
 
