@@ -658,19 +658,24 @@ def write_max_class(doc, found):
         doc.add(f"### {label(name)}", "")
         path = os.path.join(folder, "max_class.png")
         if os.path.isfile(path):
-            c = model["results"].get("max_class")
-            start = start_text(c or {})
-            if c:
+            def summary(c, start):
                 hits = sum(p == cls for p, cls in zip(c.get("predicted", []), CLASSES))
-                doc.add(f"{c['iterations']} steps of lr {c['lr']:g}, weight decay {c['weight_decay']:g}, starting "
-                        f"from {start}; {hits} of 10 images are classified as their class.", "")
-            else:
-                doc.add(f"_{folder}/results.json does not record this synthesis' settings or start._", "")
-            doc.add(doc.image(found.pictures.get(path), f"{name}/max_class.png", f"class maximization, {name}", path), "")
-            doc.page(image_page([(found.pictures.get(path), "", path)],
-                                f"{label(name)}: one image per class, from {start}"))
+                return (f"{c['iterations']} steps of lr {c['lr']:g}, weight decay {c['weight_decay']:g}, starting "
+                        f"from {start}; {hits} of 10 images are classified as their class.")
+            write_synthesis(doc, found, model, path, "max_class.png", model["results"].get("max_class"), summary,
+                            f"class maximization, {name}", f"{label(name)}: one image per class")
         doc.add(*gap_notes(found, "max_class", name))
     doc.add(*gap_notes(found, "models"))
+
+
+def write_synthesis(doc, found, model, path, file, settings, summary, caption, page_title):
+    """One synthesized image of a model: summary(settings, start) of how it was made (or a note that
+    results.json does not say), the image, and its PDF page."""
+    start = start_text(settings or {})
+    doc.add(summary(settings, start) if settings else
+            f"_{model['folder']}/results.json does not record this synthesis' settings or start._", "")
+    doc.add(doc.image(found.pictures.get(path), f"{model['name']}/{file}", caption, path), "")
+    doc.page(image_page([(found.pictures.get(path), "", path)], f"{page_title}, from {start}"))
 
 
 def write_max_features(doc, found):
@@ -683,17 +688,11 @@ def write_max_features(doc, found):
         for layer in model["layers"]:
             file = f"max_features_layer{layer}.png"
             path = os.path.join(folder, file)
-            settings = model["results"].get("max_features", {}).get(str(layer))
-            start = start_text(settings or {})
             doc.add(f"#### layer {layer}", "")
-            if settings:
-                doc.add(f"{settings.get('features', '?')} features, {settings['iterations']} steps of lr "
-                        f"{settings['lr']:g}, weight decay {settings['weight_decay']:g}, starting from {start}.", "")
-            else:
-                doc.add(f"_{folder}/results.json does not record this synthesis' settings or start._", "")
-            doc.add(doc.image(found.pictures.get(path), f"{name}/{file}", f"layer {layer}, {name}", path), "")
-            doc.page(image_page([(found.pictures.get(path), "", path)],
-                                f"{label(name)}: features of layer {layer}, from {start}"))
+            summary = lambda c, start: (f"{c.get('features', '?')} features, {c['iterations']} steps of lr "
+                                        f"{c['lr']:g}, weight decay {c['weight_decay']:g}, starting from {start}.")
+            write_synthesis(doc, found, model, path, file, model["results"].get("max_features", {}).get(str(layer)),
+                            summary, f"layer {layer}, {name}", f"{label(name)}: features of layer {layer}")
         doc.add(*gap_notes(found, "max_features", name))
     doc.add(*gap_notes(found, "models"))
 
