@@ -36,11 +36,6 @@ def grid_image(images, nrow, scale=2, column_labels=None, title=None):
     return canvas
 
 
-def save_png(image, path):
-    """Write a PIL image as PNG, atomically."""
-    atomic_write(path, image_bytes(image, "PNG"))
-
-
 def save_grid(images, path, nrow, scale=2, column_labels=None, title=None):
-    """grid_image(...) written to path as PNG."""
-    save_png(grid_image(images, nrow, scale, column_labels, title), path)
+    """grid_image(...) written to path as PNG, atomically."""
+    atomic_write(path, image_bytes(grid_image(images, nrow, scale, column_labels, title), "PNG"))

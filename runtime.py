@@ -55,13 +55,13 @@ class Runtime:
 
     def rank0_first(self, action, others_too=True):
         """action() on rank 0, then (others_too) on the other processes once it has succeeded: a download or a
-        cache is written once, then read by the rest. A UserError on rank 0 ends every process, rank 0 saying
-        why, instead of leaving the others waiting in their next collective."""
+        cache is written once, then read by the rest. A UserError or an exit on rank 0 ends every process, rank 0
+        saying why, instead of leaving the others waiting in their next collective."""
         error = result = None
         if self.is_rank0:
             try:
                 result = action()
-            except UserError as e:
+            except (UserError, SystemExit) as e:  # SystemExit: a stop signal while waiting for the lock
                 error = e
         if self.agree(error is not None)[0]:
             raise error or SystemExit(2)

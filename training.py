@@ -18,6 +18,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 
 import torch
 
@@ -235,17 +236,18 @@ class OutDirLock:
     def __init__(self, path):
         self.path = path
         self.token = {"host": socket.gethostname(), "pid": os.getpid(),
-                      "since": time.strftime("%Y-%m-%d %H:%M:%S"), "beat": 0}
+                      "since": time.strftime("%Y-%m-%d %H:%M:%S"), "id": uuid.uuid4().hex, "beat": 0}
         self._stop = threading.Event()
 
-    def acquire(self, wait, what):
-        """Take the lock, waiting up to `wait` seconds for its holder; a UserError naming the holder after."""
+    def acquire(self, wait, what, give_up=lambda: False):
+        """Take the lock, waiting up to `wait` seconds for its holder; a UserError naming the holder after.
+        Returns False, without the lock, as soon as give_up() is true (a stop signal during the wait)."""
         deadline = time.monotonic() + wait
         seen, seen_since = None, time.monotonic()
-        while True:
+        while not give_up():
             if self._create():
                 threading.Thread(target=self._beat, daemon=True).start()
-                return
+                return True
             holder = self._read()
             if holder != seen:
                 seen, seen_since = holder, time.monotonic()
@@ -259,13 +261,14 @@ class OutDirLock:
                                 f"wait for it to end, choose another --out-dir, or delete {self.path} if that run "
                                 "is gone")
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        return False
 
     def release(self):
         self._stop.set()
         self._remove_if(self._mine())
 
     def _mine(self):
-        return {k: self.token[k] for k in ("host", "pid", "since")}
+        return {k: self.token[k] for k in HOLDER_KEYS}
 
     def _create(self):
         try:
@@ -297,8 +300,7 @@ class OutDirLock:
     def _remove_if(self, holder):
         """Remove the lock file if it still holds this holder's record (not a newer holder's)."""
         current = self._read()
-        if current is not None and holder is not None and \
-                all(current.get(k) == holder.get(k) for k in ("host", "pid", "since")):
+        if current is not None and holder is not None and all(current.get(k) == holder.get(k) for k in HOLDER_KEYS):
             try:
                 os.remove(self.path)
             except OSError:
@@ -311,6 +313,9 @@ class OutDirLock:
                 atomic_write(self.path, json.dumps(self.token).encode())
             except UserError:
                 pass  # a missed beat: the next one tries again
+
+
+HOLDER_KEYS = ("host", "pid", "since", "id")  # what tells one holder from another (the beat changes)
 
 
 def pid_alive(pid):
@@ -359,7 +364,8 @@ class Run:
         except OSError as e:
             raise UserError(f"cannot write to --out-dir {self.out_dir}: {e.strerror}; choose a writable folder")
         self.lock = OutDirLock(os.path.join(self.out_dir, f"{self.job}.lock"))
-        self.lock.acquire(lock_wait, self.script)
+        if not self.lock.acquire(lock_wait, self.script, give_up=lambda: self.stop.received is not None):
+            self.exit_stopped("while waiting for another run to release the folder")
 
     def close(self):
         if self._bar is not None:

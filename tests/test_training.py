@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -158,6 +159,19 @@ def test_a_second_holder_waits_then_refuses_naming_the_first(tmp_path):
     second.release()
 
 
+def test_a_stop_signal_ends_the_wait_without_touching_the_holders_lock(tmp_path):
+    holder = training.OutDirLock(str(tmp_path / "gan.lock"))
+    holder.acquire(0, "train_gan.py")
+    before = (tmp_path / "gan.lock").read_bytes()
+    waiter = training.OutDirLock(str(tmp_path / "gan.lock"))
+    start = time.monotonic()
+    assert waiter.acquire(60, "train_gan.py", give_up=lambda: time.monotonic() - start > 0.5) is False
+    assert time.monotonic() - start < 5
+    waiter.release()
+    assert (tmp_path / "gan.lock").read_bytes() == before
+    holder.release()
+
+
 def test_a_lock_whose_process_is_gone_is_taken_over(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     path = tmp_path / "gan.lock"
@@ -233,6 +247,8 @@ def test_two_trainers_on_one_folder_never_run_at_once(tiny_image_folder, tmp_pat
 # ---------------------------------------------------------------------------------------------------------
 # The metrics file on resume
 
+NO_SIGNAL = SimpleNamespace(received=None)  # a StopSignal that has received nothing
+
 def test_records_past_the_checkpoint_are_dropped_on_resume(tmp_path, monkeypatch):
     """A run that logged epoch 3 (and a monitor line of epoch 4) but died before saving its checkpoint of
     epoch 3: resuming from epoch 2 keeps each epoch's record once."""
@@ -245,7 +261,7 @@ def test_records_past_the_checkpoint_are_dropped_on_resume(tmp_path, monkeypatch
     args = train_gan.parse_args(["--out-dir", str(tmp_path), "--resume", "--device", "cpu"])
     config = training.run_config(args, train_gan.MAY_CHANGE_ON_RESUME)
     torch.save({"job": "gan", "config": config, "epoch": 2, "batch": 0}, tmp_path / "gan.ckpt")
-    with training.Run("gan", "train_gan.py", args, Runtime("cpu"), None, config) as run:
+    with training.Run("gan", "train_gan.py", args, Runtime("cpu"), NO_SIGNAL, config) as run:
         assert run.checkpoint["epoch"] == 2
     records, skipped = read_metrics(path)
     assert [(r["type"], r["epoch"]) for r in records] == [("monitor", 1), ("epoch", 1), ("monitor", 2),
@@ -256,6 +272,6 @@ def test_records_past_the_checkpoint_are_dropped_on_resume(tmp_path, monkeypatch
 def test_a_fresh_run_starts_a_fresh_metrics_file(tmp_path):
     append_metrics(tmp_path / "baseline_metrics.jsonl", {"epoch": 1})
     args = train_baseline.parse_args(["--out-dir", str(tmp_path), "--device", "cpu"])
-    with training.Run("baseline", "train_baseline.py", args, Runtime("cpu"), None, {}) as run:
+    with training.Run("baseline", "train_baseline.py", args, Runtime("cpu"), NO_SIGNAL, {}) as run:
         assert run.checkpoint is None
     assert read_metrics(tmp_path / "baseline_metrics.jsonl") == ([], 0)
