@@ -4,14 +4,15 @@ rule, images/s, and test accuracy.
 
 A trainer's loop, in this module's terms:
 
-    run = Run("gan", args, rt, stop, config)           # --out-dir locked; run.checkpoint: where to resume
-    for epoch in ...:
-        for b, images, labels in run.batches(train_loader, epoch, start_batch):
-            ... one step ...; meter.add(loss=...)
-            if run.should_stop(meter, epoch, b):       # agreed by every process; raises on a NaN loss
-                run.save_and_stop(state(epoch, b + 1))  # checkpoint, then exit 75
-        seconds, images_per_s = run.epoch_speed()
-        run.log({...}); run.save(state(epoch + 1, 0))
+    with Run("gan", "train_gan.py", args, rt, stop, config) as run:   # --out-dir locked; run.checkpoint
+        run.begin(table_header)                                      # a signal during start-up stops here
+        for epoch in ...:
+            for b, images, labels in run.batches(train_loader, epoch, start_batch, args.epochs):
+                ... one step ...; meter.add(loss=...)
+                if run.should_stop(meter, epoch, b, len(train_loader)):  # agreed; raises on a NaN loss
+                    run.save_and_stop(state(epoch, b + 1))               # checkpoint, then exit 75
+            seconds, images_per_s = run.epoch_speed()
+            run.log({...}); run.save(state(epoch + 1, 0))
 """
 import json
 import os
@@ -136,7 +137,7 @@ def set_lr(optimizer, lr):
 
 def training_loaders(args, rt, test_batch=500):
     """(train loader, test loader): this process's share of each shuffled training batch, and every test
-    image in batches of test_batch. Rank 0 loads first: it downloads CIFAR-10 or writes the decoded-image cache once."""
+    image in batches of test_batch. Rank 0 loads first: it downloads CIFAR-10 or writes the image cache once."""
     splits = rt.rank0_first(lambda: (load_split(args.data_dir, "train", args.limit_train),
                                      load_split(args.data_dir, "test", args.limit_test)))
     train = Loader(*splits[0], args.batch_size, rt.device, train=True, seed=args.seed, rank=rt.rank,
