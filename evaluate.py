@@ -70,7 +70,7 @@ def inception_weights(path=None, progress=False):
     """(weights file, None), or (None, a one-line note saying why the Inception metrics are unavailable and how
     to get them). With no path: torch-fidelity's download, kept in torch's hub folder like its own would be."""
     if path is None:
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(URL_INCEPTION_V3))
+        path = default_inception_weights()
         if not os.path.isfile(path):
             try:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -85,6 +85,11 @@ def inception_weights(path=None, progress=False):
         raise UserError(f"--inception-weights {path} does not exist; download {URL_INCEPTION_V3}")
     check_inception_weights(path)
     return path, None
+
+
+def default_inception_weights():
+    """Where the weights are looked for without --inception-weights (prepare.py puts them there)."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(URL_INCEPTION_V3))
 
 
 @contextlib.contextmanager

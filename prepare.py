@@ -1,0 +1,293 @@
+"""Get a cluster ready for compute nodes without internet, from a login node that has it: download and verify
+CIFAR-10 and the InceptionV3 weights evaluate.py uses, put them where the scripts look without flags, and check
+the Python environment (package versions against requirements.txt, the GPUs this PyTorch build runs on).
+
+    python prepare.py                                      # CIFAR-10 into data/, the weights into torch's hub folder
+    python prepare.py --data-dir /scratch/$USER/cifar10    # elsewhere: it prints the flags the scripts then need
+    python prepare.py --cifar-url https://mirror.example.org/cifar-10-python.tar.gz --inception-url /shared/w.pth
+    python prepare.py --no-download                        # in a GPU job: check that node, fetch nothing
+
+One line per item; each thing still missing is one line saying what to do, and the exit status is then 1.
+Running it again checks what is there (CIFAR-10's files against torchvision's checksums) and downloads nothing.
+A download is checked before it is put in place: a damaged one is refused and nothing of it is kept. A mirror
+(an internal http(s) server, a file:// URL or a local path) can replace each download.
+"""
+import argparse
+import hashlib
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from packaging.requirements import Requirement
+from torchvision.datasets import CIFAR10
+from torchvision.datasets.utils import calculate_md5, check_integrity, download_url, extract_archive
+
+from data import load_split
+from files import UserError, run_main
+from runtime import check_gpu_supported
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_DATA_DIR = "data"  # the trainers' --data-dir default, relative to the repository root the jobs run in
+DOWNLOAD_TIMEOUT = 60  # seconds without data before a download is given up (a firewall that drops packets)
+# torchvision's CIFAR-10 files and their checksums, as its CIFAR10 dataset checks them.
+CIFAR_MD5 = {**dict(CIFAR10.train_list + CIFAR10.test_list), CIFAR10.meta["filename"]: CIFAR10.meta["md5"]}
+
+
+def inception_url():
+    """torch-fidelity's InceptionV3 weights, or None without torch-fidelity."""
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+    except ImportError:
+        return None
+    return URL_INCEPTION_V3
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
+                        help="where CIFAR-10 goes, as DIR/cifar-10-batches-py (default: data, the scripts' default)")
+    parser.add_argument("--cifar-url", default=CIFAR10.url,
+                        help=f"CIFAR-10's python archive: a URL or a local file (default: {CIFAR10.url})")
+    parser.add_argument("--cifar-md5", default=CIFAR10.tgz_md5,
+                        help="the archive's md5, for a mirror that packs the files otherwise; its batch files are "
+                             f"then checked by reading them (default: torchvision's, {CIFAR10.tgz_md5})")
+    parser.add_argument("--inception-url", default=inception_url(),
+                        help="torch-fidelity's InceptionV3 weights: a URL or a local file (default: its release)")
+    parser.add_argument("--inception-sha256", metavar="HEX",
+                        help="also check the weights file's sha256 (or a prefix of it); without it the file is "
+                             "checked by loading it into torch-fidelity's InceptionV3, as evaluate.py does")
+    parser.add_argument("--inception-weights", metavar="PATH",
+                        help="where the weights go (default: torch's hub folder, where evaluate.py and train_gan.py "
+                             "look without --inception-weights)")
+    parser.add_argument("--no-download", action="store_true", help="only check what is there")
+    return parser.parse_args(argv)
+
+
+def as_url(location):
+    """A URL for urllib: http(s):// and file:// as given, a plain path as a file:// URL."""
+    if "://" in location:
+        return location
+    return Path(location).expanduser().resolve().as_uri()
+
+
+def one_line(error):
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CIFAR-10
+
+def cifar_problem(data_dir, official):
+    """None when data_dir/cifar-10-batches-py is complete, else why not. official: check the files against
+    torchvision's checksums; otherwise (another archive) by reading them as the trainers do."""
+    batches = os.path.join(data_dir, CIFAR10.base_folder)
+    missing = [name for name in CIFAR_MD5 if not os.path.isfile(os.path.join(batches, name))]
+    if missing:
+        return f"{batches} lacks {', '.join(missing)}"
+    if official:
+        damaged = [name for name, md5 in CIFAR_MD5.items() if not check_integrity(os.path.join(batches, name), md5)]
+        if damaged:
+            return f"{os.path.join(batches, damaged[0])} does not match torchvision's checksum"
+    else:
+        try:
+            for split in ("train", "test"):
+                load_split(data_dir, split)
+        except UserError as e:
+            return str(e)
+    return None
+
+
+def prepare_cifar(args):
+    """(True, what is there) or (False, what is missing and what to do)."""
+    data_dir = args.data_dir
+    if os.path.isdir(os.path.join(data_dir, "train")):  # an image-folder copy: decode it once, so jobs start fast
+        try:
+            counts = [len(load_split(data_dir, split)[1]) for split in ("train", "test")]
+        except UserError as e:
+            return False, f"CIFAR-10 image folders: {e}"
+        return True, f"CIFAR-10 image folders in {data_dir}: {counts[0]} train and {counts[1]} test images read"
+    official = args.cifar_md5 == CIFAR10.tgz_md5
+    batches = os.path.join(data_dir, CIFAR10.base_folder)
+    problem = cifar_problem(data_dir, official) if os.path.isdir(batches) else f"no {batches}"
+    checked = "torchvision's checksums" if official else "read"
+    if problem is None:
+        return True, f"CIFAR-10 in {batches} ({checked})"
+    if args.no_download:
+        return False, f"CIFAR-10: {problem}; run python prepare.py where there is internet"
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".prepare-", dir=data_dir)  # on the same file system: renamed into place
+    except OSError as e:
+        return False, f"CIFAR-10: cannot write to {data_dir}: {e.strerror}; choose another --data-dir"
+    try:
+        archive = os.path.join(tmp, CIFAR10.filename)
+        try:
+            download_url(as_url(args.cifar_url), tmp, CIFAR10.filename)
+        except Exception as e:  # network, HTTP and disk errors come in many types; all mean "not downloaded"
+            return False, (f"CIFAR-10: could not download {args.cifar_url} ({one_line(e)}); check the network, or "
+                           "give a mirror with --cifar-url")
+        if not check_integrity(archive, args.cifar_md5):
+            return False, (f"CIFAR-10: the download from {args.cifar_url} has md5 {calculate_md5(archive)}, expected "
+                           f"{args.cifar_md5} (damaged, cut short or another file); nothing was kept, run again")
+        try:
+            extract_archive(archive, tmp)
+        except Exception as e:  # tarfile's and zlib's errors
+            return False, f"CIFAR-10: cannot unpack {args.cifar_url} ({one_line(e)}); nothing was kept"
+        problem = cifar_problem(tmp, official)
+        if problem is not None:
+            return False, f"CIFAR-10: the archive from {args.cifar_url} is not CIFAR-10's ({problem}); nothing was kept"
+        if os.path.isdir(batches):
+            shutil.rmtree(batches)  # the incomplete or damaged copy found above
+        os.replace(os.path.join(tmp, CIFAR10.base_folder), batches)
+    except OSError as e:
+        return False, f"CIFAR-10: cannot write to {data_dir}: {e.strerror}; free space or choose another --data-dir"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return True, f"CIFAR-10 downloaded from {args.cifar_url} into {batches} (md5 checked, {checked})"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# InceptionV3's weights
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_problem(path, expected_sha256, check_inception_weights):
+    """None when path holds the weights (with expected_sha256 given, that hash too), else why not."""
+    if expected_sha256 is not None:
+        actual = sha256(path)
+        if not actual.startswith(expected_sha256.lower()):
+            return f"has sha256 {actual}, expected {expected_sha256}"
+    try:
+        check_inception_weights(path)
+    except UserError:
+        return "is not torch-fidelity's InceptionV3 weights (it does not load into the network)"
+    return None
+
+
+def prepare_inception(args):
+    """(True, where the weights are) or (False, what is missing and what to do)."""
+    try:
+        from evaluate import check_inception_weights, default_inception_weights
+    except ImportError as e:
+        return False, f"InceptionV3 weights: cannot check them ({one_line(e)}); pip install -r requirements.txt"
+    path = args.inception_weights or default_inception_weights()
+    if os.path.isfile(path):
+        problem = weights_problem(path, args.inception_sha256, check_inception_weights)
+        if problem is None:
+            return True, f"InceptionV3 weights {path} (loaded into torch-fidelity's network)"
+        if args.no_download:
+            return False, f"InceptionV3 weights: {path} {problem}; run python prepare.py where there is internet"
+    elif args.no_download:
+        return False, f"InceptionV3 weights: no {path}; run python prepare.py where there is internet"
+    tmp = f"{path}.{os.getpid()}.download"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(as_url(args.inception_url), tmp, progress=sys.stderr.isatty())
+        except Exception as e:  # network, HTTP and disk errors alike
+            return False, (f"InceptionV3 weights: could not download {args.inception_url} ({one_line(e)}); check "
+                           "the network, or give a mirror with --inception-url")
+        problem = weights_problem(tmp, args.inception_sha256, check_inception_weights)
+        if problem is not None:
+            return False, (f"InceptionV3 weights: the download from {args.inception_url} {problem}; nothing was kept, "
+                           "run again")
+        os.replace(tmp, path)
+    except OSError as e:
+        return False, f"InceptionV3 weights: cannot write {path}: {e.strerror}; choose another --inception-weights"
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return True, f"InceptionV3 weights downloaded from {args.inception_url} into {path} (loaded into the network)"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Python environment
+
+def check_packages(requirements=os.path.join(REPO, "requirements.txt")):
+    """[(ok, line)]: one line for the packages that match requirements.txt, one per package that does not."""
+    found, results = [], []
+    with open(requirements) as f:
+        wanted = [Requirement(line) for line in (line.split("#")[0].strip() for line in f) if line]
+    for req in wanted:
+        try:
+            version = metadata.version(req.name)
+        except metadata.PackageNotFoundError:
+            results.append((False, f"{req.name} is not installed; pip install -r requirements.txt"))
+            continue
+        if req.specifier.contains(version, prereleases=True):
+            found.append(f"{req.name} {version}")
+        else:
+            results.append((False, f"{req.name} {version} is installed, requirements.txt asks for {req.specifier}; "
+                                   "pip install -r requirements.txt"))
+    return [(True, f"packages as requirements.txt asks: {', '.join(found)}")] * bool(found) + results
+
+
+def check_gpus():
+    """[(ok, line)]: the GPUs this PyTorch build has kernels for, and whether each visible GPU is one."""
+    if torch.version.cuda is None:
+        return [(False, f"torch {torch.__version__} is built without CUDA: the scripts can only use the CPU; install "
+                        "a CUDA build (jobs/README.md)")]
+    build = f"torch {torch.__version__} for CUDA {torch.version.cuda}, kernels for {' '.join(torch.cuda.get_arch_list())}"
+    if not torch.cuda.is_available():
+        return [(True, f"{build}; no GPU visible here (usual on a login node: python prepare.py --no-download "
+                       "in a GPU job checks a compute node)")]
+    results = [(True, build)]
+    for index in range(torch.cuda.device_count()):
+        major, minor = torch.cuda.get_device_capability(index)
+        try:
+            check_gpu_supported(index)
+            results.append((True, f"GPU cuda:{index}: {torch.cuda.get_device_name(index)}, compute capability "
+                                  f"{major}.{minor}, supported"))
+        except UserError as e:
+            results.append((False, str(e)))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+
+def flags_needed(args):
+    """The flags the scripts need to find what was prepared, where it is not where they look by default."""
+    needed = []
+    if os.path.abspath(args.data_dir) != os.path.join(REPO, DEFAULT_DATA_DIR):
+        path = os.path.abspath(args.data_dir)
+        needed.append(f"--data-dir {path} for every script (DATA_DIR={path} for jobs/)")
+    if args.inception_weights:
+        path = os.path.abspath(args.inception_weights)
+        needed.append(f"--inception-weights {path} for evaluate.py and train_gan.py")
+    return needed
+
+
+def run(args):
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)
+    results = [*check_packages(), *check_gpus(), prepare_cifar(args), prepare_inception(args)]
+    for ok, line in results:
+        print(f"{'ok' if ok else 'missing':8} {line}")
+    missing = sum(not ok for ok, _ in results)
+    needed = flags_needed(args)
+    if not missing and not needed:
+        print("ready: the scripts and jobs/ find everything without a network or extra flags")
+    elif not missing:
+        print("ready, with these flags: " + "; ".join(needed))
+    else:
+        print(f"not ready: {missing} thing(s) missing (above)" + "".join(f"; then pass {n}" for n in needed))
+        sys.exit(1)
+
+
+def main(argv=None):
+    run_main(lambda: run(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

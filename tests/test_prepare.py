@@ -1,0 +1,177 @@
+"""prepare.py against mirrors served by a real HTTP server on 127.0.0.1: a small CIFAR-10 archive in torchvision's
+layout and an InceptionV3 weights file that loads into torch-fidelity's network. It fetches and verifies both,
+puts them where data.py and evaluate.py look, refuses damaged downloads in one line each without keeping any of
+them, and sends no request the second time; the prepared data then loads with the network switched off."""
+import functools
+import hashlib
+import http.server
+import io
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from torch_fidelity import feature_extractor_inceptionv3 as inception
+
+import data
+import evaluate
+import prepare
+from conftest import REPO
+
+PER_BATCH = 4  # images in each fake batch file
+
+
+def cifar_archive():
+    """(tar.gz bytes of a tiny cifar-10-batches-py, {file: images uint8 (N, 3, 32, 32)}, {file: labels})."""
+    rng = np.random.default_rng(0)
+    buffer, images, labels = io.BytesIO(), {}, {}
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        names = [name for name in prepare.CIFAR_MD5 if name != "batches.meta"]
+        entries = {"batches.meta": {"label_names": list(data.CLASSES)}}
+        for i, name in enumerate(names):
+            images[name] = rng.integers(0, 256, (PER_BATCH, 3, 32, 32), dtype=np.uint8)
+            labels[name] = [(i + k) % 10 for k in range(PER_BATCH)]
+            entries[name] = {"data": images[name].reshape(PER_BATCH, -1), "labels": labels[name]}
+        for name, entry in entries.items():
+            content = pickle.dumps(entry)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    return buffer.getvalue(), images, labels
+
+
+def inception_weights_bytes():
+    """A state_dict with every key and shape of torch-fidelity's InceptionV3 (each tensor one zero, expanded), so
+    that it loads into the network as the real weights do, in 170 KB instead of 90 MB."""
+    with mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None):
+        net = inception.FeatureExtractorInceptionV3(evaluate.INCEPTION, ["2048"])
+    buffer = io.BytesIO()
+    torch.save({k: torch.zeros((), dtype=v.dtype).expand(v.shape) for k, v in net.state_dict().items()}, buffer)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def mirror(tmp_path_factory):
+    """A served folder with good and damaged copies of both files, and the list of paths requested."""
+    root = tmp_path_factory.mktemp("mirror")
+    archive, images, labels = cifar_archive()
+    weights = inception_weights_bytes()
+    files = {"cifar.tar.gz": archive, "cifar-cut.tar.gz": archive[:len(archive) // 2],
+             "weights.pth": weights, "weights-cut.pth": weights[:-100], "foreign.pth": archive}
+    for name, content in files.items():
+        (root / name).write_bytes(content)
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format, *args):
+            requests.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield dict(url=f"http://127.0.0.1:{server.server_address[1]}", root=root, requests=requests, images=images,
+               labels=labels, md5=hashlib.md5(archive).hexdigest(), sha256=hashlib.sha256(weights).hexdigest())
+    server.shutdown()
+
+
+def run_prepare(tmp_path, mirror, cifar="cifar.tar.gz", weights="weights.pth", sha256=True):
+    """prepare.py in a subprocess, torch's hub folder under tmp_path; (completed process, stdout lines)."""
+    args = ["--data-dir", tmp_path / "data", "--cifar-url", f"{mirror['url']}/{cifar}", "--cifar-md5", mirror["md5"],
+            "--inception-url", f"{mirror['url']}/{weights}"]
+    if sha256:
+        args += ["--inception-sha256", mirror["sha256"]]
+    env = dict(os.environ, TORCH_HOME=str(tmp_path / "torch"))
+    result = subprocess.run([sys.executable, os.path.join(REPO, "prepare.py"), *map(str, args)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    return result, result.stdout.splitlines()
+
+
+def weights_path(tmp_path):
+    return tmp_path / "torch" / "hub" / "checkpoints" / os.path.basename(inception.URL_INCEPTION_V3)
+
+
+def test_fetches_verifies_and_second_run_sends_no_request(tmp_path, mirror, monkeypatch):
+    mirror["requests"].clear()
+    result, lines = run_prepare(tmp_path, mirror)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "/cifar.tar.gz" in mirror["requests"] and "/weights.pth" in mirror["requests"]
+    assert not [line for line in lines if line.startswith("missing")]
+    assert lines[-1] == f"ready, with these flags: --data-dir {tmp_path / 'data'} for every script " \
+                        f"(DATA_DIR={tmp_path / 'data'} for jobs/)"
+    assert sorted(os.listdir(tmp_path / "data")) == ["cifar-10-batches-py"]  # no temporary folder left
+    assert weights_path(tmp_path).read_bytes() == (mirror["root"] / "weights.pth").read_bytes()
+
+    mirror["requests"].clear()
+    again, again_lines = run_prepare(tmp_path, mirror)
+    assert again.returncode == 0 and mirror["requests"] == []
+    assert any(line.startswith("ok") and "CIFAR-10 in" in line for line in again_lines)
+
+    # What the scripts do on a compute node: read both without the network, from where they look by default.
+    def no_network(*args, **kwargs):
+        raise OSError("network disabled by the test")
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    images, labels = data.load_split(tmp_path / "data", "train")
+    names = [f"data_batch_{i}" for i in range(1, 6)]
+    assert torch.equal(images, torch.from_numpy(np.concatenate([mirror["images"][n] for n in names])))
+    assert labels.tolist() == sum((mirror["labels"][n] for n in names), [])
+    assert data.load_split(tmp_path / "data", "test")[1].tolist() == mirror["labels"]["test_batch"]
+    assert evaluate.inception_weights() == (str(weights_path(tmp_path)), None)
+
+
+def test_damaged_downloads_are_refused_in_one_line_each_and_not_kept(tmp_path, mirror):
+    result, lines = run_prepare(tmp_path, mirror, cifar="cifar-cut.tar.gz", weights="weights-cut.pth")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    missing = [line for line in lines if line.startswith("missing")]
+    assert len(missing) == 2, lines
+    assert "CIFAR-10: the download from" in missing[0] and f"expected {mirror['md5']}" in missing[0]
+    assert "nothing was kept" in missing[0]
+    assert f"expected {mirror['sha256']}" in missing[1] and "nothing was kept" in missing[1]
+    assert lines[-1] == "not ready: 2 thing(s) missing (above); then pass " \
+                        f"--data-dir {tmp_path / 'data'} for every script (DATA_DIR={tmp_path / 'data'} for jobs/)"
+    assert os.listdir(tmp_path / "data") == []
+    assert os.listdir(weights_path(tmp_path).parent) == []
+
+
+def test_a_file_that_is_not_the_weights_is_refused_without_a_checksum(tmp_path, mirror):
+    """Without --inception-sha256 (torch-fidelity publishes none) the weights are checked by loading them."""
+    path = tmp_path / "foreign.pth"
+    path.write_bytes((mirror["root"] / "foreign.pth").read_bytes())
+    assert "does not load into the network" in prepare.weights_problem(path, None, evaluate.check_inception_weights)
+    assert prepare.weights_problem(mirror["root"] / "weights.pth", None, evaluate.check_inception_weights) is None
+
+
+def test_no_download_only_checks_and_names_what_is_missing(tmp_path, mirror, capsys):
+    mirror["requests"].clear()
+    with pytest.raises(SystemExit) as exit:
+        prepare.main(["--data-dir", str(tmp_path / "data"), "--inception-weights", str(tmp_path / "w.pth"),
+                      "--cifar-url", f"{mirror['url']}/cifar.tar.gz", "--no-download"])
+    assert exit.value.code == 1 and mirror["requests"] == []
+    missing = [line for line in capsys.readouterr().out.splitlines() if line.startswith("missing")]
+    assert missing == [f"missing  CIFAR-10: no {tmp_path / 'data' / 'cifar-10-batches-py'}; run python prepare.py "
+                       "where there is internet",
+                       f"missing  InceptionV3 weights: no {tmp_path / 'w.pth'}; run python prepare.py where there is "
+                       "internet"]
+    assert not (tmp_path / "data").exists()
+
+
+def test_environment_lines_follow_requirements_and_the_build(tmp_path):
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("torch==0.1  # too old\nnumpy>=1.0\nno-such-package-xyz>=1\n")
+    lines = prepare.check_packages(str(requirements))
+    assert lines[0] == (True, f"packages as requirements.txt asks: numpy {np.__version__}")
+    assert lines[1] == (False, f"torch {prepare.metadata.version('torch')} "
+                               "is installed, requirements.txt asks for ==0.1; pip install -r requirements.txt")
+    assert lines[2] == (False, "no-such-package-xyz is not installed; pip install -r requirements.txt")
+    gpus = prepare.check_gpus()
+    if torch.version.cuda is not None:
+        assert " ".join(torch.cuda.get_arch_list()) in gpus[0][1]
+    if not torch.cuda.is_available():
+        assert len(gpus) == 1
