@@ -94,7 +94,8 @@ def train(args, stop):
                     "optimizer": optimizer.state_dict()}
 
         train_loader, test_loader = training_loaders(args, rt)
-        run.begin(f"{'epoch':>5} {'lr':>8} {'loss':>7} {'train acc':>9} {'test acc':>8} {'seconds':>7} {'img/s':>7}")
+        run.begin(f"{'epoch':>5} {'lr':>8} {'loss':>7} {'train acc':>9} {'test acc':>8} {'seconds':>7} {'img/s':>7} "
+                  f"{'eta':>7}")
         for epoch in range(start_epoch, args.epochs):
             set_lr(optimizer, lr_at(epoch, args))
 
@@ -111,13 +112,15 @@ def train(args, stop):
             train_means = meter.means()
             record = {"epoch": epoch + 1, "lr": lr_at(epoch, args), "train_loss": train_means["loss"],
                       "train_acc": train_means["acc"], "test_acc": accuracy(model, test_loader),
-                      "seconds": seconds, "images_per_s": images_per_s}
+                      "seconds": seconds, "images_per_s": images_per_s,
+                      "eta_s": run.eta(epoch, args.epochs, len(train_loader))}
             run.log(record)
             meter.reset()
             start_batch = 0
             run.save(state(epoch + 1, 0))
             run.print(f"{epoch + 1:5d} {record['lr']:8.1e} {record['train_loss']:7.4f} {record['train_acc']:9.4f} "
-                      f"{record['test_acc']:8.4f} {seconds:7.1f} {images_per_s:7.0f}")
+                      f"{record['test_acc']:8.4f} {seconds:7.1f} {images_per_s:7.0f} "
+                      f"{run.duration(record['eta_s']):>7}")
             if epoch + 1 < args.epochs and run.stop_requested():
                 run.exit_stopped(f"after epoch {epoch + 1}")
 

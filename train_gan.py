@@ -264,7 +264,7 @@ def train(args, stop):
         if evaluator is not None and evaluator.inception_note:
             run.print(f"note: {evaluator.inception_note}")
         run.begin(f"{'epoch':>5} {'test acc':>8} {'real acc':>8} {'gp':>7} {'fake':>8} {'real':>8} {'seconds':>7} "
-                  f"{'img/s':>6}")
+                  f"{'img/s':>6} {'eta':>7}")
         for epoch in range(start_epoch, args.epochs):
             # Training batches: a generator step every --n-critic iterations, a discriminator step every one
             for b, images, labels in run.batches(train_loader, epoch, start_batch, args.epochs):
@@ -288,7 +288,8 @@ def train(args, stop):
             # log lines its checkpoint has not reached)
             means = meter.means()
             record = {"type": "epoch", "epoch": epoch + 1, "test_acc": accuracy(disc, test_loader),
-                      "seconds": seconds, "images_per_s": images_per_s, **means}
+                      "seconds": seconds, "images_per_s": images_per_s,
+                      "eta_s": run.eta(epoch, args.epochs, len(train_loader)), **means}
             run.log(record)
             if evaluator is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
                 run.log({"type": "eval", "epoch": epoch + 1, **evaluator(gen)})
@@ -296,7 +297,8 @@ def train(args, stop):
             start_batch = 0
             run.save(state(epoch + 1, 0), also=lambda: epoch_outputs(gen, disc, noise, args.out_dir, epoch))
             run.print(f"{epoch + 1:5d} {record['test_acc']:8.4f} {means['real_acc']:8.4f} {means['gp']:7.3f} "
-                      f"{means['fake_score']:8.3f} {means['real_score']:8.3f} {seconds:7.1f} {images_per_s:6.0f}")
+                      f"{means['fake_score']:8.3f} {means['real_score']:8.3f} {seconds:7.1f} {images_per_s:6.0f} "
+                      f"{run.duration(record['eta_s']):>7}")
             if epoch + 1 < args.epochs and run.stop_requested():
                 run.exit_stopped(f"after epoch {epoch + 1}")
 

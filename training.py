@@ -433,6 +433,28 @@ class Run:
         seconds = max(self._epoch_time, 1e-9)
         return seconds, self._batches_run * self._batch_size / seconds
 
+    # The training seconds and batches of the epochs this process has timed so far, for eta()
+    _timed_seconds, _timed_batches = 0.0, 0
+
+    def eta(self, epoch, epochs, batches_per_epoch):
+        """Seconds the epochs after `epoch` (0-based) of `epochs` will take at this process's measured pace: the
+        training time per batch over its epochs so far (a resumed run's first, partial epoch counts for its batches),
+        times the batches still to run. Call once per epoch, after epoch_speed()."""
+        self._timed_seconds += self._epoch_time
+        self._timed_batches += self._batches_run
+        pace = self._timed_seconds / max(self._timed_batches, 1)
+        return round(pace * batches_per_epoch * (epochs - epoch - 1), 1)
+
+    @staticmethod
+    def duration(seconds):
+        """Seconds as a short text for the per-epoch table: 45s, 12m05s, 3h07m."""
+        seconds = round(seconds)
+        if seconds < 60:
+            return f"{seconds}s"
+        if seconds < 3600:
+            return f"{seconds // 60}m{seconds % 60:02d}s"
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
     def should_stop(self, meter, epoch, batch, batches):
         """Whether to stop after this batch: a stop signal reached any process. At the same points, and every
         LOG_EVERY batches and at the epoch's last batch, the losses must be finite; a non-finite one ends the

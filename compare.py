@@ -1,0 +1,257 @@
+"""Compare the finished runs of a sweep: per configuration, the baseline's and the GAN discriminator's final test
+accuracy and the generator's measures as mean ± std over the seeds, in one table, and every seed's test accuracy
+per epoch in one plot.
+
+    python compare.py runs/sweep                        # reads runs/sweep/<config>/seed-K/
+    python compare.py runs/sweep --output-dir results   # where compare.md, compare.json and compare.png go
+
+Each seed-K folder holds the trainers' --out-dir files (baseline_metrics.jsonl, gan_metrics.jsonl), directly or
+one folder down (seed-K/baseline/, seed-K/gan/). The generator's measures (IS, FID, KID, class accuracy,
+classifier FD, whichever were computed) come from evaluate.py's eval.json there, else from the eval record train_gan.py
+--eval-every wrote after its last epoch. The std is the sample std (n - 1); n is the number of seeds with a value.
+A run that has reached fewer epochs than the others of its configuration is still running or was stopped: it is
+listed as unfinished and left out, as are missing and damaged files; the rest is still compared.
+"""
+import argparse
+import io
+import json
+import math
+import os
+import re
+
+import matplotlib
+
+matplotlib.use("Agg")  # batch jobs have no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from files import UserError, read_metrics, run_main, write_together  # noqa: E402
+
+JOBS = {"baseline": "baseline_metrics.jsonl", "gan": "gan_metrics.jsonl"}
+# The generator's measures: (key in evaluate.py's records, column, format)
+MEASURES = (("is_mean", "IS", ".3f"), ("fid", "FID", ".2f"), ("kid_mean", "KID", ".5f"),
+            ("class_acc", "class acc", ".4f"), ("classifier_fd", "classifier FD", ".3f"))
+SEED_FOLDER = re.compile(r"seed-(\d+)$")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", help="the sweep's folder, holding <config>/seed-K/")
+    parser.add_argument("--output-dir", help="where compare.md, compare.json and compare.png go (default: RUNS)")
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading the runs
+
+def seed_folders(root):
+    """{config: [(seed, folder)]} of root/<config>/seed-K/ (or root/seed-K/ for a sweep of one configuration)."""
+    def seeds(folder):
+        found = [(int(m.group(1)), os.path.join(folder, name)) for name in os.listdir(folder)
+                 if (m := SEED_FOLDER.match(name)) and os.path.isdir(os.path.join(folder, name))]
+        return sorted(found)
+
+    if not os.path.isdir(root):
+        raise UserError(f"{root} is not a folder; give the sweep's folder, which holds <config>/seed-K/")
+    configs = {name: seeds(os.path.join(root, name)) for name in sorted(os.listdir(root))
+               if os.path.isdir(os.path.join(root, name)) and not SEED_FOLDER.match(name)}
+    configs = {name: found for name, found in configs.items() if found}
+    if seeds(root):
+        configs[os.path.basename(os.path.abspath(root))] = seeds(root)
+    return configs
+
+
+def find_file(folder, name):
+    """folder/name, or folder/<one subfolder>/name; None when neither exists. Two of them is a problem."""
+    found = [os.path.join(folder, name)] if os.path.isfile(os.path.join(folder, name)) else []
+    found += sorted(os.path.join(folder, sub, name) for sub in os.listdir(folder)
+                    if os.path.isfile(os.path.join(folder, sub, name)))
+    if len(found) > 1:
+        raise ValueError(f"{len(found)} copies of {name} ({', '.join(found)})")
+    return found[0] if found else None
+
+
+def epoch_curve(records):
+    """[(epoch, test accuracy)] of a trainer's epoch records, in epoch order."""
+    curve = {}
+    for r in records:
+        if (r.get("type", "epoch") == "epoch" and isinstance(r.get("epoch"), int)
+                and isinstance(r.get("test_acc"), (int, float))):
+            curve[r["epoch"]] = float(r["test_acc"])
+    return sorted(curve.items())
+
+
+def generator_measures(folder, gan_records, last_epoch):
+    """(measures {key: value}, where they come from) from eval.json, else from the eval record at last_epoch;
+    ({}, None) when there are none."""
+    path = find_file(folder, "eval.json")
+    if path is not None:
+        with open(path) as f:
+            record = json.load(f)
+        if not isinstance(record, dict):
+            raise ValueError(f"{path} holds no measures")
+        source = f"eval.json, {record.get('n', '?')} samples"
+    else:
+        evals = [r for r in gan_records if r.get("type") == "eval" and r.get("epoch") == last_epoch]
+        if not evals:
+            return {}, None
+        record, source = evals[-1], f"eval record of epoch {last_epoch}, {evals[-1].get('n', '?')} samples"
+    measures = {key: float(record[key]) for key, _, _ in MEASURES if isinstance(record.get(key), (int, float))}
+    return measures, source if measures else None
+
+
+def read_seed(folder, problems, show):
+    """{"baseline": curve, "gan": curve, "measures": {...}, "measures_from": text} of one seed's folder (what it
+    has of them); each missing or damaged file is added to problems, its path as show(path) gives it."""
+    run, gan_records, found = {}, [], False
+    for job, name in JOBS.items():
+        try:
+            path = find_file(folder, name)
+            if path is None:
+                continue
+            found = True
+            records, skipped = read_metrics(path)
+        except (OSError, ValueError) as e:
+            problems.append(f"{show(folder)}: {getattr(e, 'strerror', None) or e}")
+            continue
+        curve = epoch_curve(records)
+        if not curve:
+            damaged = f" ({skipped} damaged line(s))" if skipped else ""
+            problems.append(f"{show(path)}: no epoch with a test accuracy{damaged}, left out")
+            continue
+        if skipped:
+            problems.append(f"{show(path)}: {skipped} damaged line(s) skipped, the rest compared")
+        run[job] = curve
+        if job == "gan":
+            gan_records = records
+    if run:
+        try:
+            last = run["gan"][-1][0] if "gan" in run else None
+            run["measures"], run["measures_from"] = generator_measures(folder, gan_records, last)
+        except (OSError, ValueError) as e:  # a damaged eval.json: the accuracies still count
+            problems.append(f"{show(folder)}: generator measures left out ({e})")
+    elif not found:
+        problems.append(f"{show(folder)}: no {' or '.join(JOBS.values())}")
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Statistics
+
+def mean_std(values):
+    """{"mean", "std" (the sample std, None for one value), "n", "values"}, or None without values."""
+    if not values:
+        return None
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return {"mean": mean, "std": std, "n": n, "values": values}
+
+
+def compare_config(root, name, seeds, problems):
+    """The row of one configuration: per job the final test accuracy over the seeds that reached its most epochs,
+    and the generator's measures over the seeds whose GAN did."""
+    show = lambda path: os.path.relpath(path, root)  # noqa: E731
+    runs = {seed: read_seed(folder, problems, show) for seed, folder in seeds}
+    row, kept = {"config": name, "seeds": [seed for seed, _ in seeds]}, {}
+    for job in JOBS:
+        reached = {seed: run[job][-1][0] for seed, run in runs.items() if job in run}
+        epochs = max(reached.values(), default=None)
+        kept[job] = [seed for seed, e in reached.items() if e == epochs]
+        for seed, e in reached.items():
+            if e != epochs:
+                problems.append(f"{show(dict(seeds)[seed])}: {job} unfinished at epoch {e} of {epochs}, left out")
+        row[job] = {"epochs": epochs, "seeds": kept[job],
+                    "test_acc": mean_std([runs[seed][job][-1][1] for seed in kept[job]])}
+    with_measures = [seed for seed in kept["gan"] if runs[seed].get("measures")]
+    row["generator"] = {key: mean_std([runs[s]["measures"][key] for s in with_measures if key in runs[s]["measures"]])
+                        for key, _, _ in MEASURES}
+    row["generator_from"] = {seed: runs[seed]["measures_from"] for seed in with_measures}
+    curves = {job: {seed: run[job] for seed, run in runs.items() if job in run} for job in JOBS}
+    return row, curves
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing the table and the plot
+
+def cell(stats, fmt):
+    if stats is None:
+        return "-"
+    if stats["std"] is None:
+        return f"{stats['mean']:{fmt}} (n=1)"
+    return f"{stats['mean']:{fmt}} ± {stats['std']:{fmt}} (n={stats['n']})"
+
+
+def markdown(rows, problems, root):
+    measured = [(key, title, fmt) for key, title, fmt in MEASURES if any(r["generator"][key] for r in rows)]
+    head = ["configuration", "epochs (baseline / GAN)", "baseline test acc", "GAN discriminator test acc",
+            *(title for _, title, _ in measured)]
+    lines = [f"# Comparison of {root}", "",
+             "Final test accuracy and the generator's measures per configuration: mean ± sample std over the seeds "
+             "(n of them).", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        epochs = " / ".join("-" if r[job]["epochs"] is None else str(r[job]["epochs"]) for job in JOBS)
+        lines.append("| " + " | ".join([r["config"], epochs, cell(r["baseline"]["test_acc"], ".4f"),
+                                        cell(r["gan"]["test_acc"], ".4f"),
+                                        *(cell(r["generator"][key], fmt) for key, _, fmt in measured)]) + " |")
+    sources = [f"- {r['config']}: " + "; ".join(f"seed {s}: {text}" for s, text in r["generator_from"].items())
+               for r in rows if r["generator_from"]]
+    if sources:
+        lines += ["", "Generator measures from:", *sources]
+    if problems:
+        lines += ["", "Missing, damaged or unfinished:", *(f"- {p}" for p in problems)]
+    return "\n".join(lines) + "\n"
+
+
+def plot(all_curves):
+    """PNG bytes: test accuracy per epoch of every seed, the baseline and the GAN discriminator side by side,
+    one colour per configuration."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, (job, title) in zip(axes, (("baseline", "baseline"), ("gan", "GAN discriminator"))):
+        for i, (name, curves) in enumerate(all_curves.items()):
+            for k, curve in enumerate(curves[job].values()):
+                epochs, acc = zip(*curve)
+                ax.plot(epochs, acc, color=f"C{i % 10}", linewidth=1.5, marker="." if len(curve) < 20 else None,
+                        label=name if k == 0 else None)
+        ax.set_title(f"{title}: test accuracy, every seed")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "no runs", ha="center", va="center", transform=ax.transAxes)
+    axes[0].set_ylabel("test accuracy")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def run(args):
+    configs = seed_folders(args.runs)
+    problems, rows, all_curves = [], [], {}
+    for name, seeds in configs.items():
+        row, curves = compare_config(args.runs, name, seeds, problems)
+        if row["baseline"]["test_acc"] or row["gan"]["test_acc"]:
+            rows.append(row)
+            all_curves[name] = curves
+    if not rows:
+        found = f"; {len(problems)} problem(s), the first: {problems[0]}" if problems else ""
+        raise UserError(f"no finished run under {args.runs}: expected {args.runs}/<config>/seed-K/ holding "
+                        f"{' or '.join(JOBS.values())}{found}")
+    out = args.output_dir or args.runs
+    report = {"runs": args.runs, "configurations": rows, "left_out": problems}
+    paths = [os.path.join(out, f"compare.{ext}") for ext in ("md", "json", "png")]
+    table = markdown(rows, problems, args.runs)
+    write_together([(paths[0], table.encode()), (paths[1], (json.dumps(report, indent=2) + "\n").encode()),
+                    (paths[2], plot(all_curves))], hint="choose another --output-dir")
+    print(table, end="")
+    print(f"wrote {', '.join(paths)}")
+
+
+def main(argv=None):
+    run_main(lambda: run(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""compare.py on a sweep folder: one seed from real short runs of both trainers (which also shows their ETA: the
+per-epoch records' eta_s is the measured pace times the epochs left), the other seeds from metrics files written
+as the trainers write them, plus unfinished, empty and damaged runs. The numbers are checked against mean and
+sample std computed by hand, the table and JSON read back, and the PNG decoded."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import compare
+import training
+from conftest import REPO, write_image_folder
+
+TINY = ["--width", "8", "--batch-size", "32", "--limit-train", "128", "--limit-test", "50", "--device", "cpu"]
+
+
+def train(script, data, out, epochs):
+    result = subprocess.run([sys.executable, os.path.join(REPO, script), "--data-dir", str(data), "--out-dir",
+                             str(out), "--epochs", str(epochs), *TINY], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def write_jsonl(path, records, tail=""):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records) + tail)
+
+
+def baseline_records(final_acc, epochs=3):
+    return [{"epoch": e, "lr": 1e-3, "train_loss": 1.0, "train_acc": 0.5, "test_acc": final_acc - 0.1 * (epochs - e),
+             "seconds": 1.0, "images_per_s": 100.0, "eta_s": epochs - e} for e in range(1, epochs + 1)]
+
+
+def gan_records(final_acc, epochs=2, evals=None):
+    records = []
+    for e in range(1, epochs + 1):
+        records.append({"type": "monitor", "epoch": e, "batch": 50, "gp": 0.1})
+        records.append({"type": "epoch", "epoch": e, "test_acc": final_acc - 0.05 * (epochs - e), "seconds": 2.0,
+                        "images_per_s": 50.0, "eta_s": 2.0 * (epochs - e)})
+    if evals is not None:
+        records.append({"type": "eval", "epoch": epochs, "n": 5000, **evals})
+    return records
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """runs/sweep/{w8,deep}/seed-K/ and the stdout of the real runs of w8/seed-0."""
+    root = tmp_path_factory.mktemp("runs")
+    data = root / "data"
+    write_image_folder(data, train_per_class=13, test_per_class=5)
+    sweep = root / "sweep"
+    w8 = sweep / "w8"
+    out = {"baseline": train("train_baseline.py", data, w8 / "seed-0", 3),
+           "gan": train("train_gan.py", data, w8 / "seed-0", 2)}
+    for seed, (b, g) in {1: (0.5, 0.3), 2: (0.7, 0.4)}.items():
+        write_jsonl(w8 / f"seed-{seed}" / "baseline_metrics.jsonl", baseline_records(b))
+        write_jsonl(w8 / f"seed-{seed}" / "gan_metrics.jsonl", gan_records(g))
+    for seed, fid in {0: 50.0, 1: 56.0, 2: 62.0}.items():
+        (w8 / f"seed-{seed}" / "eval.json").write_text(json.dumps({"n": 10000, "fid": fid, "is_mean": 4.0 + seed}))
+    write_jsonl(w8 / "seed-3" / "baseline_metrics.jsonl", baseline_records(0.9, epochs=2))  # still running
+    (w8 / "seed-4").mkdir()
+    deep = sweep / "deep"
+    write_jsonl(deep / "seed-0" / "baseline" / "baseline_metrics.jsonl", baseline_records(0.80))
+    write_jsonl(deep / "seed-0" / "gan" / "gan_metrics.jsonl",
+                gan_records(0.6, evals={"class_acc": 0.30, "classifier_fd": 10.0}))
+    # A line cut short by a kill mid-append: skipped, the run still counts.
+    write_jsonl(deep / "seed-1" / "baseline" / "baseline_metrics.jsonl", baseline_records(0.84), tail='{"epoch": 4, "te')
+    write_jsonl(deep / "seed-1" / "gan" / "gan_metrics.jsonl",
+                gan_records(0.7, evals={"class_acc": 0.40, "classifier_fd": 14.0}))
+    (deep / "seed-2").mkdir()
+    (deep / "seed-2" / "gan_metrics.jsonl").write_bytes(b"\x00\x17garbage\n")
+    return sweep, out
+
+
+@pytest.fixture(scope="module")
+def compared(sweep):
+    root, _ = sweep
+    result = subprocess.run([sys.executable, os.path.join(REPO, "compare.py"), str(root)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((root / "compare.json").read_text())
+    return root, result.stdout, report, {row["config"]: row for row in report["configurations"]}
+
+
+def final_acc(path):
+    records = [json.loads(line) for line in open(path)]
+    return [r for r in records if r.get("type", "epoch") == "epoch"][-1]["test_acc"]
+
+
+def test_mean_and_sample_std_over_seeds(sweep, compared):
+    root, _, _, rows = compared
+    real = final_acc(root / "w8" / "seed-0" / "baseline_metrics.jsonl")
+    values = [real, 0.5, 0.7]
+    mean = (real + 0.5 + 0.7) / 3
+    std = math.sqrt(((real - mean) ** 2 + (0.5 - mean) ** 2 + (0.7 - mean) ** 2) / 2)
+    w8 = rows["w8"]
+    assert w8["baseline"]["test_acc"] == pytest.approx({"mean": mean, "std": std, "n": 3, "values": values})
+    assert w8["baseline"]["epochs"] == 3 and w8["baseline"]["seeds"] == [0, 1, 2]
+    real_gan = final_acc(root / "w8" / "seed-0" / "gan_metrics.jsonl")
+    assert w8["gan"]["test_acc"]["values"] == pytest.approx([real_gan, 0.3, 0.4]) and w8["gan"]["epochs"] == 2
+    assert w8["generator"]["fid"] == pytest.approx({"mean": 56.0, "std": 6.0, "n": 3, "values": [50.0, 56.0, 62.0]})
+    assert w8["generator"]["is_mean"]["mean"] == pytest.approx(5.0) and w8["generator"]["class_acc"] is None
+
+    deep = rows["deep"]
+    assert deep["baseline"]["test_acc"] == pytest.approx({"mean": 0.82, "std": 0.0282843, "n": 2,
+                                                          "values": [0.80, 0.84]}, abs=1e-6)
+    assert deep["gan"]["test_acc"]["mean"] == pytest.approx(0.65)
+    assert deep["generator"]["class_acc"]["mean"] == pytest.approx(0.35)
+    assert deep["generator"]["classifier_fd"] == pytest.approx({"mean": 12.0, "std": 2.8284271, "n": 2,
+                                                                "values": [10.0, 14.0]})
+
+
+def test_table_lists_what_was_left_out(compared):
+    root, stdout, report, _ = compared
+    table = (root / "compare.md").read_text()
+    assert stdout.startswith(table)
+    assert "| deep | 3 / 2 | 0.8200 ± 0.0283 (n=2) | 0.6500 ± 0.0707 (n=2) | - | - | 0.3500 ± 0.0707 (n=2) | " \
+           "12.000 ± 2.828 (n=2) |" in table
+    assert "| w8 | 3 / 2 |" in table and "56.00 ± 6.00 (n=3)" in table
+    left_out = report["left_out"]
+    assert left_out == ["deep/seed-1/baseline/baseline_metrics.jsonl: 1 damaged line(s) skipped, the rest compared",
+                        "deep/seed-2/gan_metrics.jsonl: no epoch with a test accuracy (1 damaged line(s)), left out",
+                        "w8/seed-4: no baseline_metrics.jsonl or gan_metrics.jsonl",
+                        "w8/seed-3: baseline unfinished at epoch 2 of 3, left out"]
+    assert all(f"- {p}" in table for p in left_out)
+
+
+def test_plot_has_one_colour_per_configuration(compared):
+    root = compared[0]
+    with Image.open(root / "compare.png") as image:
+        assert image.size == (1100, 420)
+        pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
+    colours = {tuple(p) for p in pixels}
+    # Matplotlib's first two cycle colours, C0 and C1: configurations in the table's order (deep, w8).
+    assert (31, 119, 180) in colours and (255, 127, 14) in colours
+
+
+def test_no_finished_run_is_one_line(tmp_path, capsys):
+    (tmp_path / "empty" / "seed-0").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit:
+        compare.main([str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1
+    assert err == f"error: no finished run under {tmp_path}: expected {tmp_path}/<config>/seed-K/ holding " \
+                  "baseline_metrics.jsonl or gan_metrics.jsonl; 1 problem(s), the first: empty/seed-0: no " \
+                  "baseline_metrics.jsonl or gan_metrics.jsonl\n"
+    assert not (tmp_path / "compare.md").exists()
+
+
+@pytest.mark.parametrize("job", ["baseline", "gan"])
+def test_trainers_print_and_log_the_eta_of_the_measured_pace(sweep, job):
+    root, stdout = sweep
+    records = [json.loads(line) for line in open(root / "w8" / "seed-0" / f"{job}_metrics.jsonl")]
+    epochs = [r for r in records if r.get("type", "epoch") == "epoch"]
+    total = len(epochs)
+    for k, r in enumerate(epochs, 1):
+        pace = sum(e["seconds"] for e in epochs[:k]) / k  # the epochs have equal batches: seconds per epoch
+        assert r["eta_s"] == pytest.approx(pace * (total - k), abs=0.051)
+        line = next(line for line in stdout[job].splitlines() if line.split()[:1] == [str(r["epoch"])])
+        assert line.split()[-1] == training.Run.duration(r["eta_s"])
+    assert epochs[-1]["eta_s"] == 0
+    assert [training.Run.duration(s) for s in (0.4, 59.6, 61, 3599, 3600 * 25 + 7 * 60)] == \
+           ["0s", "1m00s", "1m01s", "59m59s", "25h07m"]
