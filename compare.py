@@ -23,6 +23,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # batch jobs have no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from files import UserError, read_metrics, run_main, write_together  # noqa: E402
 
@@ -166,7 +167,7 @@ def compare_config(root, name, seeds, problems):
     row["generator"] = {key: mean_std([runs[s]["measures"][key] for s in with_measures if key in runs[s]["measures"]])
                         for key, _, _ in MEASURES}
     row["generator_from"] = {seed: runs[seed]["measures_from"] for seed in with_measures}
-    curves = {job: {seed: run[job] for seed, run in runs.items() if job in run} for job in JOBS}
+    curves = {job: {seed: runs[seed][job] for seed in kept[job]} for job in JOBS}
     return row, curves
 
 
@@ -203,8 +204,8 @@ def markdown(rows, problems, root):
 
 
 def plot(all_curves):
-    """PNG bytes: test accuracy per epoch of every seed, the baseline and the GAN discriminator side by side,
-    one colour per configuration."""
+    """PNG bytes: test accuracy per epoch of every seed compared, the baseline and the GAN discriminator side by
+    side, one colour per configuration."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, (job, title) in zip(axes, (("baseline", "baseline"), ("gan", "GAN discriminator"))):
         for i, (name, curves) in enumerate(all_curves.items()):
@@ -214,6 +215,7 @@ def plot(all_curves):
                         label=name if k == 0 else None)
         ax.set_title(f"{title}: test accuracy, every seed")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")

@@ -19,6 +19,8 @@ import shutil
 import socket
 import sys
 import tempfile
+import urllib.parse
+import urllib.request
 from importlib import metadata
 from pathlib import Path
 
@@ -75,6 +77,17 @@ def as_url(location):
     return Path(location).expanduser().resolve().as_uri()
 
 
+def fetch_cifar(location, folder):
+    """CIFAR-10's archive into folder: through torchvision's download from a URL, copied from a local file (which
+    torchvision's download does not read)."""
+    url = as_url(location)
+    if url.startswith("file://"):
+        shutil.copyfile(urllib.request.url2pathname(urllib.parse.urlparse(url).path),
+                        os.path.join(folder, CIFAR10.filename))
+    else:
+        download_url(url, folder, CIFAR10.filename)
+
+
 def one_line(error):
     return " ".join(f"{type(error).__name__}: {error}".split())
 
@@ -127,7 +140,7 @@ def prepare_cifar(args):
     try:
         archive = os.path.join(tmp, CIFAR10.filename)
         try:
-            download_url(as_url(args.cifar_url), tmp, CIFAR10.filename)
+            fetch_cifar(args.cifar_url, tmp)
         except Exception as e:  # network, HTTP and disk errors come in many types; all mean "not downloaded"
             return False, (f"CIFAR-10: could not download {args.cifar_url} ({one_line(e)}); check the network, or "
                            "give a mirror with --cifar-url")

@@ -175,3 +175,16 @@ def test_environment_lines_follow_requirements_and_the_build(tmp_path):
         assert " ".join(torch.cuda.get_arch_list()) in gpus[0][1]
     if not torch.cuda.is_available():
         assert len(gpus) == 1
+
+
+def test_local_files_serve_as_mirrors(tmp_path, mirror, capsys):
+    """A plain path or a file:// URL (a copy on a shared disk) replaces a download; nothing reaches the server."""
+    mirror["requests"].clear()
+    weights = tmp_path / "w.pth"
+    prepare.main(["--data-dir", str(tmp_path / "data"), "--cifar-url", str(mirror["root"] / "cifar.tar.gz"),
+                  "--cifar-md5", mirror["md5"], "--inception-url", (mirror["root"] / "weights.pth").as_uri(),
+                  "--inception-weights", str(weights)])
+    out = capsys.readouterr().out
+    assert mirror["requests"] == [] and weights.read_bytes() == (mirror["root"] / "weights.pth").read_bytes()
+    assert len(data.load_split(tmp_path / "data", "test")[1]) == PER_BATCH
+    assert out.splitlines()[-1].startswith("ready, with these flags: ") and f"--inception-weights {weights}" in out
