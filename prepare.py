@@ -251,7 +251,8 @@ def check_gpus():
     if torch.version.cuda is None:
         return [(False, f"torch {torch.__version__} is built without CUDA: the scripts can only use the CPU; install "
                         "a CUDA build (jobs/README.md)")]
-    build = f"torch {torch.__version__} for CUDA {torch.version.cuda}, kernels for {' '.join(torch.cuda.get_arch_list())}"
+    archs = " ".join(torch.cuda.get_arch_list())
+    build = f"torch {torch.__version__} for CUDA {torch.version.cuda}, kernels for {archs}"
     if not torch.cuda.is_available():
         return [(True, f"{build}; no GPU visible here (usual on a login node: python prepare.py --no-download "
                        "in a GPU job checks a compute node)")]

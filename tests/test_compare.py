@@ -71,7 +71,8 @@ def sweep(tmp_path_factory):
     write_jsonl(deep / "seed-0" / "gan" / "gan_metrics.jsonl",
                 gan_records(0.6, evals={"class_acc": 0.30, "classifier_fd": 10.0}))
     # A line cut short by a kill mid-append: skipped, the run still counts.
-    write_jsonl(deep / "seed-1" / "baseline" / "baseline_metrics.jsonl", baseline_records(0.84), tail='{"epoch": 4, "te')
+    write_jsonl(deep / "seed-1" / "baseline" / "baseline_metrics.jsonl", baseline_records(0.84),
+                tail='{"epoch": 4, "te')
     write_jsonl(deep / "seed-1" / "gan" / "gan_metrics.jsonl",
                 gan_records(0.7, evals={"class_acc": 0.40, "classifier_fd": 14.0}))
     (deep / "seed-2").mkdir()

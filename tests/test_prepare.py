@@ -188,3 +188,20 @@ def test_local_files_serve_as_mirrors(tmp_path, mirror, capsys):
     assert mirror["requests"] == [] and weights.read_bytes() == (mirror["root"] / "weights.pth").read_bytes()
     assert len(data.load_split(tmp_path / "data", "test")[1]) == PER_BATCH
     assert out.splitlines()[-1].startswith("ready, with these flags: ") and f"--inception-weights {weights}" in out
+
+
+def test_a_damaged_copy_is_fetched_again(tmp_path, mirror, capsys):
+    args = ["--data-dir", str(tmp_path / "data"), "--cifar-url", f"{mirror['url']}/cifar.tar.gz", "--cifar-md5",
+            mirror["md5"], "--inception-url", f"{mirror['url']}/weights.pth", "--inception-weights",
+            str(tmp_path / "w.pth")]
+    prepare.main(args)
+    batch = tmp_path / "data" / "cifar-10-batches-py" / "data_batch_3"
+    good = batch.read_bytes()
+    batch.write_bytes(good[:100])  # cut short, as by a full disk while unpacking by hand
+    # torchvision's checksums tell the real CIFAR-10's files from these (and from a damaged real one).
+    assert prepare.cifar_problem(tmp_path / "data", official=True).endswith("does not match torchvision's checksum")
+    mirror["requests"].clear()
+    prepare.main(args)
+    assert set(mirror["requests"]) == {"/cifar.tar.gz"}  # the good weights are not fetched again
+    assert batch.read_bytes() == good and sorted(os.listdir(tmp_path / "data")) == ["cifar-10-batches-py"]
+    assert "CIFAR-10 downloaded from" in capsys.readouterr().out
