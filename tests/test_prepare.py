@@ -205,3 +205,21 @@ def test_a_damaged_copy_is_fetched_again(tmp_path, mirror, capsys):
     assert set(mirror["requests"]) == {"/cifar.tar.gz"}  # the good weights are not fetched again
     assert batch.read_bytes() == good and sorted(os.listdir(tmp_path / "data")) == ["cifar-10-batches-py"]
     assert "CIFAR-10 downloaded from" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("capability, supported", [((9, 0), True), ((6, 0), False)])
+def test_a_visible_gpu_is_checked_against_the_build(monkeypatch, capability, supported):
+    """No GPU here: torch.cuda says there is one (an H100, a P100) of a CUDA build for sm_75 to sm_120."""
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75", "sm_80", "sm_90", "sm_120"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "GPU-X")
+    build, gpu = prepare.check_gpus()
+    assert build == (True, f"torch {torch.__version__} for CUDA 13.0, kernels for sm_75 sm_80 sm_90 sm_120")
+    assert gpu[0] is supported
+    if supported:
+        assert gpu[1] == "GPU cuda:0: GPU-X, compute capability 9.0, supported"
+    else:
+        assert gpu[1].startswith("GPU cuda:0 (GPU-X, compute capability 6.0) is not supported by this PyTorch")
