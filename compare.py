@@ -8,9 +8,10 @@ per epoch in one plot.
 Each seed-K folder holds the trainers' --out-dir files (baseline_metrics.jsonl, gan_metrics.jsonl), directly or
 one folder down (seed-K/baseline/, seed-K/gan/). The generator's measures (IS, FID, KID, class accuracy,
 classifier FD, whichever were computed) come from evaluate.py's eval.json there (`--output seed-K/eval.json`),
-else from the eval record that train_gan.py --eval-every wrote after its last epoch. The std is the sample std (n - 1); n is the number of seeds with a value.
-A run that has reached fewer epochs than the others of its configuration is still running or was stopped: it is
-listed as unfinished and left out, as are missing and damaged files; the rest is still compared.
+else from the eval record that train_gan.py --eval-every wrote after its last epoch. The std is the sample std
+(n - 1); n is the number of seeds with a value. A run that has reached fewer epochs than the others of its
+configuration is still running or was stopped: it is listed as unfinished and left out, as are missing and damaged
+files; the rest is still compared.
 """
 import argparse
 import io
