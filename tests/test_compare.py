@@ -169,3 +169,15 @@ def test_trainers_print_and_log_the_eta_of_the_measured_pace(sweep, job):
     assert epochs[-1]["eta_s"] == 0
     assert [training.Run.duration(s) for s in (0.4, 59.6, 61, 3599, 3600 * 25 + 7 * 60)] == \
            ["0s", "1m00s", "1m01s", "59m59s", "25h07m"]
+
+
+def test_a_sweep_of_one_configuration_may_hold_the_seeds_directly(tmp_path, capsys):
+    for seed, acc in ((0, 0.6), (1, 0.9)):
+        write_jsonl(tmp_path / "w128" / f"seed-{seed}" / "baseline_metrics.jsonl", baseline_records(acc))
+    compare.main([str(tmp_path / "w128"), "--output-dir", str(tmp_path / "out")])
+    report = json.loads((tmp_path / "out" / "compare.json").read_text())
+    (row,) = report["configurations"]
+    assert row["config"] == "w128" and row["gan"]["test_acc"] is None
+    assert row["baseline"]["test_acc"]["mean"] == pytest.approx(0.75)
+    assert row["baseline"]["test_acc"]["std"] == pytest.approx(math.sqrt(2 * 0.15 ** 2))
+    assert "| w128 | 3 / - | 0.7500 ± 0.2121 (n=2) | - |" in capsys.readouterr().out
