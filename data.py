@@ -288,7 +288,9 @@ class Loader:
         """Yields (batch index, uint8 images, labels) of the given epoch from batch `start` on."""
         n = len(self.labels)
         if self.train:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            # Folded into manual_seed's 64 bits: a --seed from the clock (1.8e18) would overflow it.
+            seed = (self.seed * 100_003 + epoch) % 2 ** 64
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
             order = order.to(self.images.device)
         else:
             order = torch.arange(n, device=self.images.device)

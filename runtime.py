@@ -112,7 +112,9 @@ def check_gpu_supported(index):
 class StopSignal:
     """Turns the signals that end a run into a request to save and stop: SIGTERM and SIGUSR1 (what schedulers
     send at walltime or preemption), SIGINT (Ctrl-C) and SIGHUP (a dropped ssh session). Installed first thing,
-    so that a signal during start-up is a request too. A second SIGINT stops at once (KeyboardInterrupt)."""
+    so that a signal during start-up is a request too. A second SIGINT stops at once (KeyboardInterrupt); any
+    other repeat changes nothing, up to the exit (srun and the batch shell may both forward the scheduler's
+    SIGTERM), so the run still saves and exits 75."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 
@@ -125,7 +127,10 @@ class StopSignal:
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            # After a stop request the process is on its way out: a repeated SIGTERM during its exit would kill it
+            # with 143 instead of the 75 that the job scripts resubmit on.
+            stopping = self.received is not None and sig != signal.SIGINT
+            signal.signal(sig, signal.SIG_IGN if stopping else handler)
 
     def _handle(self, signum, frame):
         if signum == signal.SIGINT and self.received == "SIGINT":
@@ -133,7 +138,10 @@ class StopSignal:
         self.received = signal.Signals(signum).name
         if signum == signal.SIGINT:
             # os.write, not print: a handler may run in the middle of another print.
-            os.write(2, b"\nCtrl-C: saving a checkpoint after this batch; press Ctrl-C again to stop at once\n")
+            try:
+                os.write(2, b"\nCtrl-C: saving a checkpoint after this batch; press Ctrl-C again to stop at once\n")
+            except OSError:  # the terminal is gone: the stop goes on without the message
+                pass
 
 
 def progress_bar(iterable=None, total=None, desc=None, enabled=True):
