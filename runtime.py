@@ -17,6 +17,7 @@ from tqdm import tqdm
 from files import UserError
 
 DEVICE_HELP = "cuda, cuda:N, cpu, or auto: cuda when present (default: auto)"
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal, resumable; the job scripts resubmit on it
 
 
 class Runtime:
@@ -119,24 +120,26 @@ class StopSignal:
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 
     def __init__(self):
-        self.received = None
+        self.received = None  # the name of the first stop signal
+        self._interrupted = False
         self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, traceback):
+        # A process on its way out with EXIT_STOPPED ignores further stop signals: a repeated SIGTERM while the
+        # interpreter exits would kill it with 143 instead of the 75 that the job scripts resubmit on.
+        stopped = isinstance(exc, SystemExit) and exc.code == EXIT_STOPPED
         for sig, handler in self._previous.items():
-            # After a stop request the process is on its way out: a repeated SIGTERM during its exit would kill it
-            # with 143 instead of the 75 that the job scripts resubmit on.
-            stopping = self.received is not None and sig != signal.SIGINT
-            signal.signal(sig, signal.SIG_IGN if stopping else handler)
+            signal.signal(sig, signal.SIG_IGN if stopped and sig != signal.SIGINT else handler)
 
     def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.received == "SIGINT":
+        if signum == signal.SIGINT and self._interrupted:
             raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
+        self.received = self.received or signal.Signals(signum).name
         if signum == signal.SIGINT:
+            self._interrupted = True
             # os.write, not print: a handler may run in the middle of another print.
             try:
                 os.write(2, b"\nCtrl-C: saving a checkpoint after this batch; press Ctrl-C again to stop at once\n")

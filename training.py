@@ -29,11 +29,10 @@ from data import Loader, load_split, to_float
 from files import (UserError, append_metrics, atomic_write, check_range, read_metrics, rewrite_metrics,
                    torch_bytes, write_error, write_together)
 from models import ARCHS, DEFAULT_WIDTH
-from runtime import DEVICE_HELP, progress_bar
+from runtime import DEVICE_HELP, EXIT_STOPPED, progress_bar
 
 LOG_EVERY = 50  # batches between running means in the progress bar and the metrics file (each a host sync)
 AGREE_EVERY = 10  # batches between the processes' agreement on stopping, under torchrun (each a host sync)
-EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal, resumable; the job scripts resubmit on it
 
 
 # ---------------------------------------------------------------------------------------------------------
