@@ -1,4 +1,5 @@
-"""The generator's progress as one animated GIF: the per-epoch grids that train_gan.py writes, in epoch order.
+"""The generator's progress as one animation (GIF, WebP or APNG): the per-epoch grids that train_gan.py writes,
+in epoch order.
 
     python make_gif.py                                       # output/NNN.png -> progress.gif
     python make_gif.py --input run1/output --output run1.gif --every 5 --fps 15

@@ -20,6 +20,13 @@ from files import UserError, atomic_write, check_range, image_bytes, run_main
 from runtime import DEVICE_HELP, Runtime
 
 
+# The formats --output may name, by extension (what Pillow writes of an RGB grid), and their options: JPEG and
+# WEBP at high quality and, for JPEG, without chroma subsampling, which would blur 32x32 images.
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF",
+           ".bmp": "BMP", ".gif": "GIF", ".pdf": "PDF"}
+OPTIONS = {"JPEG": {"quality": 95, "subsampling": 0}, "WEBP": {"quality": 95}}
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="generator.model", help="generator file (default: generator.model)")
@@ -32,13 +39,6 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default: 0)")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     return parser.parse_args(argv)
-
-
-# The formats --output may name, by extension (what Pillow writes of an RGB grid), and their options: JPEG and
-# WEBP at high quality and, for JPEG, without chroma subsampling, which would blur 32x32 images.
-FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF",
-           ".bmp": "BMP", ".gif": "GIF", ".pdf": "PDF"}
-OPTIONS = {"JPEG": {"quality": 95, "subsampling": 0}, "WEBP": {"quality": 95}}
 
 
 def output_format(path):

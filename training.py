@@ -309,10 +309,8 @@ class OutDirLock:
         """Whether this call created the lock file, with the whole record in it."""
         own = f"{self.path}.{self.token['id']}.tmp"
         try:
-            with open(own, "w") as f:
+            with open(own, "w") as f:  # closing it is enough for other NFS clients to read it whole
                 json.dump(self.token, f)
-                f.flush()
-                os.fsync(f.fileno())
             os.link(own, self.path)
             return True
         except FileExistsError:
