@@ -69,22 +69,46 @@ def restore_model(model, record, path):
     if record.get("kind") != model_record(model)["kind"] or record.get("config") != model.config:
         raise UserError(f"{path} holds a {record.get('kind')} of {describe(record.get('config'))}, but this run "
                         f"builds one of {describe(model.config)}; pass the same flags or choose another --out-dir")
-    model.load_state_dict(record["state_dict"])
+    try:
+        model.load_state_dict(record["state_dict"])
+    except (KeyError, RuntimeError):  # the same config, other layers: the net was changed since
+        raise other_version(path, f"its {record.get('kind')} weights do not fit this version's net") from None
+
+
+def other_version(path, what):
+    return UserError(f"{path} comes from another version of this repo ({what}): resume it with the version that "
+                     "wrote it, or start afresh with another --out-dir")
+
+
+class Checkpoint(dict):
+    """A training checkpoint as read from path: an entry it lacks (ckpt["opt_g"]) is a UserError saying that
+    the file comes from another version of the repo, not a KeyError."""
+
+    def __init__(self, content, path):
+        super().__init__(content)
+        self.path = path
+
+    def __missing__(self, key):
+        raise other_version(self.path, f"it has no {key!r} entry")
 
 
 def load_checkpoint(path, job, config, resume):
-    """The training checkpoint of `job` at path to resume from, or None when there is none. Refuses an
-    existing checkpoint unless resume (a new run would overwrite it), and one from another job or with a
-    different model or data config, since resuming it would silently change the run."""
+    """The training checkpoint of `job` at path to resume from (a Checkpoint), or None when there is none.
+    Refuses an existing checkpoint unless resume (a new run would overwrite it), one from another job or with
+    a different model or data config, since resuming it would silently change the run, and one without a
+    setting of config (written before that flag existed)."""
     if not os.path.exists(path):
         return None
     if not resume:
         raise UserError(f"{path} holds an earlier run; pass --resume to continue it or choose another --out-dir")
-    ckpt = _read(path, f"expected a {job} checkpoint; delete it or choose another --out-dir")
+    ckpt = Checkpoint(_read(path, f"expected a {job} checkpoint; delete it or choose another --out-dir"), path)
     if ckpt.get("job") != job:
         raise UserError(f"{path} is a checkpoint of {ckpt.get('job')!r}, not of {job!r}; choose another --out-dir")
+    saved_config = ckpt["config"]
     for key, value in config.items():
-        saved = ckpt["config"].get(key)
+        if key not in saved_config:
+            raise other_version(path, f"it has no --{key.replace('_', '-')} setting")
+        saved = saved_config[key]
         if saved != value:
             flag = "--" + key.replace("_", "-")
             raise UserError(f"{path} was trained with {flag} {saved}, this run asks for {value}; "

@@ -89,9 +89,14 @@ def _load_cifar_batches(batches, split):
     return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)
 
 
+def _hidden(name):
+    """Names starting with "." are never data: macOS's ._* and .DS_Store, a notebook's .ipynb_checkpoints/."""
+    return name.startswith(".")
+
+
 def _class_folders(root):
     try:
-        return sorted(d.name for d in os.scandir(root) if d.is_dir())
+        return sorted(d.name for d in os.scandir(root) if d.is_dir() and not _hidden(d.name))
     except OSError as e:
         raise UserError(f"cannot list {root}: {e.strerror}")
 
@@ -109,8 +114,8 @@ def check_class_folders(data_dir):
             raise UserError(f"{os.path.join(data_dir, split)} has no class folders: expected "
                             f"{split}/<class>/<image files>")
         if len(classes) != len(CLASSES):
-            raise UserError(f"{os.path.join(data_dir, split)} has {len(classes)} class folders; CIFAR-10 needs "
-                            f"{len(CLASSES)}")
+            raise UserError(f"{os.path.join(data_dir, split)} has {len(classes)} class folders ({', '.join(classes)}); "
+                            f"CIFAR-10 needs {len(CLASSES)}")
     if found["train"] != found["test"]:
         differ = sorted(set(found["train"]) ^ set(found["test"]))
         raise UserError(f"{data_dir}: train/ and test/ have different class folders ({', '.join(differ)}); the "
@@ -118,19 +123,26 @@ def check_class_folders(data_dir):
 
 
 def _list_image_folder(root):
-    """[(path, label)] of the images under root/<class>/; refuses a class without images."""
+    """([(path, label)] of the images under root/<class>/, the number of hidden files and folders skipped);
+    refuses a class without images."""
     files = []
+    try:
+        hidden = sum(_hidden(name) for name in os.listdir(root))
+    except OSError as e:
+        raise UserError(f"cannot list {root}: {e.strerror}")
     for label, name in enumerate(_class_folders(root)):
         folder = os.path.join(root, name)
         try:
-            names = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+            entries = os.listdir(folder)
         except OSError as e:
             raise UserError(f"cannot list {folder}: {e.strerror}")
+        hidden += sum(_hidden(f) for f in entries)
+        names = sorted(f for f in entries if f.lower().endswith(IMAGE_SUFFIXES) and not _hidden(f))
         if not names:
             raise UserError(f"{folder} has no images: every class needs some (a classifier that never saw a "
                             f"{name} would be saved silently)")
         files += [(os.path.join(folder, f), label) for f in names]
-    return files
+    return files, hidden
 
 
 def _decode(path):
@@ -148,7 +160,13 @@ def _decode(path):
 
 
 def _load_image_folder(root, cache_path):
-    files = _list_image_folder(root)
+    """The images under root/<class>/, from the cache at cache_path while it matches the files. The cache's
+    stamp is the files' names under root, labels, sizes and modification times: the same folder named another
+    way (relative, ./, through a symlink) reuses the cache, and a changed, added or removed file rebuilds it."""
+    files, hidden = _list_image_folder(root)
+    if hidden:
+        print(f"note: skipped {hidden} hidden file(s) and folder(s) in {root} (names starting with '.', such as "
+              ".DS_Store, ._* or .ipynb_checkpoints, are never data)", file=sys.stderr)
     stamp, unreadable = hashlib.sha1(), []
     for path, label in files:
         try:
@@ -156,7 +174,8 @@ def _load_image_folder(root, cache_path):
         except OSError as e:  # a dangling link, a file removed meanwhile
             unreadable.append((path, e.strerror))
             continue
-        stamp.update(os.fsencode(path) + f"\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        name = os.path.relpath(path, root)
+        stamp.update(os.fsencode(name) + f"\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     refuse_unreadable(unreadable)
     stamp = stamp.hexdigest()
     if os.path.isfile(cache_path):
@@ -288,7 +307,9 @@ class Loader:
         """Yields (batch index, uint8 images, labels) of the given epoch from batch `start` on."""
         n = len(self.labels)
         if self.train:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            # Folded into manual_seed's 64 bits: a --seed from the clock (1.8e18) would overflow it.
+            seed = (self.seed * 100_003 + epoch) % 2 ** 64
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
             order = order.to(self.images.device)
         else:
             order = torch.arange(n, device=self.images.device)

@@ -1,7 +1,8 @@
 """Errors a user can fix, and writing files so that no failure or kill ever leaves half a file.
 
 - UserError and run_main: a problem the user can fix is one line on stderr and exit status 2; check_range
-  checks a numeric flag.
+  checks a numeric flag. Output to a terminal or pipe that is gone (a dropped ssh session) is dropped, so that
+  the exit status stays the script's own.
 - atomic_write: every file the scripts write goes through it (temporary name, fsync, rename); a write that
   fails for lack of space, quota or permission removes its temporary file, leaves the old file as it was, and
   becomes a UserError.
@@ -27,16 +28,71 @@ class Terminated(BaseException):
 
 
 def _terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a repeated SIGTERM must not interrupt the cleanup
     raise Terminated
+
+
+class SurvivingStream:
+    """A text stream (sys.stdout, sys.stderr) whose writes survive the end of what it writes to: a terminal
+    that is gone (EIO: the ssh session dropped) or a pipe closed at the other end (EPIPE). From then on its
+    file descriptor points at /dev/null, so that what is still buffered, later writes and the flush at exit
+    all succeed and the script ends with its own exit status, not a traceback."""
+
+    GONE = {errno.EIO, errno.EPIPE}
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except OSError as e:
+            self._discard(e)
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except OSError as e:
+            self._discard(e)
+
+    def _discard(self, error):
+        if error.errno not in self.GONE:
+            raise error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+        try:
+            self._stream.flush()  # what it still holds, into /dev/null
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _surviving(stream):
+    """stream wrapped in SurvivingStream when it has a file descriptor (not a caller's StringIO)."""
+    try:
+        stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return stream
+    return SurvivingStream(stream)
 
 
 def run_main(main):
     """Run main() with one-line output for what the user can fix: a UserError is `error: ...` and exit 2, a
     second Ctrl-C (the first asks the trainers to save and stop) is `interrupted` and exit 130, and SIGTERM,
-    where the script does not catch it itself (the trainers do), ends it the same way with exit 143."""
+    where the script does not catch it itself (the trainers do), ends it the same way with exit 143. Output
+    survives a closed terminal or pipe (SurvivingStream)."""
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _surviving(sys.stdout), _surviving(sys.stderr)
     # A batch job's stdout is a file, which Python would block-buffer: its log would stay empty while the job runs.
-    if hasattr(sys.stdout, "reconfigure"):  # not when a caller has put a StringIO there
-        sys.stdout.reconfigure(line_buffering=True)
+    if hasattr(streams[0], "reconfigure"):  # not when a caller has put a StringIO there
+        try:
+            streams[0].reconfigure(line_buffering=True)
+        except OSError:  # it flushes first, and the terminal may be gone already: SurvivingStream handles that
+            sys.stdout.flush()
     previous = signal.getsignal(signal.SIGTERM)
     if previous == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _terminate)
@@ -52,6 +108,8 @@ def run_main(main):
         print("stopped by SIGTERM", file=sys.stderr)
         sys.exit(143)
     finally:
+        sys.stdout.flush()
+        sys.stdout, sys.stderr = streams
         signal.signal(signal.SIGTERM, previous)
 
 
@@ -87,10 +145,11 @@ def atomic_write(path, content, hint="choose another --out-dir"):
     write_together([(path, content)], hint)
 
 
-def write_together(contents, hint="choose another --out-dir"):
+def write_together(contents, hint="choose another --out-dir", ready=None):
     """atomic_write for several files (path, bytes) that belong together, such as an epoch's checkpoint, models
     and grid: all are written to temporary files first and renamed only when every one of them is written, so
-    a write that fails changes none of them."""
+    a write that fails changes none of them. ready(), when given, runs between the two and may raise to
+    change nothing (a last check that the folder is still this run's)."""
     written = []
     try:
         for path, content in contents:
@@ -104,6 +163,8 @@ def write_together(contents, hint="choose another --out-dir"):
                     os.fsync(f.fileno())
             except OSError as e:
                 raise write_error(path, e, hint)
+        if ready is not None:
+            ready()
         for (path, _), tmp in zip(contents, written):
             try:
                 os.replace(tmp, path)
@@ -127,10 +188,10 @@ def save_torch(obj, path, hint="choose another --out-dir"):
     atomic_write(path, torch_bytes(obj), hint)
 
 
-def image_bytes(image, format):
-    """A PIL image encoded as format ("PNG", ...)."""
+def image_bytes(image, format, **options):
+    """A PIL image encoded as format ("PNG", ...), with Pillow's options for it (quality=95, ...)."""
     buffer = io.BytesIO()
-    image.save(buffer, format=format)
+    image.save(buffer, format=format, **options)
     return buffer.getvalue()
 
 

@@ -1,7 +1,9 @@
-"""The generator's progress as one animated GIF: the per-epoch grids that train_gan.py writes, in epoch order.
+"""The generator's progress as one animation (GIF, WebP or APNG): the per-epoch grids that train_gan.py writes,
+in epoch order.
 
     python make_gif.py                                       # output/NNN.png -> progress.gif
     python make_gif.py --input run1/output --output run1.gif --every 5 --fps 15
+    python make_gif.py --output progress.webp                # animated WebP; .png or .apng: animated PNG
 
 Grid NNN.png (NNN the 0-based epoch index, zero-padded to 3 or more digits) becomes a frame captioned
 "epoch NNN+1", the count the trainers print. Frames are shrunk to --width pixels, hold their own 256-colour
@@ -24,12 +26,17 @@ LAST_FRAME_MS = 2000  # time to look at the final grid before the loop starts ov
 # Generated grids hardly compress (about 120 KB a frame at 340 pixels), so by default 500 epochs become 85
 # frames (every 6th), about 10 MB, rather than 60 MB.
 MAX_FRAMES = 100
+# The animated formats --output may name, by extension, that imageio writes through Pillow (a video such as .mp4
+# would need ffmpeg; converting the GIF is one command).
+ANIMATIONS = (".gif", ".webp", ".png", ".apng")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", default="output", help="folder of the per-epoch grids NNN.png (default: output)")
-    parser.add_argument("--output", default="progress.gif", help="the GIF to write (default: progress.gif)")
+    parser.add_argument("--output", default="progress.gif",
+                        help=f"the animation to write, in the format of its extension: {', '.join(ANIMATIONS)} "
+                             "(APNG) (default: progress.gif)")
     parser.add_argument("--fps", type=float, default=10, help="frames per second, at most 50 (default: 10)")
     parser.add_argument("--every", type=int, metavar="K",
                         help="keep every K-th epoch (epochs 1, K+1, 2K+1, ...) and always the last (default: the "
@@ -42,6 +49,10 @@ def parse_args(argv=None):
 
 
 def check_args(args):
+    extension = os.path.splitext(args.output)[1].lower()
+    if extension not in ANIMATIONS:
+        raise UserError(f"--output {args.output}: the extension picks the format; make_gif.py writes "
+                        f"{', '.join(ANIMATIONS)} (for a video: ffmpeg -i progress.gif progress.mp4)")
     # GIF delays are whole hundredths of a second, and browsers slow anything under 2 of them.
     check_range(args, "fps", 0, 50, low_open=True)
     check_range(args, "every", 1)
@@ -84,8 +95,10 @@ def frame(path, epoch, width):
 def write_gif(frames, path, fps):
     duration = round(1000 / fps)
     durations = [duration] * (len(frames) - 1) + [max(duration, LAST_FRAME_MS)]
-    # Pillow, behind imageio, gives each frame its own adaptive 256-colour palette.
-    content = iio.imwrite("<bytes>", np.stack(frames), extension=".gif", loop=0,
+    # Pillow, behind imageio, writes the format of the extension; in a GIF each frame has its own adaptive
+    # 256-colour palette. An APNG is a PNG to Pillow.
+    extension = os.path.splitext(path)[1].lower().replace(".apng", ".png")
+    content = iio.imwrite("<bytes>", np.stack(frames), extension=extension, loop=0,
                           duration=durations if len(frames) > 1 else durations[0])
     atomic_write(path, content, hint="choose another --output")
 

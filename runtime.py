@@ -17,6 +17,7 @@ from tqdm import tqdm
 from files import UserError
 
 DEVICE_HELP = "cuda, cuda:N, cpu, or auto: cuda when present (default: auto)"
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal, resumable; the job scripts resubmit on it
 
 
 class Runtime:
@@ -112,28 +113,38 @@ def check_gpu_supported(index):
 class StopSignal:
     """Turns the signals that end a run into a request to save and stop: SIGTERM and SIGUSR1 (what schedulers
     send at walltime or preemption), SIGINT (Ctrl-C) and SIGHUP (a dropped ssh session). Installed first thing,
-    so that a signal during start-up is a request too. A second SIGINT stops at once (KeyboardInterrupt)."""
+    so that a signal during start-up is a request too. A second SIGINT stops at once (KeyboardInterrupt); any
+    other repeat changes nothing, up to the exit (srun and the batch shell may both forward the scheduler's
+    SIGTERM), so the run still saves and exits 75."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 
     def __init__(self):
-        self.received = None
+        self.received = None  # the name of the first stop signal
+        self._interrupted = False
         self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, traceback):
+        # A process on its way out with EXIT_STOPPED ignores further stop signals: a repeated SIGTERM while the
+        # interpreter exits would kill it with 143 instead of the 75 that the job scripts resubmit on.
+        stopped = isinstance(exc, SystemExit) and exc.code == EXIT_STOPPED
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if stopped and sig != signal.SIGINT else handler)
 
     def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.received == "SIGINT":
+        if signum == signal.SIGINT and self._interrupted:
             raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
+        self.received = self.received or signal.Signals(signum).name
         if signum == signal.SIGINT:
+            self._interrupted = True
             # os.write, not print: a handler may run in the middle of another print.
-            os.write(2, b"\nCtrl-C: saving a checkpoint after this batch; press Ctrl-C again to stop at once\n")
+            try:
+                os.write(2, b"\nCtrl-C: saving a checkpoint after this batch; press Ctrl-C again to stop at once\n")
+            except OSError:  # the terminal is gone: the stop goes on without the message
+                pass
 
 
 def progress_bar(iterable=None, total=None, desc=None, enabled=True):

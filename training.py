@@ -14,6 +14,7 @@ A trainer's loop, in this module's terms:
             seconds, images_per_s = run.epoch_speed()
             run.log({...}); run.save(state(epoch + 1, 0))
 """
+import errno
 import json
 import os
 import socket
@@ -26,13 +27,12 @@ import torch
 from checkpoint import load_checkpoint
 from data import Loader, load_split, to_float
 from files import (UserError, append_metrics, atomic_write, check_range, read_metrics, rewrite_metrics,
-                   torch_bytes, write_together)
+                   torch_bytes, write_error, write_together)
 from models import ARCHS, DEFAULT_WIDTH
-from runtime import DEVICE_HELP, progress_bar
+from runtime import DEVICE_HELP, EXIT_STOPPED, progress_bar
 
 LOG_EVERY = 50  # batches between running means in the progress bar and the metrics file (each a host sync)
 AGREE_EVERY = 10  # batches between the processes' agreement on stopping, under torchrun (each a host sync)
-EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal, resumable; the job scripts resubmit on it
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -225,11 +225,14 @@ class OutDirLock:
     the one still running) never write one checkpoint in turn.
 
     It works where cluster home and scratch file systems live (NFS, Lustre), where flock may be missing or
-    local to one node: the file is created with O_EXCL, which those file systems make atomic. It names its
-    holder (host, pid, start time) and carries a heartbeat, rewritten every HEARTBEAT seconds. A lock is stale,
-    and taken over, when its holder is on this host and its process is gone (kill -9), or when its heartbeat
-    has not changed for STALE_AFTER seconds of watching (a crashed node; no clocks are compared). Deleting the
-    file by hand clears it too."""
+    local to one node: the holder's record is written whole to a file of its own, then hard-linked to the lock's
+    name, which those file systems make atomic and exclusive (no one ever sees an empty lock; a full disk fails
+    before the lock exists). It names its holder (host, pid, start time) and carries a heartbeat, rewritten
+    every HEARTBEAT seconds. A lock is stale, and taken over, when its holder is on this host and its process is
+    gone (kill -9), or when its content (a heartbeat, or an empty or damaged file) has not changed for
+    STALE_AFTER seconds of watching (a crashed node; no clocks are compared). Deleting the file by hand clears
+    it too. A holder frozen for longer (SIGSTOP, a hung file server) may find its lock taken when it wakes:
+    check() says so, and the holder must then stop without writing anything more."""
 
     HEARTBEAT = 10
     STALE_AFTER = 60
@@ -239,6 +242,8 @@ class OutDirLock:
         self.token = {"host": socket.gethostname(), "pid": os.getpid(),
                       "since": time.strftime("%Y-%m-%d %H:%M:%S"), "id": uuid.uuid4().hex, "beat": 0}
         self._stop = threading.Event()
+        self._beater = None
+        self.lost = False
 
     def acquire(self, wait, what, give_up=lambda: False):
         """Take the lock, waiting up to `wait` seconds for its holder; a UserError naming the holder after.
@@ -247,61 +252,113 @@ class OutDirLock:
         seen, seen_since = None, time.monotonic()
         while not give_up():
             if self._create():
-                threading.Thread(target=self._beat, daemon=True).start()
+                self._beater = threading.Thread(target=self._beat, daemon=True)
+                self._beater.start()
                 return True
-            holder = self._read()
-            if holder != seen:
-                seen, seen_since = holder, time.monotonic()
-            if self._stale(holder, time.monotonic() - seen_since):
-                self._remove_if(holder)
+            content = self._content()
+            if content != seen:
+                seen, seen_since = content, time.monotonic()
+            if content is not None and self._stale(parse_holder(content), time.monotonic() - seen_since):
+                self._remove_if(lambda now: now == content)
                 continue
             if time.monotonic() >= deadline:
-                who = (f"{holder.get('host')}, pid {holder.get('pid')}, since {holder.get('since')}"
-                       if holder else "unknown holder")
-                raise UserError(f"another {what} run is using {os.path.dirname(self.path) or '.'} ({who}): "
-                                f"wait for it to end, choose another --out-dir, or delete {self.path} if that run "
-                                "is gone")
+                raise UserError(f"another {what} run is using {os.path.dirname(self.path) or '.'} "
+                                f"({describe_holder(content)}): wait for it to end, choose another --out-dir, or "
+                                f"delete {self.path} if that run is gone")
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
         return False
 
+    def check(self):
+        """Raise a UserError unless the lock file still holds this holder's record: while this process was
+        frozen, another run may have found the lock stale and taken over (or the file was deleted)."""
+        if self.held():
+            return
+        content = self._content()
+        if content is None:
+            raise UserError(f"{self.path} was deleted while this run held it (by hand, or by a run that took it over "
+                            "and has ended): this run stops here without writing anything more; run the same "
+                            "command with --resume to continue from the last checkpoint")
+        raise UserError(f"another run took over {os.path.dirname(self.path) or '.'} ({describe_holder(content)}) "
+                        f"while this one was stopped or frozen for over {self.STALE_AFTER:g} s: this run stops here "
+                        "without writing anything more and leaves the folder to that run")
+
+    def held(self):
+        """Whether the lock file still holds this holder's record; once not, never again."""
+        if not self.lost:
+            try:
+                with open(self.path, "rb") as f:
+                    content = f.read()
+            except FileNotFoundError:
+                content = None
+            except OSError:
+                return True  # a hiccup of the file server: the next check tells
+            self.lost = not self._is_mine(content)
+        return not self.lost
+
     def release(self):
         self._stop.set()
-        self._remove_if(self._mine())
+        if self._beater is not None:
+            self._beater.join()  # a beat written after the removal would leave the lock behind
+        self._remove_if(self._is_mine)
 
-    def _mine(self):
-        return {k: self.token[k] for k in HOLDER_KEYS}
+    def _is_mine(self, content):
+        holder = parse_holder(content)
+        return holder is not None and all(holder.get(k) == self.token[k] for k in HOLDER_KEYS)
 
     def _create(self):
+        """Whether this call created the lock file, with the whole record in it."""
+        own = f"{self.path}.{self.token['id']}.tmp"
+        try:
+            with open(own, "w") as f:  # closing it is enough for other NFS clients to read it whole
+                json.dump(self.token, f)
+            os.link(own, self.path)
+            return True
+        except FileExistsError:
+            # On NFS a link whose reply was lost is retried and fails, though it was made: the count tells.
+            return os.stat(own).st_nlink == 2
+        except OSError as e:
+            if e.errno in NO_HARD_LINKS:
+                return self._create_in_place()
+            raise write_error(self.path, e) from None
+        finally:
+            try:
+                os.remove(own)
+            except OSError:
+                pass
+
+    def _create_in_place(self):
+        """_create where the file system has no hard links: O_EXCL, then the record (removed if that fails)."""
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
         except OSError as e:
-            raise UserError(f"cannot write {self.path}: {e.strerror}; choose a writable --out-dir")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.token, f)
+            raise write_error(self.path, e) from None
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.token, f)
+        except OSError as e:
+            os.remove(self.path)
+            raise write_error(self.path, e) from None
         return True
 
-    def _read(self):
-        """The holder's record, or None when the file is gone, being rewritten or not ours."""
+    def _content(self):
+        """The lock file's bytes, or None when it is gone (or cannot be read now)."""
         try:
-            with open(self.path) as f:
-                holder = json.load(f)
-            return holder if isinstance(holder, dict) else None
-        except (OSError, ValueError):
+            with open(self.path, "rb") as f:
+                return f.read()
+        except OSError:
             return None
 
     def _stale(self, holder, unchanged_for):
-        if holder is None:
-            return False  # gone (the next create wins) or mid-rewrite
-        if holder.get("host") == socket.gethostname() and not pid_alive(holder.get("pid")):
+        if holder is not None and holder.get("host") == socket.gethostname() and not pid_alive(holder.get("pid")):
             return True
         return unchanged_for > self.STALE_AFTER
 
-    def _remove_if(self, holder):
-        """Remove the lock file if it still holds this holder's record (not a newer holder's)."""
-        current = self._read()
-        if current is not None and holder is not None and all(current.get(k) == holder.get(k) for k in HOLDER_KEYS):
+    def _remove_if(self, still):
+        """Remove the lock file if still(its content) holds (a newer holder's file stays)."""
+        content = self._content()
+        if content is not None and still(content):
             try:
                 os.remove(self.path)
             except OSError:
@@ -309,6 +366,8 @@ class OutDirLock:
 
     def _beat(self):
         while not self._stop.wait(self.HEARTBEAT):
+            if not self.held():
+                return  # taken over while this process was frozen: the file is the new holder's now
             self.token["beat"] += 1
             try:
                 atomic_write(self.path, json.dumps(self.token).encode())
@@ -317,6 +376,23 @@ class OutDirLock:
 
 
 HOLDER_KEYS = ("host", "pid", "since", "id")  # what tells one holder from another (the beat changes)
+NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}  # os.link on FAT, some FUSE and SMB
+
+
+def parse_holder(content):
+    """The holder's record in a lock file's bytes, or None when it is empty or damaged."""
+    try:
+        holder = json.loads(content)
+    except (TypeError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def describe_holder(content):
+    holder = parse_holder(content)
+    if holder is None:
+        return "unknown holder: the lock file is empty or damaged" if content is not None else "unknown holder"
+    return f"{holder.get('host')}, pid {holder.get('pid')}, since {holder.get('since')}"
 
 
 def pid_alive(pid):
@@ -334,8 +410,9 @@ def pid_alive(pid):
 
 class Run:
     """The files of one training run in --out-dir (<job>.ckpt, <job>_metrics.jsonl, the lock) and what every
-    trainer does with them. Only rank 0 writes; every decision that leads to a write or a stop (a non-finite
-    loss, a stop signal) is agreed by all processes first."""
+    trainer does with them. Only rank 0 writes, each time after checking that it still holds the lock; every
+    decision that leads to a write or a stop (a non-finite loss, a stop signal) is agreed by all processes
+    first."""
 
     def __init__(self, job, script, args, rt, stop, config):
         self.job, self.script, self.rt, self.stop, self.config = job, script, rt, stop, config
@@ -399,14 +476,21 @@ class Run:
 
     def log(self, record):
         if self.rt.is_rank0:
+            self.check_lock()
             append_metrics(self.metrics_path, record)
 
     def save(self, state, also=None):
         """The checkpoint, with the job and its configuration, and the files (path, bytes) that also() lists,
         written together by rank 0: a write that fails (a full disk) changes none of them."""
         if self.rt.is_rank0:
+            self.check_lock()
             checkpoint = torch_bytes({"job": self.job, "config": self.config, **state})
-            write_together([*(also() if also else []), (self.ckpt_path, checkpoint)])
+            write_together([*(also() if also else []), (self.ckpt_path, checkpoint)], ready=self.check_lock)
+
+    def check_lock(self):
+        """Before rank 0 writes: a UserError if another run has taken the folder over (OutDirLock.check)."""
+        if self.lock is not None:
+            self.lock.check()
 
     def batches(self, loader, epoch, start, epochs):
         """The loader's batches of this epoch from `start` on, under a progress bar on a terminal (rank 0); also

@@ -198,8 +198,8 @@ def test_the_holder_beats_so_it_is_never_taken_for_stale(tmp_path, monkeypatch):
     monkeypatch.setattr(training.OutDirLock, "HEARTBEAT", 0.2)
     monkeypatch.setattr(training.OutDirLock, "STALE_AFTER", 1.0)
     holder = training.OutDirLock(str(tmp_path / "gan.lock"))
-    holder.acquire(0, "train_gan.py")
     holder.token["host"] = "another-node"  # as seen from here: no pid to check, only the heartbeat
+    holder.acquire(0, "train_gan.py")
     time.sleep(0.5)
     with pytest.raises(UserError, match="another-node"):
         training.OutDirLock(str(tmp_path / "gan.lock")).acquire(2.5, "train_gan.py")
