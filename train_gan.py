@@ -85,9 +85,12 @@ MAY_CHANGE_ON_RESUME = {"epochs", "eval_every", "eval_n", "eval_classifier", "in
 
 def gradient_penalty(score_hat, x_hat, lambda_gp):
     """lambda * mean((||d score / d x_hat||_2 - 1)^2), kept in the graph (create_graph) so that the
-    discriminator's update differentiates through it."""
-    grad, = torch.autograd.grad(score_hat.sum(), x_hat, create_graph=True)
-    return lambda_gp * ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
+    discriminator's update differentiates through it. Outside autocast even when the forward pass was in it:
+    the gradient's ops would otherwise be autocast too, undoing the fp32 that a layer chose for its forward
+    (the minibatch-discrimination layer's); they follow the forward's dtypes instead."""
+    with torch.autocast(score_hat.device.type, enabled=False):
+        grad, = torch.autograd.grad(score_hat.sum(), x_hat, create_graph=True)
+        return lambda_gp * ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
 
 
 def discriminator_loss(disc_ddp, disc, real, real_labels, fake, fake_labels, alpha, lambda_gp):

@@ -124,10 +124,11 @@ def fused_adam(device):
 
 def load_optimizer(optimizer, state, device):
     """Restore a saved optimizer; the fused kernel follows the device this run is on, not the saved state
-    (a checkpoint written on the CPU resumes fused on a GPU, and the other way round)."""
-    optimizer.load_state_dict(state)
-    for group in optimizer.param_groups:
-        group["fused"] = fused_adam(device)
+    (a checkpoint written on the CPU resumes fused on a GPU, and the other way round). The flag is set in the
+    saved groups before loading: load_state_dict moves Adam's `step` to the parameter's device only for a
+    fused group, and the fused kernel wants all its tensors on one device."""
+    fused = fused_adam(device)
+    optimizer.load_state_dict({**state, "param_groups": [{**group, "fused": fused} for group in state["param_groups"]]})
 
 
 def set_lr(optimizer, lr):
