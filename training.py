@@ -22,6 +22,7 @@ import time
 import uuid
 
 import torch
+import torch.distributed as dist
 
 from checkpoint import load_checkpoint
 from data import Loader, load_split, to_float
@@ -164,7 +165,9 @@ def accuracy(model, loader):
 
 class Meter:
     """Running sums of named values (0-d tensors) over the epoch and over the current window of batches. They
-    stay on the device, so adding costs no host sync; reading the means costs one.
+    stay on the device, so adding costs no host sync; reading the means costs one. Under torchrun the means
+    (and the state) are over every process's batches, one all_reduce per read, so that a log compares with one
+    process's: every process reads at the same points.
 
         meter.add(n, loss=loss, acc=acc)     # values are means over n images (or n=1 per batch)
         meter.means()                        # {"loss": ..., "acc": ...} over the epoch so far
@@ -176,21 +179,38 @@ class Meter:
         self.reset()
 
     def reset(self):
+        # The values of one add() call are summed as one stacked tensor: {names: (sums, count)}
         self.total, self.window = {}, {}
 
     def add(self, n=1, **values):
-        for name, value in values.items():
-            value = value.detach().float() * n
-            for sums in (self.total, self.window):
-                total, count = sums.get(name, (0.0, 0))
-                sums[name] = (value + total, count + n)
+        names = tuple(values)
+        stacked = torch.stack(list(values.values())).detach().float()
+        if n != 1:
+            stacked = stacked * n
+        for sums in (self.total, self.window):
+            total, count = sums.get(names, (0.0, 0))
+            sums[names] = (stacked + total, count + n)
 
     @staticmethod
-    def _means(sums):
+    def _sums(sums):
+        """{name: (sum, count)} as floats, summed over the processes under torchrun."""
         if not sums:
             return {}
-        values = torch.stack([total for total, _ in sums.values()]).tolist()
-        return {name: v / count for (name, (_, count)), v in zip(sums.items(), values)}
+        values = torch.cat([total for total, _ in sums.values()])
+        counts = [count for _, count in sums.values()]
+        if dist.is_initialized():
+            both = torch.cat([values.double(), torch.tensor(counts, dtype=torch.float64, device=values.device)])
+            dist.all_reduce(both)
+            values, counts = both[:len(values)], [round(c) for c in both[len(values):].tolist()]
+        per_name, values = {}, iter(values.tolist())
+        for (names, _), count in zip(sums.items(), counts):
+            for name in names:
+                s, c = per_name.get(name, (0.0, 0))
+                per_name[name] = (s + next(values), c + count)
+        return per_name
+
+    def _means(self, sums):
+        return {name: s / count for name, (s, count) in self._sums(sums).items()}
 
     def means(self):
         return self._means(self.total)
@@ -204,18 +224,21 @@ class Meter:
         """A 0-d bool tensor on the device: whether every sum is finite (a NaN or inf once added stays)."""
         if not self.total:
             return torch.ones((), dtype=torch.bool, device=self.device)
-        return torch.isfinite(torch.stack([total for total, _ in self.total.values()])).all()
+        return torch.isfinite(torch.cat([total for total, _ in self.total.values()])).all()
 
     def state(self):
-        """Plain floats and counts, for the checkpoint."""
-        return {part: {name: [float(s), count] for name, (s, count) in sums.items()}
+        """Plain floats and counts, for the checkpoint (over every process under torchrun)."""
+        return {part: {name: [s, count] for name, (s, count) in self._sums(sums).items()}
                 for part, sums in (("total", self.total), ("window", self.window))}
 
     def load_state(self, state):
+        """The sums of a checkpoint; under torchrun rank 0 holds them and the others start from zero (with the
+        same names, so that the sums still line up when the processes add them)."""
+        keep = not dist.is_initialized() or dist.get_rank() == 0
         for part, sums in (("total", self.total), ("window", self.window)):
             sums.clear()
             for name, (s, count) in state[part].items():
-                sums[name] = (torch.tensor(s, device=self.device), count)
+                sums[(name,)] = (torch.tensor([s if keep else 0.0], device=self.device), count if keep else 0)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Faults that only a GPU would show, checked on the CPU: resuming on another device, the penalty's gradient
-outside autocast, the bf16 gate, the noise of evaluate.py and sample.py, the feature cache's key, and under
-torchrun (gloo, two processes) rank 0's long phases, the logged means and the generator's batch norm."""
+outside autocast, the bf16 gate, the noise of evaluate.py and sample.py, and the feature cache's key (the
+torchrun ones are in test_torchrun_sync.py)."""
 import pytest
 import torch
 
@@ -9,7 +9,7 @@ import sample
 import train_gan
 import training
 from files import UserError
-from models import Generator, MinibatchDiscrimination, class_noise
+from models import MinibatchDiscrimination, class_noise
 from runtime import setup_speed
 
 META = torch.device("meta")
@@ -138,3 +138,4 @@ def test_inception_features_cached_under_other_numerics_are_not_reused(tmp_path,
     other = evaluate.InceptionMetrics(images, torch.device("cpu"), extractor=POOLED)
     assert other.reference.bar is not None  # computed again
     assert other.options["input2_cache_name"] != first.options["input2_cache_name"]
+
