@@ -80,8 +80,11 @@ def add_system_args(parser):
                                                        "(default: 0)")
     g.add_argument("--device", default="auto", help=DEVICE_HELP)
     g.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="bf16: autocast the discriminator's convolutions and linears to bf16 on CUDA (faster; "
-                        "fp32 weights; not yet checked against fp32 on a full schedule) (default: fp32)")
+                   help="fp32: on CUDA the convolutions round their inputs to TF32 (PyTorch's default, "
+                        "torch.backends.cudnn.allow_tf32), the matmuls stay fp32; bf16: autocast the "
+                        "discriminator's convolutions and linears to bf16 on CUDA GPUs of compute capability 8.0 "
+                        "or newer (faster; fp32 weights; not yet checked against fp32 on a full schedule) "
+                        "(default: fp32)")
 
 
 # Flags that may differ when a run is resumed: where things are, how long to train, and how to run it. All
