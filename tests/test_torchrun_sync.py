@@ -135,3 +135,30 @@ def test_generator_batch_norm_under_torchrun_covers_the_global_batch(runs):
         assert torch.equal(rank0[key], rank1[key]), key
         torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=1e-5, msg=key)
     assert one["bn0.num_batches_tracked"] == 4
+
+
+def test_meter_sums_each_add_at_once_with_the_results_of_value_by_value():
+    """One stacked sum per add (three operations whatever the number of values), the same float32 sums as
+    adding each value on its own."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is not torch.ops.aten.detach.default:  # a view, no kernel
+                Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(n, {name: torch.randn((), generator=g) * 100 for name in ("gp", "real_ce", "real_acc")})
+               for n in (1, 7, 3, 1)]
+    meter, expected = training.Meter(torch.device("cpu")), {}
+    for n, values in batches:
+        with Count():
+            meter.add(n, **values)
+        for name, value in values.items():
+            total, count = expected.get(name, (torch.zeros(()), 0))
+            expected[name] = (value * n + total, count + n)
+    assert Count.ops <= 4 * 4  # stack, (multiply,) and the two sums, per add
+    assert meter.means() == {name: total.item() / count for name, (total, count) in expected.items()}
