@@ -74,7 +74,6 @@ class Runtime:
             result = action()
         return result
 
-
     def wait_for_all(self):
         """Return once every process has come here, waiting outside any collective. What rank 0 does alone (the
         lock wait, up to --lock-wait; a first download or decode; the evaluator's Inception statistics; a
@@ -121,7 +120,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):  # the base of nn.BatchN
         total = SumOverProcesses.apply(local)
         count = total[2 * c]
         mean = total[:c] / count
-        var = total[c:2 * c] / count - mean * mean
+        var = (total[c:2 * c] / count - mean * mean).clamp_min(0)  # rounding may take it below 0
         with torch.no_grad():
             self.running_mean.lerp_(mean, self.momentum)
             self.running_var.lerp_(var * count / (count - 1), self.momentum)  # unbiased, as nn.BatchNorm keeps it
