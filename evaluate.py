@@ -121,6 +121,15 @@ def file_digest(path):
     return digest.hexdigest()
 
 
+def feature_numerics(device):
+    """What, beside the images and the weights, changes the features' numbers: the device type and, on CUDA,
+    whether convolutions and matmuls may round to TF32 (PyTorch's default for convolutions)."""
+    if device.type != "cuda":
+        return device.type
+    return (f"cuda conv-tf32={torch.backends.cudnn.allow_tf32} "
+            f"matmul-tf32={torch.backends.cuda.matmul.allow_tf32}")
+
+
 class ImageSet(Dataset):
     """uint8 images (N, 3, H, W) as torch-fidelity reads them, counted on a progress bar as they are read."""
 
@@ -145,8 +154,8 @@ class ImageSet(Dataset):
 class InceptionMetrics:
     """Inception Score of generated images and their FID and KID against fixed real images, all three from one
     pass of torch-fidelity's InceptionV3 over the samples. The real images' features are extracted once and
-    cached by torch-fidelity under a name made from the images and the weights, so later calls and later runs
-    only read them back, and other data or weights never reuse them. reference: uint8 CPU images (N, 3, 32, 32);
+    cached by torch-fidelity under a name made from the images, the weights and the device's numerics, so later
+    calls and later runs only read them back, and other data, weights or numerics never reuse them. reference: uint8 CPU images (N, 3, 32, 32);
     extractor: a feature extractor registered with torch-fidelity (its InceptionV3 unless a test asks)."""
 
     def __init__(self, reference, device, weights=None, batch_size=100, progress=False, extractor=INCEPTION,
@@ -154,7 +163,7 @@ class InceptionMetrics:
         self.device, self.progress = device, progress
         self.description = f"CIFAR-10 {reference_name}, {len(reference)} images"
         key = hashlib.sha1(reference.contiguous().numpy())
-        key.update(f"{extractor} {file_digest(weights) if weights else ''}".encode())
+        key.update(f"{extractor} {file_digest(weights) if weights else ''} {feature_numerics(device)}".encode())
         self.reference = ImageSet(reference, f"Inception features of the {reference_name}", progress)
         self.options = dict(feature_extractor=extractor, feature_extractor_weights_path=weights,
                             cuda=device.type == "cuda", batch_size=batch_size, save_cpu_ram=True, verbose=False,
@@ -254,7 +263,8 @@ class Evaluator:
         self.device, self.n, self.seed, self.batch_size, self.progress = device, n, seed, batch_size, progress
         self.inception, self.inception_note, self.classifier = inception, inception_note, classifier
         self.labels = torch.arange(n) % NUM_CLASSES
-        self.noise = class_noise(self.labels.to(device), torch.Generator(device).manual_seed(seed))
+        # Drawn on the CPU, then moved: one seed gives the same samples on every device.
+        self.noise = class_noise(self.labels, torch.Generator().manual_seed(seed)).to(device)
 
     @torch.no_grad()
     def sample(self, generator):

@@ -9,9 +9,12 @@ import atexit
 import os
 import signal
 import sys
+import time
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from files import UserError
@@ -34,6 +37,7 @@ class Runtime:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
             atexit.register(dist.destroy_process_group)
         self.is_rank0 = self.rank == 0
+        self._meetings = 0
 
     def rng(self, seed, *position):
         """A generator on the device seeded by (seed, rank, *position): a batch's randomness follows from
@@ -64,11 +68,81 @@ class Runtime:
                 result = action()
             except (UserError, SystemExit) as e:  # SystemExit: a stop signal while waiting for the lock
                 error = e
+        self.wait_for_all()
         if self.agree(error is not None)[0]:
             raise error or SystemExit(2)
         if others_too and not self.is_rank0:
             result = action()
         return result
+
+    def wait_for_all(self):
+        """Return once every process has come here, waiting outside any collective. What rank 0 does alone (the
+        lock wait, up to --lock-wait; a first download or decode; the evaluator's Inception statistics; a
+        measurement) can outlast a collective's timeout (10 minutes under NCCL), which would end the job with a
+        traceback; the others count in at the process group's store instead and poll it."""
+        if self.world_size == 1:
+            return
+        self._meetings += 1
+        key = f"runtime/meeting{self._meetings}"
+        store = dist.distributed_c10d._get_default_store()  # the store torchrun's processes met at
+        store.add(key, 1)
+        while store.add(key, 0) < self.world_size:
+            time.sleep(0.1)
+
+
+class SumOverProcesses(torch.autograd.Function):
+    """all_reduce (sum) that autograd differentiates: the gradient of a sum over the processes is the sum of
+    every process's gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):  # the base of nn.BatchNorm1d and 2d
+    """Batch norm over the global batch under torchrun, as SyncBatchNorm, in one all_reduce of per-channel sums
+    per forward and without SyncBatchNorm's host sync (it indexes its gathered counts with a boolean mask in every
+    forward); on gloo (CPU) too. The running statistics come from the global batch, so they are the same on every
+    process and DDP need not broadcast them. Same parameters and buffers as nn.BatchNorm: same state_dict."""
+
+    def forward(self, x):
+        if not self.training:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        dims, shape, c = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2), self.num_features
+        local = torch.cat([x.sum(dims), (x * x).sum(dims), x.new_full((1,), x.numel() // c)])
+        total = SumOverProcesses.apply(local)
+        count = total[2 * c]
+        mean = total[:c] / count
+        var = (total[c:2 * c] / count - mean * mean).clamp_min(0)  # rounding may take it below 0
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * count / (count - 1), self.momentum)  # unbiased, as nn.BatchNorm keeps it
+            self.num_batches_tracked += 1
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        return x * scale.view(shape) + (self.bias - mean * scale).view(shape)
+
+
+def global_batch_norm(module):
+    """The module with each BatchNorm1d/2d replaced by a GlobalBatchNorm holding the same parameter and buffer
+    tensors (so an optimizer made before keeps working); in place."""
+    for name, child in module.named_children():
+        if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            synced = GlobalBatchNorm(child.num_features, child.eps, child.momentum, device="meta")
+            for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+                setattr(synced, key, getattr(child, key))
+            synced.train(child.training)
+            setattr(module, name, synced)
+        else:
+            global_batch_norm(child)
+    return module
 
 
 def pick_device(device, world_size=1):
@@ -155,12 +229,18 @@ def progress_bar(iterable=None, total=None, desc=None, enabled=True):
 
 def setup_speed(device, precision):
     """Switch on the speed-ups for this device; returns whether to autocast to bf16. On CUDA cuDNN picks the
-    fastest convolution algorithms for the fixed shapes (same math). bf16 runs on CUDA GPUs that have it
-    (Ampere and newer)."""
+    fastest convolution algorithms for the fixed shapes (same math). bf16 runs on CUDA GPUs of compute
+    capability 8.0 or newer (Ampere and newer): torch.cuda.is_bf16_supported() also counts the emulation of
+    older GPUs (T4, RTX 20xx), where bf16 convolutions are slower than fp32 ones."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    if precision == "bf16" and not (device.type == "cuda" and torch.cuda.is_bf16_supported()):
-        raise UserError("--precision bf16 needs a CUDA GPU with bf16 (Ampere or newer); use --precision fp32")
+    if precision == "bf16":
+        if device.type != "cuda":
+            raise UserError("--precision bf16 needs a CUDA GPU (Ampere or newer); use --precision fp32")
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            raise UserError(f"--precision bf16 needs a GPU of compute capability 8.0 or newer (Ampere or newer); "
+                            f"{device} ({torch.cuda.get_device_name(device)}) is {major}.{minor}: use --precision fp32")
     return precision == "bf16"
 
 

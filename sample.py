@@ -60,10 +60,10 @@ def class_index(name):
 @torch.no_grad()
 def sample(gen, classes, n, seed):
     """n images of each class in [-1, 1], ordered image-major so that a len(classes)-wide grid has one
-    class per column."""
-    labels = torch.tensor(classes, device=next(gen.parameters()).device).repeat(n)
-    generator = torch.Generator(labels.device).manual_seed(seed)
-    return gen(class_noise(labels, generator))
+    class per column. The noise is drawn on the CPU, then moved: one seed gives the same images on every device."""
+    labels = torch.tensor(classes).repeat(n)
+    noise = class_noise(labels, torch.Generator().manual_seed(seed))
+    return gen(noise.to(next(gen.parameters()).device))
 
 
 def run(args):

@@ -16,7 +16,6 @@ import os
 import warnings
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
@@ -25,7 +24,7 @@ from data import CLASSES, augment
 from files import UserError, check_range, image_bytes, run_main, torch_bytes
 from images import grid_image, to_unit
 from models import MINIBATCH_DIMS, MINIBATCH_KERNELS, NUM_CLASSES, Discriminator, Generator, class_noise
-from runtime import Runtime, StopSignal, autocast, setup_speed
+from runtime import Runtime, StopSignal, autocast, global_batch_norm, setup_speed
 from training import (LOG_EVERY, Meter, Run, accuracy, adam, add_data_args, add_recipe_args, add_system_args,
                       check_common_args, load_optimizer, run_config, training_loaders)
 
@@ -85,9 +84,12 @@ MAY_CHANGE_ON_RESUME = {"epochs", "eval_every", "eval_n", "eval_classifier", "in
 
 def gradient_penalty(score_hat, x_hat, lambda_gp):
     """lambda * mean((||d score / d x_hat||_2 - 1)^2), kept in the graph (create_graph) so that the
-    discriminator's update differentiates through it."""
-    grad, = torch.autograd.grad(score_hat.sum(), x_hat, create_graph=True)
-    return lambda_gp * ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
+    discriminator's update differentiates through it. Outside autocast even when the forward pass was in it:
+    the gradient's ops would otherwise be autocast too, undoing the fp32 that a layer chose for its forward
+    (the minibatch-discrimination layer's); they follow the forward's dtypes instead."""
+    with torch.autocast(score_hat.device.type, enabled=False):
+        grad, = torch.autograd.grad(score_hat.sum(), x_hat, create_graph=True)
+        return lambda_gp * ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
 
 
 def discriminator_loss(disc_ddp, disc, real, real_labels, fake, fake_labels, alpha, lambda_gp):
@@ -192,16 +194,16 @@ def epoch_outputs(gen, disc, noise, out_dir, epoch):
 
 def distribute(gen, disc, rt):
     """(gen_ddp, disc_ddp): the nets' DistributedDataParallel wrappers under torchrun, else the nets. The
-    generator's batch statistics cover the global batch on GPUs (SyncBatchNorm), as one process would see
-    them; gloo (CPU) has no SyncBatchNorm, so there each process normalizes over its own share."""
+    generator's batch statistics cover the global batch (runtime.GlobalBatchNorm, NCCL and gloo alike), as one
+    process would see them; its running statistics are then the same on every process, so DDP does not
+    broadcast them before each forward."""
     if rt.world_size == 1:
         return gen, disc
-    if rt.device.type == "cuda":
-        gen = nn.SyncBatchNorm.convert_sync_batchnorm(gen)
+    global_batch_norm(gen)
     # fc1's (1, width) weight gradient from the double backward has strides (1, 1), not (width, 1): the
     # same layout for a single row, which DDP copies correctly, but it warns about it.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    return DistributedDataParallel(gen), DistributedDataParallel(disc)
+    return DistributedDataParallel(gen, forward_sync_buffers=False), DistributedDataParallel(disc)
 
 
 def make_evaluator(args, rt):
@@ -291,8 +293,10 @@ def train(args, stop):
                       "seconds": seconds, "images_per_s": images_per_s,
                       "eta_s": run.eta(epoch, args.epochs, len(train_loader)), **means}
             run.log(record)
-            if evaluator is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
-                run.log({"type": "eval", "epoch": epoch + 1, **evaluator(gen)})
+            if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+                # rank 0 measures; the others wait for it outside a collective, which could time out
+                rt.rank0_first(lambda: run.log({"type": "eval", "epoch": epoch + 1, **evaluator(gen)}),
+                               others_too=False)
             meter.reset()
             start_batch = 0
             run.save(state(epoch + 1, 0), also=lambda: epoch_outputs(gen, disc, noise, args.out_dir, epoch))

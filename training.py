@@ -23,6 +23,7 @@ import time
 import uuid
 
 import torch
+import torch.distributed as dist
 
 from checkpoint import load_checkpoint
 from data import Loader, load_split, to_float
@@ -79,8 +80,11 @@ def add_system_args(parser):
                                                        "(default: 0)")
     g.add_argument("--device", default="auto", help=DEVICE_HELP)
     g.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="bf16: autocast the discriminator's convolutions and linears to bf16 on CUDA (faster; "
-                        "fp32 weights; not yet checked against fp32 on a full schedule) (default: fp32)")
+                   help="fp32: on CUDA the convolutions round their inputs to TF32 (PyTorch's default, "
+                        "torch.backends.cudnn.allow_tf32), the matmuls stay fp32; bf16: autocast the "
+                        "discriminator's convolutions and linears to bf16 on CUDA GPUs of compute capability 8.0 "
+                        "or newer (faster; fp32 weights; not yet checked against fp32 on a full schedule) "
+                        "(default: fp32)")
 
 
 # Flags that may differ when a run is resumed: where things are, how long to train, and how to run it. All
@@ -124,10 +128,11 @@ def fused_adam(device):
 
 def load_optimizer(optimizer, state, device):
     """Restore a saved optimizer; the fused kernel follows the device this run is on, not the saved state
-    (a checkpoint written on the CPU resumes fused on a GPU, and the other way round)."""
-    optimizer.load_state_dict(state)
-    for group in optimizer.param_groups:
-        group["fused"] = fused_adam(device)
+    (a checkpoint written on the CPU resumes fused on a GPU, and the other way round). The flag is set in the
+    saved groups before loading: load_state_dict moves Adam's `step` to the parameter's device only for a
+    fused group, and the fused kernel wants all its tensors on one device."""
+    fused = fused_adam(device)
+    optimizer.load_state_dict({**state, "param_groups": [{**group, "fused": fused} for group in state["param_groups"]]})
 
 
 def set_lr(optimizer, lr):
@@ -163,7 +168,9 @@ def accuracy(model, loader):
 
 class Meter:
     """Running sums of named values (0-d tensors) over the epoch and over the current window of batches. They
-    stay on the device, so adding costs no host sync; reading the means costs one.
+    stay on the device, so adding costs no host sync; reading the means costs one. Under torchrun the means
+    (and the state) are over every process's batches, one all_reduce per read, so that a log compares with one
+    process's: every process reads at the same points.
 
         meter.add(n, loss=loss, acc=acc)     # values are means over n images (or n=1 per batch)
         meter.means()                        # {"loss": ..., "acc": ...} over the epoch so far
@@ -175,21 +182,38 @@ class Meter:
         self.reset()
 
     def reset(self):
+        # The values of one add() call are summed as one stacked tensor: {names: (sums, count)}
         self.total, self.window = {}, {}
 
     def add(self, n=1, **values):
-        for name, value in values.items():
-            value = value.detach().float() * n
-            for sums in (self.total, self.window):
-                total, count = sums.get(name, (0.0, 0))
-                sums[name] = (value + total, count + n)
+        names = tuple(values)
+        stacked = torch.stack(list(values.values())).detach().float()
+        if n != 1:
+            stacked = stacked * n
+        for sums in (self.total, self.window):
+            total, count = sums.get(names, (0.0, 0))
+            sums[names] = (stacked + total, count + n)
 
     @staticmethod
-    def _means(sums):
+    def _sums(sums):
+        """{name: (sum, count)} as floats, summed over the processes under torchrun."""
         if not sums:
             return {}
-        values = torch.stack([total for total, _ in sums.values()]).tolist()
-        return {name: v / count for (name, (_, count)), v in zip(sums.items(), values)}
+        values = torch.cat([total for total, _ in sums.values()])
+        counts = [count for _, count in sums.values()]
+        if dist.is_initialized():
+            both = torch.cat([values.double(), torch.tensor(counts, dtype=torch.float64, device=values.device)])
+            dist.all_reduce(both)
+            values, counts = both[:len(values)], [round(c) for c in both[len(values):].tolist()]
+        per_name, values = {}, iter(values.tolist())
+        for (names, _), count in zip(sums.items(), counts):
+            for name in names:
+                s, c = per_name.get(name, (0.0, 0))
+                per_name[name] = (s + next(values), c + count)
+        return per_name
+
+    def _means(self, sums):
+        return {name: s / count for name, (s, count) in self._sums(sums).items()}
 
     def means(self):
         return self._means(self.total)
@@ -203,18 +227,21 @@ class Meter:
         """A 0-d bool tensor on the device: whether every sum is finite (a NaN or inf once added stays)."""
         if not self.total:
             return torch.ones((), dtype=torch.bool, device=self.device)
-        return torch.isfinite(torch.stack([total for total, _ in self.total.values()])).all()
+        return torch.isfinite(torch.cat([total for total, _ in self.total.values()])).all()
 
     def state(self):
-        """Plain floats and counts, for the checkpoint."""
-        return {part: {name: [float(s), count] for name, (s, count) in sums.items()}
+        """Plain floats and counts, for the checkpoint (over every process under torchrun)."""
+        return {part: {name: [s, count] for name, (s, count) in self._sums(sums).items()}
                 for part, sums in (("total", self.total), ("window", self.window))}
 
     def load_state(self, state):
+        """The sums of a checkpoint; under torchrun rank 0 holds them and the others start from zero (with the
+        same names, so that the sums still line up when the processes add them)."""
+        keep = not dist.is_initialized() or dist.get_rank() == 0
         for part, sums in (("total", self.total), ("window", self.window)):
             sums.clear()
             for name, (s, count) in state[part].items():
-                sums[name] = (torch.tensor(s, device=self.device), count)
+                sums[(name,)] = (torch.tensor([s if keep else 0.0], device=self.device), count if keep else 0)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -65,3 +65,8 @@ def tiny_image_folder(tmp_path):
     root = tmp_path / "data"
     write_image_folder(root)
     return root
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skips without one); run them with "
+                                       "python -m pytest -m gpu tests")

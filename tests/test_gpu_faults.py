@@ -1,0 +1,141 @@
+"""Faults that only a GPU would show, checked on the CPU: resuming on another device, the penalty's gradient
+outside autocast, the bf16 gate, the noise of evaluate.py and sample.py, and the feature cache's key (the
+torchrun ones are in test_torchrun_sync.py)."""
+import pytest
+import torch
+
+import evaluate
+import sample
+import train_gan
+import training
+from files import UserError
+from models import MinibatchDiscrimination, class_noise
+from runtime import setup_speed
+
+META = torch.device("meta")
+
+
+def adam_state(fused):
+    """A CPU Adam's state_dict after one step, and its parameters."""
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+    optimizer = torch.optim.Adam(params, lr=1e-3, fused=fused)
+    sum(p.sum() for p in params).backward()
+    optimizer.step()
+    return optimizer.state_dict(), params
+
+
+def test_a_cpu_checkpoint_resumes_with_every_adam_tensor_on_the_gpu(monkeypatch):
+    """The meta device stands in for the GPU (fused there): `step` must follow exp_avg onto it, or the fused
+    kernel refuses tensors on two devices at the first step."""
+    state, _ = adam_state(fused=None)
+    monkeypatch.setattr(training, "fused_adam", lambda device: True)
+    params = [torch.nn.Parameter(torch.empty(3, 2, device=META)), torch.nn.Parameter(torch.empty(4, device=META))]
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+    training.load_optimizer(optimizer, state, META)
+    assert all(group["fused"] is True for group in optimizer.param_groups)
+    for p in params:
+        assert {name: t.device for name, t in optimizer.state[p].items()} == dict.fromkeys(
+            ("step", "exp_avg", "exp_avg_sq"), META)
+
+
+def test_a_fused_checkpoint_resumes_plain_on_the_cpu_and_steps():
+    state, _ = adam_state(fused=True)
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+    training.load_optimizer(optimizer, state, torch.device("cpu"))
+    assert all(group["fused"] is None for group in optimizer.param_groups)
+    sum(p.sum() for p in params).backward()
+    optimizer.step()
+    assert all(optimizer.state[p]["step"].item() == 2 for p in params)
+
+
+def penalty_and_gradient(dtype, bf16):
+    """The gradient penalty of a minibatch-discrimination layer's summed output and the layer's gradient."""
+    torch.manual_seed(0)
+    layer = MinibatchDiscrimination(32).to(dtype)
+    x = torch.randn(16, 32).to(dtype).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        gp = train_gan.gradient_penalty(layer(x).sum(1), x, 10.0)
+    gp.backward()
+    return gp.detach().double(), layer.T.grad.double()
+
+
+def test_the_penalty_gradient_is_taken_outside_autocast():
+    """The layer runs in fp32 under autocast; inside autocast its gradient's matmuls would be bf16 (relative error
+    1e-3 against float64, 1e-6 in fp32)."""
+    reference = penalty_and_gradient(torch.float64, False)
+    for value, exact in zip(penalty_and_gradient(torch.float32, True), reference):
+        assert (value - exact).norm() <= 2e-5 * exact.norm()
+
+
+def pretend_gpu(monkeypatch, capability, name):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)  # emulation counts
+
+
+def test_bf16_is_refused_below_compute_capability_8(monkeypatch):
+    pretend_gpu(monkeypatch, (7, 5), "Tesla T4")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    with pytest.raises(UserError, match=r"capability 8.0 or newer .*Tesla T4\) is 7.5: use --precision fp32"):
+        setup_speed(torch.device("cuda", 0), "bf16")
+    assert setup_speed(torch.device("cuda", 0), "fp32") is False
+    pretend_gpu(monkeypatch, (8, 0), "A100")
+    assert setup_speed(torch.device("cuda", 0), "bf16") is True
+    with pytest.raises(UserError, match="needs a CUDA GPU"):
+        setup_speed(torch.device("cpu"), "bf16")
+
+
+class Recorder(torch.nn.Module):
+    """A stand-in generator that keeps its input (the noise) and returns zero images."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros((), device=device))
+        self.inputs = []
+
+    def forward(self, z):
+        self.inputs.append(z)
+        return torch.zeros(len(z), 3, 32, 32, device=z.device) * self.weight
+
+
+def test_sample_noise_is_drawn_on_the_cpu_whatever_the_device():
+    """sample.py on the CPU uses the CPU generator's noise; on another device (meta: a device generator there
+    would fail) it gets the same noise, moved."""
+    labels = torch.tensor([3, 5]).repeat(4)
+    expected = class_noise(labels, torch.Generator().manual_seed(7))
+    cpu, meta = Recorder("cpu"), Recorder(META)
+    sample.sample(cpu, [3, 5], 4, 7)
+    sample.sample(meta, [3, 5], 4, 7)
+    assert torch.equal(cpu.inputs[0], expected)
+    assert meta.inputs[0].device == META and meta.inputs[0].shape == expected.shape
+
+
+def test_evaluator_noise_is_drawn_on_the_cpu_whatever_the_device():
+    expected = class_noise(torch.arange(40) % 10, torch.Generator().manual_seed(3))
+    assert torch.equal(evaluate.Evaluator(torch.device("cpu"), n=40, seed=3).noise, expected)
+    assert evaluate.Evaluator(META, n=40, seed=3).noise.device == META
+
+
+def test_feature_cache_key_follows_the_device_and_tf32(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    keys = {evaluate.feature_numerics(torch.device("cpu")), evaluate.feature_numerics(cuda)}
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", not torch.backends.cudnn.allow_tf32)
+    keys.add(evaluate.feature_numerics(cuda))
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", not torch.backends.cuda.matmul.allow_tf32)
+    keys.add(evaluate.feature_numerics(cuda))
+    assert len(keys) == 4
+
+
+def test_inception_features_cached_under_other_numerics_are_not_reused(tmp_path, monkeypatch):
+    from test_evaluate import POOLED, class_images  # its feature extractor, which needs no weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    images = class_images(2, seed=1)[0]
+    first = evaluate.InceptionMetrics(images, torch.device("cpu"), extractor=POOLED)
+    assert evaluate.InceptionMetrics(images, torch.device("cpu"), extractor=POOLED).reference.bar is None  # cached
+    monkeypatch.setattr(evaluate, "feature_numerics", lambda device: "cuda conv-tf32=True matmul-tf32=False")
+    other = evaluate.InceptionMetrics(images, torch.device("cpu"), extractor=POOLED)
+    assert other.reference.bar is not None  # computed again
+    assert other.options["input2_cache_name"] != first.options["input2_cache_name"]
+
