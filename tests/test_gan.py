@@ -31,9 +31,10 @@ def test_gradient_penalty_of_a_linear_critic():
     torch.manual_seed(0)
     w = (torch.randn(3 * 32 * 32) * 0.05).requires_grad_(True)
     x_hat = torch.randn(5, 3, 32, 32, requires_grad=True)
-    gp = train_gan.gradient_penalty(x_hat.flatten(1) @ w + 0.3, x_hat, lambda_gp=10.0)
+    gp, mean_norm = train_gan.gradient_penalty(x_hat.flatten(1) @ w + 0.3, x_hat, lambda_gp=10.0)
     norm = w.norm().item()
     assert gp.item() == pytest.approx(10.0 * (norm - 1) ** 2, rel=1e-5)
+    assert mean_norm.item() == pytest.approx(norm, rel=1e-5)
     # Kept in the graph (create_graph): the critic's update sees d GP / d w = 2 lambda (|w| - 1) w / |w|.
     gp.backward()
     torch.testing.assert_close(w.grad, 2 * 10.0 * (norm - 1) * w.detach() / norm)
@@ -73,7 +74,7 @@ def test_generator_loss_has_the_two_terms():
     fake = gen(z)
     scores, logits = disc(fake)
     expected = -scores.mean() + F.cross_entropy(logits, labels)
-    assert train_gan.generator_loss(disc, fake, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert train_gan.generator_loss(disc, fake, labels)[0].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_feature_matching_adds_the_squared_distance_of_the_mean_features():
@@ -86,8 +87,8 @@ def test_feature_matching_adds_the_squared_distance_of_the_mean_features():
             x = block(x)
         return x.amax((2, 3))
     distance = sum((a - b) ** 2 for a, b in zip(pooled(real).mean(0).tolist(), pooled(fake).mean(0).tolist()))
-    plain = train_gan.generator_loss(disc, fake, labels)
-    with_fm = train_gan.generator_loss(disc, fake, labels, real, feature_matching=0.5)
+    plain = train_gan.generator_loss(disc, fake, labels)[0]
+    with_fm = train_gan.generator_loss(disc, fake, labels, real, feature_matching=0.5)[0]
     assert with_fm.item() == pytest.approx(plain.item() + 0.5 * distance, rel=1e-5)
     assert distance > 1e-4
 
@@ -186,7 +187,7 @@ def test_nan_loss_stops_cleanly_and_keeps_the_checkpoint(tiny_image_folder, tmp_
     train_gan.main(list(map(str, gan_args(tiny_image_folder, out, "--epochs", 1))))
     before = (out / "gan.ckpt").read_bytes()
     capsys.readouterr()
-    monkeypatch.setattr(train_gan, "gradient_penalty", lambda score, x, lam: score.sum() * float("nan"))
+    monkeypatch.setattr(train_gan, "gradient_penalty", lambda score, x, lam: (score.sum() * float("nan"),) * 2)
     with pytest.raises(SystemExit) as exit_info:
         train_gan.main(list(map(str, gan_args(tiny_image_folder, out, "--epochs", 2, "--resume"))))
     assert exit_info.value.code == 2
