@@ -20,6 +20,7 @@ GRAD_NORM_RANGE = (0.5, 2.0)  # the penalty holds the critic's input-gradient no
 WASSERSTEIN_ABOVE = 100.0  # no 1-Lipschitz critic separates images in [-1, 1]^(3x32x32) by more (their
 #                            L2 distance is at most 2 sqrt(3072) = 111): above it the constraint has broken
 WASSERSTEIN_BELOW = 0.0  # real images no longer scored above fakes: the critic tells them apart no more
+WARMUP_EPOCHS = 1  # ...after this many epochs: a fresh critic scores real and fake alike, its estimate starts at 0
 FAKE_ACC_PERFECT = 0.99  # the auxiliary classifier is right on (nearly) every fake of the critic's batch...
 G_CLASS_LOSS_HIGH = 1.0  # ...while the generator's class cross entropy stays above this (chance: ln 10 = 2.3)
 NOISE_SPREAD_BELOW = 0.02  # RMS per-pixel spread (images in [-1, 1]) of one class's fixed-noise samples
@@ -49,7 +50,7 @@ def wasserstein_exploding(r):
 
 def wasserstein_collapsing(r):
     w = r.get("wasserstein")
-    if w is not None and w <= WASSERSTEIN_BELOW:
+    if w is not None and -WASSERSTEIN_ABOVE <= w <= WASSERSTEIN_BELOW and r.get("epoch", 0) > WARMUP_EPOCHS:
         return f"the Wasserstein estimate is {w:.3g}, at or below {WASSERSTEIN_BELOW:g}"
 
 
