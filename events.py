@@ -75,8 +75,9 @@ class Events:
         os.makedirs(folder, exist_ok=True)
         has_hparams = trim(folder, resumed_at)
         after_existing(folder)
-        self.writer = SummaryWriter(folder, purge_step=resumed_at + 1 if resumed_at >= 0 else None,
-                                    flush_secs=FLUSH_SECS)
+        # A SessionLog.START at the first step, a fresh run's too: TensorBoard's server takes a run's first START
+        # for its beginning and purges at the later ones only.
+        self.writer = SummaryWriter(folder, purge_step=resumed_at + 1, flush_secs=FLUSH_SECS)
         if not has_hparams:
             self.hparams(config, metrics)
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from tensorboard.backend.event_processing import plugin_event_accumulator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.plugins.hparams import plugin_data_pb2
@@ -109,7 +110,11 @@ def test_a_kill_between_the_events_and_the_checkpoint_shows_no_step_twice(data_d
     args = gan_args(data_dir, out, "--batch-size", 32, "--epochs", 2)  # 8 batches per epoch
     killed = run_patched(os.path.join(REPO, "train_gan.py"), KILL_IN_SECOND_SAVE, *args)
     assert killed.returncode == -9, killed.stderr[-2000:]
-    watching = read(out / "tb" / "gan")  # a TensorBoard that was already open reads epoch 2's orphans
+    # TensorBoards that were already open read epoch 2's orphans (the server's reader and the plain one)
+    server = plugin_event_accumulator.EventAccumulator(str(out / "tb" / "gan"), size_guidance={"tensors": 0})
+    server.Reload()
+    assert [e.step for e in server.Tensors("epoch/test_acc")] == [8, 16]
+    watching = read(out / "tb" / "gan")
     assert steps(watching, "epoch/test_acc") == [8, 16]
 
     train_gan.main([*args, "--resume"])
@@ -121,9 +126,11 @@ def test_a_kill_between_the_events_and_the_checkpoint_shows_no_step_twice(data_d
     written = [e.step for p in events.event_files(str(out / "tb" / "gan")) for e in EventFileLoader(p).Load()
                if any(v.tag == "epoch/test_acc" for v in e.summary.value)]
     assert written == [8, 16]
-    # The reader that was watching all along drops them too, from the new file's SessionLog.START.
+    # The readers that were watching all along drop them too, from the new file's SessionLog.START.
     watching.Reload()
     assert steps(watching, "epoch/test_acc") == [8, 16]
+    server.Reload()
+    assert [e.step for e in server.Tensors("epoch/test_acc")] == [8, 16]
     assert [e.value for e in watching.Scalars("epoch/test_acc")] == [e.value for e in tb.Scalars("epoch/test_acc")]
 
 
