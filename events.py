@@ -6,23 +6,37 @@ resumes: trim() first removes the events past the checkpoint from the files alre
 started later, then sees each step once), and the new writer starts with a SessionLog.START at the next step
 (purge_step), which a TensorBoard that already read the orphans obeys by dropping them.
 """
+import contextlib
 import glob
 import io
 import os
+import threading
 import time
 
 from PIL import Image
 from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
 from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
-from files import atomic_write
+from files import atomic_write, write_error
 
 FLUSH_SECS = 30  # a watching TensorBoard lags the run by at most this; every checkpoint flushes too
 HPARAMS_TAG = "_hparams_/session_start_info"  # the hparams plugin's tag of a run's configuration
+HINT = "choose another --out-dir, or pass --no-tensorboard"
+
+
+def quiet_writer_thread(args, default=threading.excepthook):
+    """The writer thread's failure (a full disk) is raised again in the main thread, as one line; it is not
+    printed as a traceback here."""
+    if not isinstance(args.thread, _AsyncWriterThread):
+        default(args)
+
+
+threading.excepthook = quiet_writer_thread
 
 
 def event_files(folder):
@@ -49,7 +63,7 @@ def trim(folder, last_step):
         if not data:
             os.remove(path)
         elif kept.getvalue() != before:  # events dropped, or a record cut short by a kill
-            atomic_write(path, kept.getvalue())
+            atomic_write(path, kept.getvalue(), HINT)
     return has_hparams
 
 
@@ -72,14 +86,24 @@ class Events:
     -1 for a fresh run (whose folder then holds no events of an earlier, unsaved attempt)."""
 
     def __init__(self, folder, resumed_at, config, metrics):
-        os.makedirs(folder, exist_ok=True)
-        has_hparams = trim(folder, resumed_at)
-        after_existing(folder)
-        # A SessionLog.START at the first step, a fresh run's too: TensorBoard's server takes a run's first START
-        # for its beginning and purges at the later ones only.
-        self.writer = SummaryWriter(folder, purge_step=resumed_at + 1, flush_secs=FLUSH_SECS)
-        if not has_hparams:
-            self.hparams(config, metrics)
+        self.folder = folder
+        with self.writing():
+            os.makedirs(folder, exist_ok=True)
+            has_hparams = trim(folder, resumed_at)
+            after_existing(folder)
+            # A SessionLog.START at the first step, a fresh run's too: TensorBoard's server takes a run's first
+            # START for its beginning and purges at the later ones only.
+            self.writer = SummaryWriter(folder, purge_step=resumed_at + 1, flush_secs=FLUSH_SECS)
+            if not has_hparams:
+                self.hparams(config, metrics)
+
+    @contextlib.contextmanager
+    def writing(self):
+        """A failed write (no space, quota, permission) as one line."""
+        try:
+            yield
+        except OSError as e:
+            raise write_error(self.folder, e, HINT) from None
 
     def hparams(self, config, metrics):
         """The run's configuration for TensorBoard's HPARAMS tab, beside the scalar tags it is judged by."""
@@ -87,8 +111,9 @@ class Events:
             self.writer.file_writer.add_summary(summary, 0)
 
     def scalars(self, values, step):
-        for tag, value in values.items():
-            self.writer.add_scalar(tag, value, step)
+        with self.writing():
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
 
     def image(self, tag, png, step):
         """A PNG as it is (the same bytes as the file beside it)."""
@@ -96,13 +121,19 @@ class Events:
             width, height = image.size
             channels = len(image.getbands())
         picture = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=png)
-        self.writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=picture)]), step)
+        with self.writing():
+            self.writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=picture)]), step)
 
     def text(self, tag, text, step):
-        self.writer.add_text(tag, text, step)
+        with self.writing():
+            self.writer.add_text(tag, text, step)
 
     def flush(self):
-        self.writer.flush()
+        with self.writing():
+            self.writer.flush()
 
     def close(self):
-        self.writer.close()
+        try:
+            self.writer.close()
+        except OSError:
+            pass  # at the end of a run: its last checkpoint flushed every event it holds

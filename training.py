@@ -416,7 +416,7 @@ class Run:
             return
         append_metrics(self.metrics_path, record)
         kind = record.get("type", "epoch")
-        if self.events is not None:
+        if self._writer() is not None:
             self.events.scalars(scalar_tags(kind, record), self.step(record))
         history = self._history.get(kind)
         if history is not None:
@@ -431,7 +431,7 @@ class Run:
         self.print(message)
         position = {k: at[k] for k in ("epoch", "batch") if k in at}
         append_metrics(self.metrics_path, {"type": "warning", **position, "rule": rule, "message": message})
-        if self.events is not None:
+        if self._writer() is not None:
             self.events.text(f"warnings/{rule}", message, self.step(at))
 
     def log_window(self, meter, epoch, batch):
@@ -443,7 +443,7 @@ class Run:
 
     def image(self, tag, png, epochs_done):
         """A PNG in the events at the end of epoch epochs_done (rank 0)."""
-        if self.events is not None:
+        if self._writer() is not None:
             self.events.image(tag, png, self.step({"epoch": epochs_done}))
 
     def step(self, record):
@@ -451,20 +451,17 @@ class Run:
         done, batch = record_position(record)
         return done * self._per_epoch + batch
 
-    def _open_events(self, batches_per_epoch):
-        """At the first batch, once the batches per epoch are known: the event files trimmed to the checkpoint's
-        step (even with --no-tensorboard, so that a later run with them sees no orphans), then the writer."""
-        self._per_epoch = batches_per_epoch
-        if not self.rt.is_rank0 or (not self._tensorboard and not os.path.isdir(self.events_dir)):
-            return
-        from events import Events, trim  # TensorBoard's modules, only where they are used
+    def _writer(self):
+        """The event writer of rank 0 (None with --no-tensorboard), made at the first event, so that a run that
+        ends before logging anything (a NaN loss) changes no file; it first drops the events past the
+        checkpoint's step from the files already there."""
+        if self.events is None and self._tensorboard and self.rt.is_rank0:
+            from events import Events  # TensorBoard's modules, only where they are used
 
-        ckpt = self.checkpoint
-        reached = ckpt["epoch"] * batches_per_epoch + ckpt["batch"] if ckpt else -1
-        if self._tensorboard:
+            ckpt = self.checkpoint
+            reached = ckpt["epoch"] * self._per_epoch + ckpt["batch"] if ckpt else -1
             self.events = Events(self.events_dir, reached, self.config, ["epoch/test_acc"])
-        else:
-            trim(self.events_dir, reached)
+        return self.events
 
     def save(self, state, also=None):
         """The checkpoint, with the job and its configuration, and the files (path, bytes) that also() lists,
@@ -478,9 +475,7 @@ class Run:
     def batches(self, loader, epoch, start, epochs):
         """The loader's batches of this epoch from `start` on, under a progress bar on a terminal (rank 0); also
         times the epoch for epoch_speed()."""
-        self._batch_size, self._batches_run = loader.batch_size, 0
-        if self._per_epoch is None:
-            self._open_events(len(loader))
+        self._batch_size, self._batches_run, self._per_epoch = loader.batch_size, 0, len(loader)
         bar = progress_bar(total=len(loader) - start, desc=f"epoch {epoch + 1}/{epochs}", enabled=self.rt.is_rank0)
         self._bar = bar
         start_time = time.perf_counter()

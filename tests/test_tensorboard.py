@@ -2,6 +2,8 @@
 their steps and the configuration, after a run, a resume, and a kill -9 between the events and the checkpoint
 (a real process); a reader that was already watching drops the orphaned events; --no-tensorboard writes none."""
 import os
+import resource
+import signal
 import subprocess
 import sys
 
@@ -99,10 +101,32 @@ training.write_together = write_then_die
 """
 
 
-def run_patched(script, patch, *args):
+def run_patched(script, patch, *args, limit_bytes=None):
+    """The script as a real process, patch run first; limit_bytes: no file it writes may grow past that size
+    (RLIMIT_FSIZE, SIGXFSZ ignored: a write past it fails with EFBIG as on a full disk)."""
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
     code = (f"import sys; sys.path.insert(0, {REPO!r}); sys.argv[0] = {script!r}\n{patch}\n"
             f"import runpy; runpy.run_path({script!r}, run_name='__main__')")
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                          preexec_fn=limited if limit_bytes else None)
+
+
+def test_a_full_disk_under_the_events_is_one_line_and_costs_no_checkpoint(data_dir, tmp_path):
+    """The resumed run's event file cannot take epoch 2's grid (~200 KB at width 8): one line naming the events'
+    folder, and the epoch-1 checkpoint as it was."""
+    out = tmp_path / "run"
+    args = gan_args(data_dir, out, "--batch-size", 32)
+    train_gan.main([*args, "--epochs", "1"])
+    checkpoint = (out / "gan.ckpt").read_bytes()
+    result = run_patched(os.path.join(REPO, "train_gan.py"), "", *args, "--epochs", "2", "--resume",
+                         limit_bytes=150_000)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip() == (f"error: cannot write {out / 'tb' / 'gan'}: File too large; free space or "
+                                     "choose another --out-dir, or pass --no-tensorboard")
+    assert (out / "gan.ckpt").read_bytes() == checkpoint
 
 
 def test_a_kill_between_the_events_and_the_checkpoint_shows_no_step_twice(data_dir, tmp_path, capsys):
