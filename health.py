@@ -10,8 +10,6 @@ Records without a rule's values (the baseline's, a GAN run without --eval-classi
 """
 from typing import Callable, NamedTuple
 
-import torch
-
 from data import CLASSES
 
 # Thresholds. Windows are of training.LOG_EVERY (50) batches.
