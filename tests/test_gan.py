@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train_gan
 from checkpoint import load_model
@@ -284,5 +285,9 @@ def test_eval_every_logs_the_measures_without_changing_the_training(tiny_image_f
     assert [r["epoch"] for r in evals] == [1, 2]
     assert 0 <= evals[-1]["class_acc"] <= 1 and len(evals[-1]["spread_ratio_per_class"]) == 10
     assert "inception_unavailable" in evals[-1] and "fid" not in evals[-1]
+    events = EventAccumulator(str(measured / "tb" / "gan"))  # the measures in TensorBoard, at each epoch's end
+    events.Reload()
+    assert [e.value for e in events.Scalars("eval/class_acc")] == pytest.approx([r["class_acc"] for r in evals])
+    assert [e.step for e in events.Scalars("eval/spread_ratio_per_class/cat")] == [8, 16]
     a, b = (torch.load(out / "generator.model", weights_only=True)["state_dict"] for out in (plain, measured))
     assert all(torch.equal(a[k], b[k]) for k in a)
