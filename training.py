@@ -1,6 +1,7 @@
 """The run plumbing both trainers share, written once: their common flags, the output folder's lock, resuming
 or refusing a checkpoint, running means of the monitored values, stopping on a signal, the non-finite loss
-rule, images/s, and test accuracy.
+rule, images/s, test accuracy, and the metrics written to the metrics file, to TensorBoard (events.py) and
+through the health rules (health.py).
 
 A trainer's loop, in this module's terms:
 
@@ -11,8 +12,9 @@ A trainer's loop, in this module's terms:
                 ... one step ...; meter.add(loss=...)
                 if run.should_stop(meter, epoch, b, len(train_loader)):  # agreed; raises on a NaN loss
                     run.save_and_stop(state(epoch, b + 1))               # checkpoint, then exit 75
+                run.log_window(meter, epoch, b)                          # every LOG_EVERY batches
             seconds, images_per_s = run.epoch_speed()
-            run.log({...}); run.save(state(epoch + 1, 0))
+            run.log({...}); run.image("samples", png, epoch + 1); run.save(state(epoch + 1, 0))
 """
 import json
 import os
