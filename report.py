@@ -25,6 +25,7 @@ import io
 import json
 import os
 import re
+import textwrap
 from typing import NamedTuple
 
 import matplotlib
@@ -37,7 +38,8 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
 from data import CLASSES
-from evaluate import format_table
+import health
+from evaluate import COLLAPSE_BELOW, format_table
 from files import UserError, atomic_write, read_metrics, run_main
 from make_gif import epoch_grids
 
@@ -57,7 +59,8 @@ SCALINGS = {"min-max per batch": "one min-max over the whole batch, as the assig
             "min-max per image": "each image min-max scaled on its own"}
 # The generator-quality measures plotted over epochs: (record key, title, which way is better).
 QUALITY = [("is_mean", "Inception Score", "higher is better"), ("fid", "FID", "lower is better"),
-           ("class_acc", "class accuracy", "higher is better")]
+           ("class_acc", "class accuracy", "higher is better"),
+           ("spread_ratio_per_class", "per-class spread", f"near 1; under {COLLAPSE_BELOW:g}: collapse")]
 OPTIONAL = "optional: the assignment does not ask for it"
 
 
@@ -142,7 +145,7 @@ class Inputs:
         self.gaps = []
         self.pictures = {}  # path -> Picture, or None when the file cannot be decoded
         self.baseline = None  # baseline records, one per epoch
-        self.gan_epochs, self.monitors, self.evals = [], [], []  # the GAN's records of each type
+        self.gan_epochs, self.monitors, self.evals, self.warnings = [], [], [], []  # the GAN's records by type
         self.eval_json_path, self.eval_json = None, None  # evaluate.py's record
         self.grids = []  # (epoch index, path, Picture or None)
         self.gif = None  # (path, bytes)
@@ -278,11 +281,13 @@ def gather(args):
                               {"epoch"})
     inputs.baseline = baseline and latest(baseline, lambda r: r["epoch"])
     gan = inputs.metrics(os.path.join(args.gan_dir, "gan_metrics.jsonl"), "run train_gan.py",
-                         {"epoch", "monitor", "eval"}) or []
+                         {"epoch", "monitor", "eval", "warning"}) or []
     inputs.gan_epochs = latest([r for r in gan if r["type"] == "epoch"], lambda r: r["epoch"])
     inputs.monitors = latest([r for r in gan if r["type"] == "monitor" and isinstance(r.get("batch"), int)],
                              lambda r: (r["epoch"], r["batch"]))
     inputs.evals = latest([r for r in gan if r["type"] == "eval"], lambda r: r["epoch"])
+    inputs.warnings = latest([r for r in gan if r["type"] == "warning"],
+                             lambda r: (r["epoch"], r.get("batch", 0), str(r.get("rule"))))
     inputs.eval_json_path = os.path.join(args.gan_dir, "eval.json")
     inputs.eval_json = read_eval_json(inputs, inputs.eval_json_path)
     if not inputs.evals:
@@ -359,22 +364,37 @@ def plot_baseline(records):
 
 
 def plot_gan(epochs, monitors):
-    """Critic scores, gradient penalty, class cross entropies and accuracies over training. The monitor records
-    (every 50 batches) sit at epoch - 1 + batch / batches per epoch, counting epochs from 1 as the logs do."""
+    """Critic scores, the Wasserstein estimate, gradient penalty and the critic's gradient norm, class cross
+    entropies, the generator's loss terms, accuracies, and how much each class's fixed-noise samples vary, over
+    training. The monitor records (every 50 batches) sit at epoch - 1 + batch / batches per epoch, counting
+    epochs from 1 as the logs do; dotted lines: the health rules' thresholds."""
     per_epoch = max((r["batch"] for r in monitors), default=1) or 1
     points = monitors or epochs
     x = [r["epoch"] - 1 + r["batch"] / per_epoch for r in monitors] if monitors else [r["epoch"] for r in epochs]
-    fig, axes = plt.subplots(2, 2, figsize=PAGE)
+    fig, axes = plt.subplots(2, 4, figsize=PAGE)
     panels = [(axes[0, 0], "critic score fc1", [("real_score", "real"), ("fake_score", "fake")]),
-              (axes[0, 1], "gradient penalty", [("gp", "GP")]),
-              (axes[1, 0], "class cross entropy", [("real_ce", "real"), ("fake_ce", "fake")]),
-              (axes[1, 1], "accuracy", [("real_acc", "real training batches")])]
+              (axes[0, 1], "Wasserstein estimate (real - fake)", [("wasserstein", "estimate")]),
+              (axes[0, 2], "gradient penalty", [("gp", "GP")]),
+              (axes[0, 3], "critic's gradient norm at x_hat", [("grad_norm", "mean norm")]),
+              (axes[1, 0], "class cross entropy", [("real_ce", "real"), ("fake_ce", "fake"),
+                                                   ("g_ce", "generator's class term")]),
+              (axes[1, 1], "generator loss", [("g_loss", "loss"), ("g_critic", "critic term"),
+                                              ("g_ce", "class term")]),
+              (axes[1, 2], "accuracy", [("real_acc", "real training batches"), ("fake_acc", "fake batches")])]
     for ax, title, series in panels:
         for key, name in series:
             ax.plot(x, [r.get(key, float("nan")) for r in points], label=name, linewidth=0.8)
-        ax.set_title(title)
-    axes[1, 1].plot([r["epoch"] for r in epochs], [r.get("test_acc", float("nan")) for r in epochs],
+        ax.set_title(title, fontsize=9)
+    for bound in health.GRAD_NORM_RANGE:
+        axes[0, 3].axhline(bound, color="grey", linestyle=":")
+    axes[0, 1].axhline(health.WASSERSTEIN_BELOW, color="grey", linestyle=":")
+    axes[1, 2].plot([r["epoch"] for r in epochs], [r.get("test_acc", float("nan")) for r in epochs],
                     label="test set", marker=".")
+    spread = [r for r in epochs if isinstance(r.get("noise_spread_per_class"), list)]
+    axes[1, 3].plot([r["epoch"] for r in spread], [min(r["noise_spread_per_class"]) for r in spread],
+                    marker=".", label="least varied class")
+    axes[1, 3].axhline(health.NOISE_SPREAD_BELOW, color="grey", linestyle=":", label="warning below")
+    axes[1, 3].set_title("fixed-noise samples' spread per class", fontsize=9)
     for ax in axes.flat:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -398,6 +418,11 @@ def plot_quality(evals, measures):
             if reference is not None:
                 ax.axhline(reference, color="grey", linestyle=":", label="real images")
             ax.legend()
+        elif key == "spread_ratio_per_class":
+            for c, name in enumerate(CLASSES):
+                ax.plot(epochs, [r[key][c] for r in points], marker=".", linewidth=0.8, label=name)
+            ax.axhline(COLLAPSE_BELOW, color="grey", linestyle=":")
+            ax.legend(fontsize=6)
         else:
             scale = 100 if key == "class_acc" else 1
             ax.plot(epochs, [scale * r[key] for r in points], marker="o")
@@ -530,6 +555,21 @@ def write_curves(doc, found):
         doc.page(plot_gan(found.gan_epochs, found.monitors), "gan_curves.png")
         doc.add("![GAN training curves](gan_curves.png)", "")
     doc.add(*gap_notes(found, "curves"))
+
+
+def write_health(doc, found):
+    """The warnings the health rules raised during training (train_gan.py), in the order of training."""
+    if not (found.gan_epochs or found.monitors):
+        return
+    doc.add("## Training health", "")
+    if found.warnings:
+        lines = [f"epoch {r['epoch']}" + (f", batch {r['batch']}" if "batch" in r else "") + f": {r.get('message')}"
+                 for r in found.warnings]
+        doc.add("The health rules raised these warnings (README, \"Watching a run\", has the thresholds):", "",
+                *(f"- {line}" for line in lines), "")
+        doc.page(text_page("Training health: warnings", [text for line in lines for text in textwrap.wrap(line, 130)]))
+    else:
+        doc.add("The health rules raised no warning.", "")
 
 
 def write_generator(doc, found):
@@ -712,6 +752,7 @@ def report(args):
     doc = Document()
     write_summary(doc, found, args)
     write_curves(doc, found)
+    write_health(doc, found)
     write_generator(doc, found)
     write_quality(doc, found)
     write_perturbation(doc, found)

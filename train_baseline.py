@@ -106,6 +106,7 @@ def train(args, stop):
                 meter.add(len(labels), loss=loss, acc=acc)
                 if run.should_stop(meter, epoch, b, len(train_loader)):
                     run.save_and_stop(state(epoch, b + 1))
+                run.log_window(meter, epoch, b)
             seconds, images_per_s = run.epoch_speed()
 
             # Evaluate, log, save (the log line first: a resumed run drops lines its checkpoint has not reached)

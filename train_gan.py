@@ -19,18 +19,22 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+import health
 from checkpoint import model_record, restore_model
 from data import CLASSES, augment
 from files import UserError, check_range, image_bytes, run_main, torch_bytes
 from images import grid_image, to_unit
 from models import MINIBATCH_DIMS, MINIBATCH_KERNELS, NUM_CLASSES, Discriminator, Generator, class_noise
 from runtime import Runtime, StopSignal, autocast, global_batch_norm, setup_speed
-from training import (LOG_EVERY, Meter, Run, accuracy, adam, add_data_args, add_recipe_args, add_system_args,
+from training import (Meter, Run, accuracy, adam, add_data_args, add_recipe_args, add_system_args,
                       check_common_args, load_optimizer, run_config, training_loaders)
 
 # The discriminator step's monitored values, each a mean over the batch: gradient penalty, critic scores of
-# fake and real images, class cross entropy of real and fake images, and the accuracy on the real batch.
-MONITORED = ("gp", "fake_score", "real_score", "real_ce", "fake_ce", "real_acc")
+# fake and real images, class cross entropy of real and fake images, the accuracy on the real and on the fake
+# batch, and the health signals: the Wasserstein estimate (real - fake score) and the mean norm of the
+# critic's input gradient at the interpolated images (the penalty's own quantity, held near 1).
+MONITORED = ("gp", "fake_score", "real_score", "real_ce", "fake_ce", "real_acc", "fake_acc", "wasserstein",
+             "grad_norm")
 
 
 def parse_args(argv=None):
@@ -83,13 +87,14 @@ MAY_CHANGE_ON_RESUME = {"epochs", "eval_every", "eval_n", "eval_classifier", "in
 
 
 def gradient_penalty(score_hat, x_hat, lambda_gp):
-    """lambda * mean((||d score / d x_hat||_2 - 1)^2), kept in the graph (create_graph) so that the
-    discriminator's update differentiates through it. Outside autocast even when the forward pass was in it:
-    the gradient's ops would otherwise be autocast too, undoing the fp32 that a layer chose for its forward
-    (the minibatch-discrimination layer's); they follow the forward's dtypes instead."""
+    """(lambda * mean((||d score / d x_hat||_2 - 1)^2), kept in the graph (create_graph) so that the
+    discriminator's update differentiates through it; the mean of those norms, detached). Outside autocast even
+    when the forward pass was in it: the gradient's ops would otherwise be autocast too, undoing the fp32 that a
+    layer chose for its forward (the minibatch-discrimination layer's); they follow the forward's dtypes instead."""
     with torch.autocast(score_hat.device.type, enabled=False):
         grad, = torch.autograd.grad(score_hat.sum(), x_hat, create_graph=True)
-        return lambda_gp * ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
+        norms = grad.flatten(1).norm(dim=1)
+        return lambda_gp * ((norms - 1) ** 2).mean(), norms.detach().mean()
 
 
 def discriminator_loss(disc_ddp, disc, real, real_labels, fake, fake_labels, alpha, lambda_gp):
@@ -112,11 +117,13 @@ def discriminator_loss(disc_ddp, disc, real, real_labels, fake, fake_labels, alp
     real_ce = F.cross_entropy(logits[:n], real_labels)
     fake_ce = F.cross_entropy(logits[n:], fake_labels)
     x_hat = (alpha.view(-1, 1, 1, 1) * real + (1 - alpha.view(-1, 1, 1, 1)) * fake).requires_grad_(True)
-    gp = gradient_penalty(disc(x_hat)[0].float(), x_hat, lambda_gp)
+    gp, grad_norm = gradient_penalty(disc(x_hat)[0].float(), x_hat, lambda_gp)
     loss = fake_score - real_score + real_ce + fake_ce + gp
     real_acc = (logits[:n].argmax(1) == real_labels).float().mean()
+    fake_acc = (logits[n:].argmax(1) == fake_labels).float().mean()
     monitored = {"gp": gp, "fake_score": fake_score, "real_score": real_score, "real_ce": real_ce,
-                 "fake_ce": fake_ce, "real_acc": real_acc}
+                 "fake_ce": fake_ce, "real_acc": real_acc, "fake_acc": fake_acc,
+                 "wasserstein": real_score - fake_score, "grad_norm": grad_norm}
     return loss, {name: value.detach() for name, value in monitored.items()}
 
 
@@ -127,31 +134,32 @@ def feature_matching_loss(real_features, fake_features):
 
 def generator_loss(disc, fake, labels, real=None, feature_matching=0.0):
     """-mean(fc1(G(z))) + CE(fc10(G(z)), label); with feature_matching W > 0 also
-    W * feature_matching_loss of D's pooled last-block features on the real batch and on the fake one."""
+    W * feature_matching_loss of D's pooled last-block features on the real batch and on the fake one. Returns
+    the loss and its terms, detached: g_critic, g_ce (and g_fm)."""
     scores, logits, fake_features = disc(fake, with_features=True)
-    loss = -scores.float().mean() + F.cross_entropy(logits.float(), labels)
+    terms = {"g_critic": -scores.float().mean(), "g_ce": F.cross_entropy(logits.float(), labels)}
     if feature_matching:
         with torch.no_grad():
             real_features = disc(real, with_features=True)[2]
-        loss = loss + feature_matching * feature_matching_loss(real_features, fake_features)
-    return loss
+        terms["g_fm"] = feature_matching * feature_matching_loss(real_features, fake_features)
+    return sum(terms.values()), {name: value.detach() for name, value in terms.items()}
 
 
 def generator_step(gen_ddp, disc, opt_g, n, rng, bf16=False, real=None, feature_matching=0.0):
     """One generator update on fresh noise with random labels (and, for feature matching, a real batch). The
     discriminator (the plain module, not its DDP wrapper) is frozen: its parameters get no gradient and stay as
     they are. bf16: autocast the discriminator to bf16 (the generator stays fp32: its gradient has come back
-    through both nets)."""
+    through both nets). Returns the monitored values: the loss g_loss and its terms."""
     labels = torch.randint(0, NUM_CLASSES, (n,), device=rng.device, generator=rng)
     disc.requires_grad_(False)
     fake = gen_ddp(class_noise(labels, rng))
     with autocast(rng.device, bf16):
-        loss = generator_loss(disc, fake, labels, real, feature_matching)
+        loss, terms = generator_loss(disc, fake, labels, real, feature_matching)
     opt_g.zero_grad(set_to_none=True)
     loss.backward()
     opt_g.step()
     disc.requires_grad_(True)
-    return loss.detach()
+    return {"g_loss": loss.detach(), **terms}
 
 
 def discriminator_step(disc_ddp, disc, gen_ddp, opt_d, real, real_labels, rng, lambda_gp, bf16=False):
@@ -177,17 +185,22 @@ def fixed_noise(seed):
 
 
 @torch.no_grad()
-def samples_png(gen, noise):
-    """The grid of the fixed noise through the generator (in eval mode), one class per column, as PNG bytes."""
+def fixed_samples(gen, noise):
+    """The fixed noise through the generator, in eval mode."""
     gen.eval()
-    grid = grid_image(to_unit(gen(noise)), nrow=NUM_CLASSES, column_labels=CLASSES)
+    samples = gen(noise)
     gen.train()
-    return image_bytes(grid, "PNG")
+    return samples
 
 
-def epoch_outputs(gen, disc, noise, out_dir, epoch):
-    """(path, bytes) of what an epoch writes beside the checkpoint: its grid and both model files."""
-    return [(os.path.join(out_dir, "output", f"{epoch:03d}.png"), samples_png(gen, noise)),
+def samples_png(samples):
+    """The grid of the fixed noise's samples, one class per column, as PNG bytes."""
+    return image_bytes(grid_image(to_unit(samples), nrow=NUM_CLASSES, column_labels=CLASSES), "PNG")
+
+
+def epoch_outputs(gen, disc, grid, out_dir, epoch):
+    """(path, bytes) of what an epoch writes beside the checkpoint: its grid (PNG bytes) and both model files."""
+    return [(os.path.join(out_dir, "output", f"{epoch:03d}.png"), grid),
             (os.path.join(out_dir, "generator.model"), torch_bytes(model_record(gen))),
             (os.path.join(out_dir, "discriminator.model"), torch_bytes(model_record(disc)))]
 
@@ -274,24 +287,23 @@ def train(args, stop):
                 real = augment(images, rng)
                 if b % args.n_critic == 0:
                     fm_real = augment(images, rng) if args.feature_matching else None
-                    meter.add(g_loss=generator_step(gen_ddp, disc, opt_g, len(real), rng, bf16, fm_real,
-                                                    args.feature_matching))
+                    meter.add(**generator_step(gen_ddp, disc, opt_g, len(real), rng, bf16, fm_real,
+                                               args.feature_matching))
                 meter.add(**discriminator_step(disc_ddp, disc, gen_ddp, opt_d, real, labels, rng, args.lambda_gp,
                                                bf16))
                 if run.should_stop(meter, epoch, b, len(train_loader)):
                     run.save_and_stop(state(epoch, b + 1))
-                if (b + 1) % LOG_EVERY == 0:
-                    window = meter.take_window()
-                    run.show(window)
-                    run.log({"type": "monitor", "epoch": epoch + 1, "batch": b + 1, **window})
+                run.log_window(meter, epoch, b)
             seconds, images_per_s = run.epoch_speed()
 
             # Evaluate and log, then write the grid, the models and the checkpoint together (a resumed run drops
             # log lines its checkpoint has not reached)
             means = meter.means()
+            samples = fixed_samples(gen, noise)  # the epoch's grid; how much each class's samples vary
             record = {"type": "epoch", "epoch": epoch + 1, "test_acc": accuracy(disc, test_loader),
                       "seconds": seconds, "images_per_s": images_per_s,
-                      "eta_s": run.eta(epoch, args.epochs, len(train_loader)), **means}
+                      "eta_s": run.eta(epoch, args.epochs, len(train_loader)), "lr": args.lr, **means,
+                      "noise_spread_per_class": health.noise_spread(samples, noise[:, :NUM_CLASSES].argmax(1))}
             run.log(record)
             if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
                 # rank 0 measures; the others wait for it outside a collective, which could time out
@@ -299,7 +311,9 @@ def train(args, stop):
                                others_too=False)
             meter.reset()
             start_batch = 0
-            run.save(state(epoch + 1, 0), also=lambda: epoch_outputs(gen, disc, noise, args.out_dir, epoch))
+            grid = samples_png(samples)
+            run.image("samples", grid, epoch + 1)
+            run.save(state(epoch + 1, 0), also=lambda: epoch_outputs(gen, disc, grid, args.out_dir, epoch))
             run.print(f"{epoch + 1:5d} {record['test_acc']:8.4f} {means['real_acc']:8.4f} {means['gp']:7.3f} "
                       f"{means['fake_score']:8.3f} {means['real_score']:8.3f} {seconds:7.1f} {images_per_s:6.0f} "
                       f"{run.duration(record['eta_s']):>7}")

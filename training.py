@@ -1,6 +1,7 @@
 """The run plumbing both trainers share, written once: their common flags, the output folder's lock, resuming
 or refusing a checkpoint, running means of the monitored values, stopping on a signal, the non-finite loss
-rule, images/s, and test accuracy.
+rule, images/s, test accuracy, and the metrics written to the metrics file, to TensorBoard (events.py) and
+through the health rules (health.py).
 
 A trainer's loop, in this module's terms:
 
@@ -11,8 +12,9 @@ A trainer's loop, in this module's terms:
                 ... one step ...; meter.add(loss=...)
                 if run.should_stop(meter, epoch, b, len(train_loader)):  # agreed; raises on a NaN loss
                     run.save_and_stop(state(epoch, b + 1))               # checkpoint, then exit 75
+                run.log_window(meter, epoch, b)                          # every LOG_EVERY batches
             seconds, images_per_s = run.epoch_speed()
-            run.log({...}); run.save(state(epoch + 1, 0))
+            run.log({...}); run.image("samples", png, epoch + 1); run.save(state(epoch + 1, 0))
 """
 import errno
 import json
@@ -25,8 +27,9 @@ import uuid
 import torch
 import torch.distributed as dist
 
+import health
 from checkpoint import load_checkpoint
-from data import Loader, load_split, to_float
+from data import CLASSES, Loader, load_split, to_float
 from files import (UserError, append_metrics, atomic_write, check_range, read_metrics, rewrite_metrics,
                    torch_bytes, write_error, write_together)
 from models import ARCHS, DEFAULT_WIDTH
@@ -54,6 +57,9 @@ def add_data_args(parser):
     g.add_argument("--lock-wait", type=float, default=120, metavar="SECONDS",
                    help="how long to wait for another run of this script on the same --out-dir to end before "
                         "refusing to start (default: 120)")
+    g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
+                   help="write no TensorBoard events (by default they go to <out-dir>/tb/<job>/: tensorboard "
+                        "--logdir <out-dir> shows the run)")
 
 
 def add_recipe_args(parser, epochs, lr, betas, epochs_note):
@@ -89,7 +95,8 @@ def add_system_args(parser):
 
 # Flags that may differ when a run is resumed: where things are, how long to train, and how to run it. All
 # others are the run's configuration, saved in its checkpoint, and a resume that changes one is refused.
-MAY_CHANGE_ON_RESUME = {"data_dir", "out_dir", "resume", "limit_test", "lock_wait", "device", "precision"}
+MAY_CHANGE_ON_RESUME = {"data_dir", "out_dir", "resume", "limit_test", "lock_wait", "device", "precision",
+                        "tensorboard"}
 
 
 def run_config(args, may_change=frozenset()):
@@ -448,6 +455,9 @@ class Run:
         self.metrics_path = os.path.join(args.out_dir, f"{job}_metrics.jsonl")
         self.lock, self._bar = None, None
         self._epoch_time, self._batches_run, self._batch_size = 0.0, 0, 0
+        self.events_dir = os.path.join(args.out_dir, "tb", job)
+        self._tensorboard, self.events, self._per_epoch = getattr(args, "tensorboard", True), None, None
+        self._history = {kind: [] for kind in ("monitor", "epoch", "eval")}  # what the health rules read
         rt.rank0_first(lambda: self._claim_out_dir(args.lock_wait), others_too=False)
         try:
             self.checkpoint = load_checkpoint(self.ckpt_path, job, config, args.resume)
@@ -475,6 +485,8 @@ class Run:
     def close(self):
         if self._bar is not None:
             self._bar.close()
+        if self.events is not None:
+            self.events.close()
         if self.lock is not None:
             self.lock.release()
 
@@ -488,6 +500,8 @@ class Run:
         kept = [r for r in records if record_position(r) <= reached]
         if len(kept) != len(records) or skipped:
             rewrite_metrics(self.metrics_path, kept)
+        for kind, history in self._history.items():
+            history.extend([r for r in kept if r.get("type", "epoch") == kind][-health.keep(kind):])
 
     def finished(self, epochs):
         """Whether the checkpoint has all the epochs asked for; says so."""
@@ -502,9 +516,59 @@ class Run:
             (self._bar.write if self._bar is not None else print)(text)
 
     def log(self, record):
-        if self.rt.is_rank0:
-            self.check_lock()
-            append_metrics(self.metrics_path, record)
+        """A metrics record (monitor, epoch or eval) into the metrics file and the events (rank 0), then the
+        health rules that read its kind; each that fires is a warning."""
+        if not self.rt.is_rank0:
+            return
+        self.check_lock()
+        append_metrics(self.metrics_path, record)
+        kind = record.get("type", "epoch")
+        if self._writer() is not None:
+            self.events.scalars(scalar_tags(kind, record), self.step(record))
+        history = self._history.get(kind)
+        if history is not None:
+            history.append(record)
+            del history[:-health.keep(kind)]
+            for rule, message in health.warnings(self._history, kind):
+                self.warn(rule, message, record)
+
+    def warn(self, rule, message, at):
+        """A warning line in the log, a "warning" record in the metrics and a text in the events, at the
+        position of the record `at` that raised it."""
+        self.print(message)
+        position = {k: at[k] for k in ("epoch", "batch") if k in at}
+        append_metrics(self.metrics_path, {"type": "warning", **position, "rule": rule, "message": message})
+        if self._writer() is not None:
+            self.events.text(f"warnings/{rule}", message, self.step(at))
+
+    def log_window(self, meter, epoch, batch):
+        """Every LOG_EVERY batches: the window's running means in the progress bar, the metrics and the events."""
+        if (batch + 1) % LOG_EVERY == 0:
+            window = meter.take_window()
+            self.show(window)
+            self.log({"type": "monitor", "epoch": epoch + 1, "batch": batch + 1, **window})
+
+    def image(self, tag, png, epochs_done):
+        """A PNG in the events at the end of epoch epochs_done (rank 0)."""
+        if self._writer() is not None:
+            self.events.image(tag, png, self.step({"epoch": epochs_done}))
+
+    def step(self, record):
+        """The events' step of a record: training batches since the run began."""
+        done, batch = record_position(record)
+        return done * self._per_epoch + batch
+
+    def _writer(self):
+        """The event writer of rank 0 (None with --no-tensorboard), made at the first event, so that a run that
+        ends before logging anything (a NaN loss) changes no file; it first drops the events past the
+        checkpoint's step from the files already there."""
+        if self.events is None and self._tensorboard and self.rt.is_rank0:
+            from events import Events  # TensorBoard's modules, only where they are used
+
+            ckpt = self.checkpoint
+            reached = ckpt["epoch"] * self._per_epoch + ckpt["batch"] if ckpt else -1
+            self.events = Events(self.events_dir, reached, self.config, ["epoch/test_acc"])
+        return self.events
 
     def save(self, state, also=None):
         """The checkpoint, with the job and its configuration, and the files (path, bytes) that also() lists,
@@ -512,6 +576,8 @@ class Run:
         if self.rt.is_rank0:
             self.check_lock()
             checkpoint = torch_bytes({"job": self.job, "config": self.config, **state})
+            if self.events is not None:
+                self.events.flush()  # the events up to the checkpoint, on disk before it
             write_together([*(also() if also else []), (self.ckpt_path, checkpoint)], ready=self.check_lock)
 
     def check_lock(self):
@@ -522,7 +588,7 @@ class Run:
     def batches(self, loader, epoch, start, epochs):
         """The loader's batches of this epoch from `start` on, under a progress bar on a terminal (rank 0); also
         times the epoch for epoch_speed()."""
-        self._batch_size, self._batches_run = loader.batch_size, 0
+        self._batch_size, self._batches_run, self._per_epoch = loader.batch_size, 0, len(loader)
         bar = progress_bar(total=len(loader) - start, desc=f"epoch {epoch + 1}/{epochs}", enabled=self.rt.is_rank0)
         self._bar = bar
         start_time = time.perf_counter()
@@ -614,7 +680,21 @@ class Run:
 
 def record_position(record):
     """(epochs done, batches into the next epoch) of the training position a metrics record was written at:
-    an epoch record after epoch E is (E, 0); a monitor record at batch B of epoch E is (E - 1, B)."""
-    if record.get("type") == "monitor":
+    an epoch record after epoch E is (E, 0); a monitor record at batch B of epoch E is (E - 1, B), and so is a
+    warning it raised."""
+    if record.get("type") == "monitor" or (record.get("type") == "warning" and "batch" in record):
         return record.get("epoch", 0) - 1, record.get("batch", 0)
     return record.get("epoch", 0), 0
+
+
+def scalar_tags(kind, record):
+    """The record's numbers as TensorBoard scalars, tagged <kind>/<key>; a per-class list as one per class."""
+    tags = {}
+    for key, value in record.items():
+        if key in ("type", "epoch", "batch"):
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            tags[f"{kind}/{key}"] = value
+        elif isinstance(value, list) and len(value) == len(CLASSES):
+            tags.update({f"{kind}/{key}/{name}": v for name, v in zip(CLASSES, value) if isinstance(v, (int, float))})
+    return tags

@@ -332,7 +332,7 @@ def test_refused_checkpoints_leave_the_run_untouched(finished_run, tmp_path, dat
         with pytest.raises(SystemExit):
             train_baseline.main(bad_input_argv(case, tmp_path / case.__name__, data_dir, finished_run))
     assert {name: os.stat(finished_run / name).st_mtime_ns for name in os.listdir(finished_run)} == before
-    assert sorted(before) == ["baseline.ckpt", "baseline_metrics.jsonl", "cifar10.model"]
+    assert sorted(before) == ["baseline.ckpt", "baseline_metrics.jsonl", "cifar10.model", "tb"]
 
 
 # ---------------------------------------------------------------------------------------------------------

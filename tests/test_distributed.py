@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train_baseline
 import train_gan
@@ -119,13 +120,23 @@ def test_gan_under_torchrun_writes_once_and_resumes_in_one_process(tiny_image_fo
     epochs = [r["epoch"] for r in read_metrics(out / "gan_metrics.jsonl")[0] if r["type"] == "epoch"]
     assert epochs == [1], "only rank 0 writes"
     assert sorted(os.listdir(out)) == ["discriminator.model", "gan.ckpt", "gan_metrics.jsonl", "generator.model",
-                                       "output"]
+                                       "output", "tb"]
+    assert len(os.listdir(out / "tb" / "gan")) == 1, "only rank 0 writes events"
+    assert event_steps(out / "tb" / "gan") == ([8], [8])  # 8 batches of 32 per epoch
     assert os.listdir(out / "output") == ["000.png"]
 
     result = python("train_gan.py", *common_args(tiny_image_folder, out), "--epochs", 2, "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming" in result.stdout
     assert [r["epoch"] for r in read_metrics(out / "gan_metrics.jsonl")[0] if r["type"] == "epoch"] == [1, 2]
+    assert event_steps(out / "tb" / "gan") == ([8, 16], [8, 16])
+
+
+def event_steps(folder):
+    """(steps of the epoch records' test accuracy, steps of the grids) as TensorBoard reads the folder."""
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    return [e.step for e in events.Scalars("epoch/test_acc")], [e.step for e in events.Images("samples")]
 
 
 def test_baseline_under_torchrun_writes_once(tiny_image_folder, tmp_path):
@@ -134,7 +145,7 @@ def test_baseline_under_torchrun_writes_once(tiny_image_folder, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_metrics(out / "baseline_metrics.jsonl")[0]
     assert [r["epoch"] for r in records] == [1, 2], "only rank 0 writes"
-    assert sorted(os.listdir(out)) == ["baseline.ckpt", "baseline_metrics.jsonl", "cifar10.model"]
+    assert sorted(os.listdir(out)) == ["baseline.ckpt", "baseline_metrics.jsonl", "cifar10.model", "tb"]
 
 
 def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes(tiny_image_folder, tmp_path):

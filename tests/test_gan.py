@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train_gan
 from checkpoint import load_model
@@ -31,9 +32,10 @@ def test_gradient_penalty_of_a_linear_critic():
     torch.manual_seed(0)
     w = (torch.randn(3 * 32 * 32) * 0.05).requires_grad_(True)
     x_hat = torch.randn(5, 3, 32, 32, requires_grad=True)
-    gp = train_gan.gradient_penalty(x_hat.flatten(1) @ w + 0.3, x_hat, lambda_gp=10.0)
+    gp, mean_norm = train_gan.gradient_penalty(x_hat.flatten(1) @ w + 0.3, x_hat, lambda_gp=10.0)
     norm = w.norm().item()
     assert gp.item() == pytest.approx(10.0 * (norm - 1) ** 2, rel=1e-5)
+    assert mean_norm.item() == pytest.approx(norm, rel=1e-5)
     # Kept in the graph (create_graph): the critic's update sees d GP / d w = 2 lambda (|w| - 1) w / |w|.
     gp.backward()
     torch.testing.assert_close(w.grad, 2 * 10.0 * (norm - 1) * w.detach() / norm)
@@ -73,7 +75,7 @@ def test_generator_loss_has_the_two_terms():
     fake = gen(z)
     scores, logits = disc(fake)
     expected = -scores.mean() + F.cross_entropy(logits, labels)
-    assert train_gan.generator_loss(disc, fake, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert train_gan.generator_loss(disc, fake, labels)[0].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_feature_matching_adds_the_squared_distance_of_the_mean_features():
@@ -86,8 +88,8 @@ def test_feature_matching_adds_the_squared_distance_of_the_mean_features():
             x = block(x)
         return x.amax((2, 3))
     distance = sum((a - b) ** 2 for a, b in zip(pooled(real).mean(0).tolist(), pooled(fake).mean(0).tolist()))
-    plain = train_gan.generator_loss(disc, fake, labels)
-    with_fm = train_gan.generator_loss(disc, fake, labels, real, feature_matching=0.5)
+    plain = train_gan.generator_loss(disc, fake, labels)[0]
+    with_fm = train_gan.generator_loss(disc, fake, labels, real, feature_matching=0.5)[0]
     assert with_fm.item() == pytest.approx(plain.item() + 0.5 * distance, rel=1e-5)
     assert distance > 1e-4
 
@@ -186,7 +188,7 @@ def test_nan_loss_stops_cleanly_and_keeps_the_checkpoint(tiny_image_folder, tmp_
     train_gan.main(list(map(str, gan_args(tiny_image_folder, out, "--epochs", 1))))
     before = (out / "gan.ckpt").read_bytes()
     capsys.readouterr()
-    monkeypatch.setattr(train_gan, "gradient_penalty", lambda score, x, lam: score.sum() * float("nan"))
+    monkeypatch.setattr(train_gan, "gradient_penalty", lambda score, x, lam: (score.sum() * float("nan"),) * 2)
     with pytest.raises(SystemExit) as exit_info:
         train_gan.main(list(map(str, gan_args(tiny_image_folder, out, "--epochs", 2, "--resume"))))
     assert exit_info.value.code == 2
@@ -283,5 +285,9 @@ def test_eval_every_logs_the_measures_without_changing_the_training(tiny_image_f
     assert [r["epoch"] for r in evals] == [1, 2]
     assert 0 <= evals[-1]["class_acc"] <= 1 and len(evals[-1]["spread_ratio_per_class"]) == 10
     assert "inception_unavailable" in evals[-1] and "fid" not in evals[-1]
+    events = EventAccumulator(str(measured / "tb" / "gan"))  # the measures in TensorBoard, at each epoch's end
+    events.Reload()
+    assert [e.value for e in events.Scalars("eval/class_acc")] == pytest.approx([r["class_acc"] for r in evals])
+    assert [e.step for e in events.Scalars("eval/spread_ratio_per_class/cat")] == [8, 16]
     a, b = (torch.load(out / "generator.model", weights_only=True)["state_dict"] for out in (plain, measured))
     assert all(torch.equal(a[k], b[k]) for k in a)
