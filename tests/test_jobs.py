@@ -45,7 +45,11 @@ def script_calls(path):
         text = f.read().replace("\\\n", " ")
     calls = []
     for line in text.splitlines():
-        words = shlex.split(line, comments=True)
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError:  # a line of a quoted text over several lines (an awk program): no call in it
+            assert not any(script in line for script in PY_SCRIPTS), line
+            continue
         for i, word in enumerate(words):
             if word not in PY_SCRIPTS:
                 continue
@@ -112,7 +116,8 @@ def test_each_training_job_resubmits_itself_with_resume(name):
 # The chain logic, with fakes on PATH
 
 # sbatch and qsub: record the call (one a line, --test-only calls apart) and answer with a new job id as the
-# real ones do. TEST_ONLY_SAYS makes sbatch --test-only refuse with that message.
+# real ones do, after a notice on stderr as sites' submit plugins print. TEST_ONLY_SAYS makes sbatch
+# --test-only refuse with that message.
 FAKE_SUBMIT = """#!/bin/bash
 record=submitted
 case " $* " in *" --test-only "*) record=tested ;; esac
@@ -122,6 +127,7 @@ if [ "$record" = tested ]; then
     [ -z "$TEST_ONLY_SAYS" ] || { echo "allocation failure: $TEST_ONLY_SAYS" >&2; exit 1; }
     echo "sbatch: Job 99 to start at 2030-01-01T00:00:00" >&2; exit 0
 fi
+echo "$(basename "$0"): NOTICE: the site's submit plugin checked this job" >&2
 id=$(( $(cat "$FAKES/last_id" 2>/dev/null || echo 1) + 1 ))
 echo "$id" > "$FAKES/last_id"
 case "$(basename "$0") $*" in qsub*) echo "$id.bw" ;; *--parsable*) echo "$id" ;; *) echo "Submitted batch job $id" ;; esac
@@ -199,6 +205,11 @@ def job_env(fakes, scheduler, status, name="trainer", **extra):
                 "pbs": {"PBS_JOBID": "1.bw", "PBS_O_WORKDIR": REPO}, None: {}}[scheduler])
     env.update(extra)
     return env
+
+
+def without_notices(text):
+    """The lines of a script's stderr other than the fake schedulers' notices."""
+    return [line for line in text.splitlines() if ": NOTICE: " not in line]
 
 
 def calls(fakes, name):
@@ -282,8 +293,8 @@ def test_slurm_resubmits_with_the_resources_the_first_job_got(fakes):
     (fakes / "record").write_text(SLURM_RECORD + "\n")
     assert run_driver(fakes, "slurm", 75).returncode == 0
     (call,) = submitted(fakes)
-    options = [w for w in call if w.startswith("--") and not w.startswith("--export")]
-    assert options == ["--job-name=gan", "--partition=gpu", "--qos=normal", "--constraint=a100", "--time=02:00:00",
+    options = [w for w in call if w.startswith("--") and not w.startswith(("--export", "--parsable"))]
+    assert "--parsable" in call and options == ["--job-name=gan", "--partition=gpu", "--qos=normal", "--constraint=a100", "--time=02:00:00",
                        "--cpus-per-task=4", "--mem=8G", "--gres=gpu:2", "--output=/scratch/me/logs/%x-%j.out"]
 
 
@@ -559,7 +570,7 @@ def test_the_pipeline_cancels_everything_when_a_job_would_wait_forever(fakes):
     (fakes / "squeue").write_text("2 JobHeldUser\n3 Dependency\n4 None\n5 PartitionTimeLimit\n")
     result = run_pipeline(fakes, "slurm", GAN_OPTS="--time=30-00:00:00")
     assert result.returncode == 2
-    assert result.stderr.startswith("error: job 5 would wait forever: Slurm says PartitionTimeLimit")
+    assert without_notices(result.stderr)[0].startswith("error: job 5 would wait forever: Slurm says PartitionTimeLimit")
     assert (fakes / "other").read_text() == "scancel 2 3 4 5\n"
 
 
