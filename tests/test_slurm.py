@@ -219,3 +219,156 @@ def test_the_pipeline_refuses_a_request_that_no_node_can_run(workdir, gan_opts, 
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and says in result.stderr
     assert [line for line in run("squeue", "-h", "-o", "%Z").splitlines() if line == str(workdir)] == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A sweep as job arrays
+
+
+def test_a_sweep_of_three_seeds_runs_to_the_end_and_the_comparison_reads_it(workdir, capsys):
+    run_dir = workdir / "runs" / "seeds"
+    result = subprocess.run(
+        ["jobs/sweep.sh", str(run_dir), "--config", "w8=--width 8"], cwd=workdir, capture_output=True, text=True,
+        timeout=120, env=submit_env(SEEDS="3", DATA_DIR=str(workdir.parent / "data"), BASELINE_EPOCHS="1",
+                                    GAN_EPOCHS="2", BASELINE_ARGS=SMOKE, GAN_ARGS=SMOKE,
+                                    SUBMIT_OPTS=" ".join(LIMITS), STOP_MARGIN=str(MARGIN)))
+    assert result.returncode == 0, result.stderr
+    jobs = dict(re.findall(r"^\s+(baseline|gan|compare)\s+job (\d+)", result.stdout, re.M))
+    say(capsys, f"sweep: jobs {jobs}")
+    assert job_record(jobs["compare"])["Reason"] == "JobHeldUser"
+    assert job_record(f"{jobs['gan']}_2")["ArrayTaskId"] == "2"  # an array of three
+
+    seeds = [run_dir / "w8" / f"seed-{k}" for k in range(3)]
+    chains = [seed / f"{name}.chain" for seed in seeds for name in ("baseline", "gan")]
+    wait_for("every chain of the sweep to finish",
+             lambda: all(read(chain).startswith("finished:") for chain in chains), poll=3)
+    wait_for("the comparison to end", lambda: ended(jobs["compare"]))
+    say(capsys, f"sweep: the chains finished; compare job {jobs['compare']}: {job_state(jobs['compare'])}")
+
+    last_end = max(job_time(re.search(r"job (\S+),", read(chain)).group(1), "EndTime") for chain in chains)
+    assert job_time(jobs["compare"], "StartTime") >= last_end
+    for k, seed in enumerate(seeds):
+        with open(seed / "gan_metrics.jsonl") as f:
+            assert [r["epoch"] for r in map(json.loads, f) if r["type"] == "epoch"] == [1, 2]
+        assert (seed / "cifar10.model").exists() and (seed / "generator.model").exists()
+    logs = run_dir / "logs"
+    assert read(run_dir / "gan.sweep").splitlines()[2].endswith("--width 8 --seed 2")
+    assert EPOCH_LINE.search(read(logs / f"gan-{jobs['gan']}_2.out"))  # each element's own log
+    first, second = (checkpoint_weights(seed / "generator.model") for seed in seeds[:2])
+    assert any(not (a == b).all() for a, b in zip(first, second)), "two seeds trained the same generator"
+
+    compare_log = read(logs / f"compare-{jobs['compare']}.out")
+    if os.path.exists(os.path.join(REPO, "compare.py")):
+        assert job_state(jobs["compare"]) == "COMPLETED", compare_log
+        assert "w8" in compare_log or glob.glob(f"{run_dir}/*.md"), compare_log
+    else:
+        say(capsys, "sweep: compare.py is not in this checkout: the comparison job ran, without it")
+
+
+def checkpoint_weights(path):
+    import torch
+    return list(torch.load(path, weights_only=True)["state_dict"].values())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PBS, through Debian's Torque commands over this Slurm (slurm-wlm-torque)
+
+# What a site's PBS does and the wrappers do not: a job's PBS_JOBID and PBS_O_WORKDIR (and PBS_ARRAYID), and
+# qsub -v values with spaces (the wrapper would split them into words of sbatch's command line). The qsub
+# here hands the -v variables over with the environment (-V) instead; the job's shell reads PBS_ENV first.
+PBS_QSUB = """#!/bin/bash
+args=()
+while [ $# -gt 0 ]; do
+    if [ "$1" = -v ]; then
+        IFS=, read -ra pairs <<<"$2"
+        for pair in "${pairs[@]}"; do export "$pair"; done
+        shift 2
+    else
+        args+=("$1"); shift
+    fi
+done
+export BASH_ENV=@DIR@/pbs_env.sh
+exec @QSUB@ -V "${args[@]}"
+"""
+PBS_ENV = """export PBS_JOBID=$SLURM_JOB_ID PBS_O_WORKDIR=$SLURM_SUBMIT_DIR
+[ -z "${SLURM_ARRAY_TASK_ID:-}" ] || export PBS_ARRAYID=$SLURM_ARRAY_TASK_ID
+unset BASH_ENV
+"""
+
+
+@pytest.fixture
+def pbs_env(tmp_path):
+    """The environment for submitting PBS jobs: the bridging qsub first on PATH."""
+    real = shutil.which("qsub")
+    if real is None:
+        pytest.skip("no qsub: .ci/run installs slurm-wlm-torque")
+    bridge = tmp_path / "pbs-bridge"
+    bridge.mkdir()
+    (bridge / "qsub").write_text(PBS_QSUB.replace("@DIR@", str(bridge)).replace("@QSUB@", real))
+    (bridge / "qsub").chmod(0o755)
+    (bridge / "pbs_env.sh").write_text(PBS_ENV)
+    return submit_env(PATH=f"{bridge}:{os.environ['PATH']}")
+
+
+def pbs_log(workdir, job):
+    """A PBS job's output: the wrappers write NAME.oJOB and NAME.eJOB (they ignore -j oe), NAME being -N's or
+    the file's name."""
+    return "".join(read(path) for path in sorted(glob.glob(f"{workdir}/*.[oe]{job}")))
+
+
+FOLLOW_UP = """#!/bin/bash
+#PBS -N follow-up
+cd "$PBS_O_WORKDIR" && . jobs/lib.sh && job_require_finished "$GAN_DIR/gan.chain" && date +%s > "$GAN_DIR/followed"
+"""
+
+
+def test_a_pbs_chain_resubmits_at_its_walltime_through_qsub_and_releases_a_held_job(workdir, pbs_env, capsys):
+    out = workdir / "gan"
+    (workdir / "follow_up.pbs").write_text(FOLLOW_UP)
+    qsub = ["qsub", "-l", "walltime=00:01:00"]
+    held = run(*qsub, "-h", "-v", f"GAN_DIR={out}", "follow_up.pbs", cwd=workdir, env=pbs_env).strip()
+    first = run(*qsub, "-v", f"DATA_DIR={workdir.parent / 'data'},OUT_DIR={out},EPOCHS=25,WIDTH=8,"
+                f"EXTRA_ARGS={SMOKE},STOP_MARGIN=30,FOLLOW_UP={held},FOLLOW_UP_AFTER={out}/gan.chain",
+                "jobs/gan.pbs", cwd=workdir, env=pbs_env).strip()
+    say(capsys, f"PBS chain: job {first}, follow-up {held} held, walltime 60 s, STOP_MARGIN=30")
+    assert job_record(held)["Reason"] == "JobHeldUser"
+
+    links = [first]
+    while True:
+        job = links[-1]
+        wait_for(f"PBS link {job} to end", lambda: ended(job))
+        found = re.search(r"resubmitted jobs/gan.pbs as job (\S+),", pbs_log(workdir, job))
+        if found is None:
+            break
+        links.append(found.group(1))
+    say(capsys, f"PBS chain: jobs {links}")
+    log1 = pbs_log(workdir, first)
+    assert len(links) >= 2, log1
+    assert "will ask the trainer to stop in 30 s" in log1 and "received SIGUSR1" in log1
+    # The walltime read back with qstat -f: the second link asked for the first's, not the file's 24 hours.
+    assert job_record(links[1])["TimeLimit"] == "00:01:00"
+    assert read(out / "gan.chain").startswith(f"finished: job {links[-1]}")
+
+    wait_for("the follow-up to run", lambda: ended(held))
+    assert job_state(held) == "COMPLETED" and (out / "followed").exists(), pbs_log(workdir, held)
+    assert job_time(held, "StartTime") >= job_time(links[-1], "EndTime")
+    assert f"released follow-up job {held}" in pbs_log(workdir, links[-1])
+
+
+def test_the_pbs_pipeline_runs_at_smoke_size(workdir, pbs_env, capsys):
+    run_dir = workdir / "runs" / "pbs"
+    result = subprocess.run(
+        ["jobs/pipeline.sh", str(run_dir)], cwd=workdir, capture_output=True, text=True, timeout=120,
+        env=dict(pbs_env, SCHEDULER="pbs", DATA_DIR=str(workdir.parent / "data"), WIDTH="8", BASELINE_EPOCHS="1",
+                 GAN_EPOCHS="2", BASELINE_ARGS=SMOKE, GAN_ARGS=SMOKE, SUBMIT_OPTS="-l walltime=00:05:00",
+                 VISUALIZE_ARGS="--iterations 2 --layers 2 --batch-size 20"))
+    assert result.returncode == 0, result.stderr
+    jobs = dict(re.findall(r"^\s+(baseline|gan|visualize|report)\s+job (\S+)", result.stdout, re.M))
+    say(capsys, f"PBS pipeline: jobs {jobs}")
+    wait_for("the report to end", lambda: ended(jobs["report"]), poll=3)
+    for name, job in jobs.items():
+        assert job_state(job) == "COMPLETED", pbs_log(workdir, job)
+    assert read(run_dir / "gan" / "gan.chain").startswith("finished:")
+    assert job_time(jobs["visualize"], "StartTime") >= max(job_time(jobs[n], "EndTime") for n in ("baseline", "gan"))
+    assert Image.open(run_dir / "visualization" / "progress.gif").n_frames == 2
+    assert (run_dir / "report" / "report.md").exists()
