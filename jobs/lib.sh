@@ -313,7 +313,7 @@ job_pbs_setup() {
             { echo "error: module load $PBS_MODULES failed (PBS_MODULES); see \`module avail\`" >&2; exit 2; }
     fi
     if [ -n "${PBS_VENV:-}" ]; then
-        . "$PBS_VENV/bin/activate" ||
+        [ -r "$PBS_VENV/bin/activate" ] && . "$PBS_VENV/bin/activate" ||
             { echo "error: PBS_VENV=$PBS_VENV has no bin/activate; give a virtual environment's folder" >&2; exit 2; }
     fi
     if [ -z "${PBS_LAUNCHER:-}" ] && command -v aprun >/dev/null; then

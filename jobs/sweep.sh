@@ -96,7 +96,7 @@ for run in $RUNS; do
             dir=$RUN_DIR/${names[c]}/seed-$k
             [ ! -e "$dir/STOP" ] || fail "$dir/STOP exists and would stop that chain at once; remove it"
             if [ "$run" = gan ]; then flags="$GAN_ARGS ${gan_flags[c]}"; else flags="$BASELINE_ARGS ${baseline_flags[c]}"; fi
-            table+="$dir $(echo $flags) --seed $k"$'\n'
+            table+="$(echo "$dir" $flags --seed "$k")"$'\n'
             chains+=("$dir/$run.chain")
         done
     done
