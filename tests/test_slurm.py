@@ -322,7 +322,10 @@ cd "$PBS_O_WORKDIR" && . jobs/lib.sh && job_require_finished "$GAN_DIR/gan.chain
 """
 
 
-def test_a_pbs_chain_resubmits_at_its_walltime_through_qsub_and_releases_a_held_job(workdir, pbs_env, capsys):
+def test_pbs_a_chain_resubmits_at_its_walltime_through_qsub_and_the_pipeline_runs(workdir, pbs_env, capsys):
+    """Both at once (the chain mostly waits for its walltime): a gan.pbs chain whose 60 s walltime, read back
+    with qstat -f, makes it stop and resubmit through qsub, then release a held job with qrls; and
+    SCHEDULER=pbs jobs/pipeline.sh at smoke size."""
     out = workdir / "gan"
     (workdir / "follow_up.pbs").write_text(FOLLOW_UP)
     qsub = ["qsub", "-l", "walltime=00:01:00"]
@@ -332,6 +335,16 @@ def test_a_pbs_chain_resubmits_at_its_walltime_through_qsub_and_releases_a_held_
                 "jobs/gan.pbs", cwd=workdir, env=pbs_env).strip()
     say(capsys, f"PBS chain: job {first}, follow-up {held} held, walltime 60 s, STOP_MARGIN=30")
     assert job_record(held)["Reason"] == "JobHeldUser"
+
+    run_dir = workdir / "runs" / "pbs"
+    result = subprocess.run(
+        ["jobs/pipeline.sh", str(run_dir)], cwd=workdir, capture_output=True, text=True, timeout=120,
+        env=dict(pbs_env, SCHEDULER="pbs", DATA_DIR=str(workdir.parent / "data"), WIDTH="8", BASELINE_EPOCHS="1",
+                 GAN_EPOCHS="2", BASELINE_ARGS=SMOKE, GAN_ARGS=SMOKE, SUBMIT_OPTS="-l walltime=00:05:00",
+                 VISUALIZE_ARGS="--iterations 2 --layers 2 --batch-size 20"))
+    assert result.returncode == 0, result.stderr
+    jobs = dict(re.findall(r"^\s+(baseline|gan|visualize|report)\s+job (\S+)", result.stdout, re.M))
+    say(capsys, f"PBS pipeline: jobs {jobs}")
 
     links = [first]
     while True:
@@ -348,25 +361,13 @@ def test_a_pbs_chain_resubmits_at_its_walltime_through_qsub_and_releases_a_held_
     # The walltime read back with qstat -f: the second link asked for the first's, not the file's 24 hours.
     assert job_record(links[1])["TimeLimit"] == "00:01:00"
     assert read(out / "gan.chain").startswith(f"finished: job {links[-1]}")
-
     wait_for("the follow-up to run", lambda: ended(held))
     assert job_state(held) == "COMPLETED" and (out / "followed").exists(), pbs_log(workdir, held)
     assert job_time(held, "StartTime") >= job_time(links[-1], "EndTime")
     assert f"released follow-up job {held}" in pbs_log(workdir, links[-1])
 
-
-def test_the_pbs_pipeline_runs_at_smoke_size(workdir, pbs_env, capsys):
-    run_dir = workdir / "runs" / "pbs"
-    result = subprocess.run(
-        ["jobs/pipeline.sh", str(run_dir)], cwd=workdir, capture_output=True, text=True, timeout=120,
-        env=dict(pbs_env, SCHEDULER="pbs", DATA_DIR=str(workdir.parent / "data"), WIDTH="8", BASELINE_EPOCHS="1",
-                 GAN_EPOCHS="2", BASELINE_ARGS=SMOKE, GAN_ARGS=SMOKE, SUBMIT_OPTS="-l walltime=00:05:00",
-                 VISUALIZE_ARGS="--iterations 2 --layers 2 --batch-size 20"))
-    assert result.returncode == 0, result.stderr
-    jobs = dict(re.findall(r"^\s+(baseline|gan|visualize|report)\s+job (\S+)", result.stdout, re.M))
-    say(capsys, f"PBS pipeline: jobs {jobs}")
-    wait_for("the report to end", lambda: ended(jobs["report"]), poll=3)
-    for name, job in jobs.items():
+    wait_for("the PBS pipeline's report to end", lambda: ended(jobs["report"]), poll=3)
+    for job in jobs.values():
         assert job_state(job) == "COMPLETED", pbs_log(workdir, job)
     assert read(run_dir / "gan" / "gan.chain").startswith("finished:")
     assert job_time(jobs["visualize"], "StartTime") >= max(job_time(jobs[n], "EndTime") for n in ("baseline", "gan"))
