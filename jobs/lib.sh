@@ -107,7 +107,7 @@ job_slurm_options() {
     value=$(job_slurm_field "$record" ExcNodeList) && [ -n "$value" ] && echo "--exclude=$value"
     value=$(job_slurm_field "$record" TimeLimit) && [ -n "$value" ] && echo "--time=$value"
     value=$(job_slurm_field "$record" CPUs/Task) && [ -n "$value" ] && echo "--cpus-per-task=$value"
-    nodes=$(job_slurm_field "$record" NumNodes) && [ -n "$nodes" ] && [ "$nodes" != 1 ] && echo "--nodes=$nodes"
+    nodes=$(job_slurm_field "$record" NumNodes) && [ -n "$nodes" ] && echo "--nodes=$nodes"
     # The memory of a one-node job, however it was asked for: --mem-per-cpu on the command line would clash
     # with the job file's --mem. Of a job on several nodes, the memory of each.
     value=$(job_slurm_field "$record" TRES) && value=$(tr , '\n' <<<"$value" | sed -n 's/^mem=//p')
@@ -144,7 +144,7 @@ job_pbs_options() {
 # of the chain.
 job_submit_words() {
     case $(job_scheduler) in
-        slurm) echo sbatch; echo --parsable; job_slurm_options; echo "--export=ALL,$(job_var_list "$1")" ;;
+        slurm) echo sbatch; job_slurm_options; echo "--export=ALL,$(job_var_list "$1")" ;;
         pbs) echo qsub; job_pbs_options; printf '%s\n' -v "$(job_var_list "$1")" ;;
         *) return 1 ;;
     esac
@@ -180,6 +180,8 @@ job_resubmit() {
         echo "not inside a Slurm or PBS job: nothing to resubmit to" >&2
         return 1
     fi
+    # sbatch --parsable prints the id alone on stdout.
+    [ "${words[0]}" != sbatch ] || words=(sbatch --parsable "${words[@]:1}")
     out=$("${words[@]}") || return 1
     job_parse_id "$out"
 }
@@ -222,7 +224,8 @@ job_eta_seconds() {
 job_eta() {
     local seconds done
     read -r seconds done < <(job_eta_seconds "$1" "$2") || return 0
-    [ -n "$seconds" ] && echo "$(job_duration "$seconds") to go at the measured pace (epoch $done of ${2:-?} done)"
+    [ -n "$seconds" ] && [ "$seconds" -gt 0 ] &&
+        echo "$(job_duration "$seconds") to go at the measured pace (epoch $done of ${2:-?} done)"
 }
 
 # The chain's state $1 with the time the rest of the run takes, when an epoch has been measured.
@@ -277,6 +280,13 @@ job_sweep_element() {
 job_torchrun_agent() {
     printf '%s\n' torchrun --nnodes="$1" --nproc_per_node="$2" --rdzv_backend=c10d --rdzv_endpoint="$3" \
         --rdzv_id="$4" --max_restarts=0
+}
+
+# What srun runs on every node of a multi-node job: the torchrun agent ($@), passing it the walltime warning
+# (SIGUSR1, which srun forwards to its tasks) as SIGTERM: SIGUSR1 would kill torchrun and leave its workers.
+job_node_agent() {
+    JOB_CHILD_SIGNAL=TERM
+    job_run_forwarding "$@"
 }
 
 # Exits 2 with one line unless every chain file given is finished (or absent: a run trained outside these
@@ -360,10 +370,12 @@ job_start_timer() {
 job_forward() {
     local to=$1
     [ "$1" != USR1 ] || to=$JOB_CHILD_SIGNAL
+    # srun takes SIGTERM as "kill the tasks now"; a cancel has sent them SIGTERM itself already.
+    [ "$to" != TERM ] || [ "${JOB_FORWARD_TERM:-1}" = 1 ] || to=
     [ -n "$job_stop_signal" ] || job_stop_signal=$1
     job_interrupted=1
     job_log "received SIG$1: asking the trainer to save a checkpoint and stop"
-    [ -z "$job_child" ] || kill -"$to" "$job_child" 2>/dev/null
+    [ -z "$job_child" ] || [ -z "$to" ] || kill -"$to" "$job_child" 2>/dev/null
 }
 
 # Runs COMMAND in the background, so that this shell is free to take the scheduler's signals and pass them
@@ -378,7 +390,7 @@ job_run_forwarding() {
     # A signal that came before the child existed is passed on now.
     if [ -n "$job_stop_signal" ]; then
         [ "$job_stop_signal" = USR1 ] && kill -"$JOB_CHILD_SIGNAL" "$job_child" 2>/dev/null
-        [ "$job_stop_signal" = TERM ] && kill -TERM "$job_child" 2>/dev/null
+        [ "$job_stop_signal" = TERM ] && [ "${JOB_FORWARD_TERM:-1}" = 1 ] && kill -TERM "$job_child" 2>/dev/null
     fi
     wait "$job_child"
     status=$?

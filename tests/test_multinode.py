@@ -1,6 +1,7 @@
-"""Training across nodes as jobs/gan_multinode.slurm starts it: one torchrun agent per node, started with the
-command jobs/lib.sh's job_torchrun_agent gives, meeting at a c10d rendezvous on the first node. Here the two
-"nodes" are two agents on 127.0.0.1 with one CPU worker each (gloo)."""
+"""Training across nodes as jobs/gan_multinode.slurm starts it: on each node, what srun runs there (jobs/lib.sh's
+job_node_agent, passing the walltime warning on) around the torchrun agent that job_torchrun_agent gives, the
+agents meeting at a c10d rendezvous on the first node. Here the two "nodes" are two agents on 127.0.0.1
+with one CPU worker each (gloo)."""
 import os
 import signal
 import subprocess
@@ -24,9 +25,12 @@ def gan_args(data, out, batch_size):
             "--batch-size", str(batch_size), "--device", "cpu", "--limit-test", "20", "--epochs", "1", "--resume"]
 
 
+NODE_TASK = ["bash", "-c", '. jobs/lib.sh && job_node_agent "$@"', "node-agent"]  # as the job's srun line
+
+
 def start_agents(count, command, args):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return [subprocess.Popen(command + args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    return [subprocess.Popen(NODE_TASK + command + args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True) for _ in range(count)]
 
 
@@ -59,10 +63,11 @@ def test_two_nodes_train_the_same_weights_as_one_node_with_both_processes(tiny_i
         assert torch.equal(value, trained[key]), f"{key} differs between two nodes and one"
 
 
-def test_a_sigterm_to_one_nodes_agent_stops_both_and_saves(tiny_image_folder, tmp_path):
-    """The walltime warning as srun passes it on, but reaching one node only: the workers agree to stop after
-    the same batch and rank 0 saves once, on its way to exit 75; the agents then exit non-zero, as torchrun
-    does after its workers stopped (jobs/lib.sh counts that as stopped after a walltime warning)."""
+def test_the_walltime_warning_reaching_one_node_stops_both_and_saves(tiny_image_folder, tmp_path):
+    """The walltime warning as srun forwards it (SIGUSR1), here to one node only: its task hands the agent
+    SIGTERM, the workers agree to stop after the same batch and rank 0 saves once, on its way to exit 75; the
+    agents then exit non-zero, as torchrun does after its workers stopped (jobs/lib.sh counts that as stopped
+    after a walltime warning)."""
     out = tmp_path / "run"
     # Batch 4 of 260 images: 65 batches, so the signal lands inside the epoch.
     agents = start_agents(2, agent_command(2, 1, f"127.0.0.1:{free_port()}", "stop"),
@@ -72,11 +77,12 @@ def test_a_sigterm_to_one_nodes_agent_stops_both_and_saves(tiny_image_folder, tm
         assert time.monotonic() < deadline and all(a.poll() is None for a in agents), "the workers did not start"
         time.sleep(0.1)
     time.sleep(2)
-    agents[1].send_signal(signal.SIGTERM)
+    agents[1].send_signal(signal.SIGUSR1)
     results = finish(agents)
     logs = "\n".join(text for text, _ in results)
     assert all(code != 0 for _, code in results), logs[-3000:]
     assert logs.count("stopped by ") == 1 and "--resume" in logs, logs[-3000:]
+    assert "received SIGUSR1" in logs and "Received 15 death signal" in logs, logs[-3000:]
     ckpt = torch.load(out / "gan.ckpt", weights_only=True)
     assert ckpt["epoch"] == 0 and 0 < ckpt["batch"] < 65
     assert not (out / "gan.lock").exists()

@@ -1,5 +1,7 @@
 """The job files on a real Slurm: jobs submitted as jobs/README.md says, at smoke size (width 8, 256 images,
-2-minute time limits with the walltime warning 60 s before the end).
+2-minute time limits with the walltime warning 60 s before the end): a GAN chain, the pipeline, a 3-seed
+sweep (with the multi-node job on this one node alongside), and the PBS files through Debian's Torque
+commands over this Slurm (slurm-wlm-torque; skipped without them).
 
 It needs the one-node test cluster that .ci/slurm/start sets up (ClusterName=jobs-test; .ci/run starts it):
     .ci/slurm/start /tmp/slurm && SLURM_CONF=/tmp/slurm/slurm.conf python -m pytest -q tests/test_slurm.py
@@ -226,6 +228,13 @@ def test_the_pipeline_refuses_a_request_that_no_node_can_run(workdir, gan_opts, 
 
 
 def test_a_sweep_of_three_seeds_runs_to_the_end_and_the_comparison_reads_it(workdir, capsys):
+    # Alongside, on the CPUs: the multi-node job on this one node, its srun starting one agent with 2 workers,
+    # warned of its time limit as soon as it has trained (below).
+    data = workdir.parent / "data"
+    multinode = run("sbatch", "--parsable", *LIMITS, "--nodes=1", "--gres=none",
+                    f"--export=ALL,NPROC=2,DATA_DIR={data},OUT_DIR={workdir / 'multinode'},EPOCHS=6,WIDTH=8,"
+                    f"EXTRA_ARGS={SMOKE}", "jobs/gan_multinode.slurm", cwd=workdir,
+                    env=submit_env(SBATCH_SIGNAL=f"B:USR1@{MARGIN}")).strip()
     run_dir = workdir / "runs" / "seeds"
     result = subprocess.run(
         ["jobs/sweep.sh", str(run_dir), "--config", "w8=--width 8"], cwd=workdir, capture_output=True, text=True,
@@ -237,6 +246,11 @@ def test_a_sweep_of_three_seeds_runs_to_the_end_and_the_comparison_reads_it(work
     say(capsys, f"sweep: jobs {jobs}")
     assert job_record(jobs["compare"])["Reason"] == "JobHeldUser"
     assert job_record(f"{jobs['gan']}_2")["ArrayTaskId"] == "2"  # an array of three
+
+    log = workdir / f"gan-multinode-{multinode}.out"
+    assert epoch_line_while_running(multinode, log), read(log)
+    run("scancel", "--batch", "--signal=USR1", multinode)
+    say(capsys, f"multi-node job {multinode}: the walltime warning sent after its first epoch")
 
     seeds = [run_dir / "w8" / f"seed-{k}" for k in range(3)]
     chains = [seed / f"{name}.chain" for seed in seeds for name in ("baseline", "gan")]
@@ -256,6 +270,19 @@ def test_a_sweep_of_three_seeds_runs_to_the_end_and_the_comparison_reads_it(work
     assert EPOCH_LINE.search(read(logs / f"gan-{jobs['gan']}_2.out"))  # each element's own log
     first, second = (checkpoint_weights(seed / "generator.model") for seed in seeds[:2])
     assert any(not (a == b).all() for a, b in zip(first, second)), "two seeds trained the same generator"
+
+    wait_for(f"the multi-node job {multinode} to end", lambda: ended(multinode))
+    text = read(log)
+    assert re.search(r"srun --ntasks-per-node=1 .*torchrun --nnodes=1 --nproc_per_node=2 --rdzv_backend=c10d "
+                     rf"--rdzv_endpoint={re.escape(job_record(multinode)['NodeList'])}:\d+", text), text
+    # The batch shell's and the node's task's lines: srun forwarded the warning, the workers saved and stopped.
+    assert text.count("received SIGUSR1") >= 2 and "stopped by " in text, text
+    second = wait_for("the multi-node chain to resubmit", lambda: next_link(log))
+    wait_for(f"the multi-node job {second} to end", lambda: ended(second))
+    assert job_state(second) == "COMPLETED", read(workdir / f"gan-multinode-{second}.out")
+    assert read(workdir / "multinode" / "gan.chain").startswith(f"finished: job {second}")
+    with open(workdir / "multinode" / "gan_metrics.jsonl") as f:
+        assert [r["epoch"] for r in map(json.loads, f) if r["type"] == "epoch"] == list(range(1, 7))
 
     compare_log = read(logs / f"compare-{jobs['compare']}.out")
     if os.path.exists(os.path.join(REPO, "compare.py")):
