@@ -26,7 +26,8 @@
 # as it found it (no progress: another job would not get further).
 #
 # <OUT_DIR>/<JOB_NAME>.chain holds the chain's state in one line that starts with running:, queued:,
-# finished:, stopped: or failed:, and once an epoch has run, the time the rest of the schedule takes. FOLLOW_UP (a held job's id) is released once every chain file named in
+# finished:, stopped: or failed:, and once an epoch has run, the time the rest of the schedule takes.
+# FOLLOW_UP (a held job's id) is released once every chain file named in
 # FOLLOW_UP_AFTER (space-separated) says finished: jobs/pipeline.sh starts visualize that way.
 
 export PYTHONUNBUFFERED=1  # the trainers' lines reach the job's log as they are printed
@@ -51,7 +52,7 @@ job_check_numbers() {
     done
 }
 
-# JOB_SCHEDULER (set by the .pbs and .slurm files) comes first: a PBS emulated over Slurm sets both ids.
+# JOB_SCHEDULER=pbs (set by the .pbs files) comes first: a PBS emulated over Slurm sets both ids.
 job_scheduler() {
     if [ "${JOB_SCHEDULER:-}" = pbs ] && [ -n "${PBS_JOBID:-}" ]; then echo pbs
     elif [ -n "${SLURM_JOB_ID:-}" ]; then echo slurm
@@ -283,7 +284,8 @@ job_torchrun_agent() {
 }
 
 # What srun runs on every node of a multi-node job: the torchrun agent ($@), passing it the walltime warning
-# (SIGUSR1, which srun forwards to its tasks) as SIGTERM: SIGUSR1 would kill torchrun and leave its workers.
+# (SIGUSR1, which srun forwards) as SIGTERM, which the agent hands to its workers. Slurm signals every
+# process of the step, the workers too; this is for where the node's task alone hears it.
 job_node_agent() {
     JOB_CHILD_SIGNAL=TERM
     job_run_forwarding "$@"

@@ -109,7 +109,8 @@ compare_vars="SWEEP_DIR=$RUN_DIR,CHAINS=${chains[*]},EXTRA_ARGS=$COMPARE_ARGS$pb
 array_vars() {
     local epochs=$BASELINE_EPOCHS
     [ "$1" != gan ] || epochs=$GAN_EPOCHS
-    echo "DATA_DIR=$DATA_DIR,MAX_CHAIN=$MAX_CHAIN,STOP_MARGIN=$STOP_MARGIN,WIDTH=$WIDTH,EPOCHS=$epochs$pbs_vars,SWEEP=$RUN_DIR/$1.sweep,SWEEP_INDEX=$2,FOLLOW_UP=$compare,FOLLOW_UP_AFTER=${chains[*]}"
+    local vars="DATA_DIR=$DATA_DIR,MAX_CHAIN=$MAX_CHAIN,STOP_MARGIN=$STOP_MARGIN,WIDTH=$WIDTH,EPOCHS=$epochs"
+    echo "$vars$pbs_vars,SWEEP=$RUN_DIR/$1.sweep,SWEEP_INDEX=$2,FOLLOW_UP=$compare,FOLLOW_UP_AFTER=${chains[*]}"
 }
 # An old chain file saying "finished" must not release the comparison before this sweep's chain has run.
 reset_states() {
