@@ -65,7 +65,7 @@ while [ $# -gt 0 ]; do
         --config=*) add_config "${1#--config=}"; shift ;;
         --configs)
             [ $# -ge 2 ] && [ -r "$2" ] || fail "--configs needs a readable file of lines NAME FLAGS [| FLAGS]"
-            while read -r line; do
+            while read -r line || [ -n "$line" ]; do
                 line=${line%%#*}
                 [ -n "${line// /}" ] || continue
                 read -r name flags <<<"$line"
