@@ -350,48 +350,49 @@ cd "$PBS_O_WORKDIR" && . jobs/lib.sh && job_require_finished "$GAN_DIR/gan.chain
 
 
 def test_pbs_a_chain_resubmits_at_its_walltime_through_qsub_and_the_pipeline_runs(workdir, pbs_env, capsys):
-    """Both at once (the chain mostly waits for its walltime): a gan.pbs chain whose 60 s walltime, read back
-    with qstat -f, makes it stop and resubmit through qsub, then release a held job with qrls; and
-    SCHEDULER=pbs jobs/pipeline.sh at smoke size."""
-    out = workdir / "gan"
+    """All at once (a chain mostly waits for its walltime): a gan.pbs chain whose 60 s walltime, read back with
+    qstat -f, makes it stop and resubmit through qsub, then ends on qdel; a short chain releasing a held job
+    with qrls; and SCHEDULER=pbs jobs/pipeline.sh at smoke size."""
+    data, long, short = workdir.parent / "data", workdir / "long", workdir / "short"
     (workdir / "follow_up.pbs").write_text(FOLLOW_UP)
     qsub = ["qsub", "-l", "walltime=00:01:00"]
-    held = run(*qsub, "-h", "-v", f"GAN_DIR={out}", "follow_up.pbs", cwd=workdir, env=pbs_env).strip()
-    first = run(*qsub, "-v", f"DATA_DIR={workdir.parent / 'data'},OUT_DIR={out},EPOCHS=25,WIDTH=8,"
-                f"EXTRA_ARGS={SMOKE},STOP_MARGIN=30,FOLLOW_UP={held},FOLLOW_UP_AFTER={out}/gan.chain",
+    common = f"DATA_DIR={data},WIDTH=8,EXTRA_ARGS={SMOKE},STOP_MARGIN=30"
+    held = run(*qsub, "-h", "-v", f"GAN_DIR={short}", "follow_up.pbs", cwd=workdir, env=pbs_env).strip()
+    first = run(*qsub, "-v", f"{common},OUT_DIR={long},EPOCHS=1000", "jobs/gan.pbs", cwd=workdir, env=pbs_env).strip()
+    quick = run(*qsub, "-v", f"{common},OUT_DIR={short},EPOCHS=1,FOLLOW_UP={held},FOLLOW_UP_AFTER={short}/gan.chain",
                 "jobs/gan.pbs", cwd=workdir, env=pbs_env).strip()
-    say(capsys, f"PBS chain: job {first}, follow-up {held} held, walltime 60 s, STOP_MARGIN=30")
+    say(capsys, f"PBS: chain {first} (walltime 60 s, STOP_MARGIN=30), chain {quick} releasing {held}")
     assert job_record(held)["Reason"] == "JobHeldUser"
 
     run_dir = workdir / "runs" / "pbs"
     result = subprocess.run(
         ["jobs/pipeline.sh", str(run_dir)], cwd=workdir, capture_output=True, text=True, timeout=120,
-        env=dict(pbs_env, SCHEDULER="pbs", DATA_DIR=str(workdir.parent / "data"), WIDTH="8", BASELINE_EPOCHS="1",
+        env=dict(pbs_env, SCHEDULER="pbs", DATA_DIR=str(data), WIDTH="8", BASELINE_EPOCHS="1",
                  GAN_EPOCHS="2", BASELINE_ARGS=SMOKE, GAN_ARGS=SMOKE, SUBMIT_OPTS="-l walltime=00:05:00",
                  VISUALIZE_ARGS="--iterations 2 --layers 2 --batch-size 20"))
     assert result.returncode == 0, result.stderr
     jobs = dict(re.findall(r"^\s+(baseline|gan|visualize|report)\s+job (\S+)", result.stdout, re.M))
     say(capsys, f"PBS pipeline: jobs {jobs}")
 
-    links = [first]
-    while True:
-        job = links[-1]
-        wait_for(f"PBS link {job} to end", lambda: ended(job))
-        found = re.search(r"resubmitted jobs/gan.pbs as job (\S+),", pbs_log(workdir, job))
-        if found is None:
-            break
-        links.append(found.group(1))
-    say(capsys, f"PBS chain: jobs {links}")
+    wait_for("the follow-up to run", lambda: ended(held))
+    assert job_state(held) == "COMPLETED" and (short / "followed").exists(), pbs_log(workdir, held)
+    assert read(short / "gan.chain").startswith(f"finished: job {quick}")
+    assert job_time(held, "StartTime") >= job_time(quick, "EndTime")
+    assert f"released follow-up job {held}" in pbs_log(workdir, quick)
+
+    wait_for(f"PBS job {first} to resubmit its chain",
+             lambda: re.search(r"resubmitted jobs/gan.pbs as job (\S+),", pbs_log(workdir, first)) or ended(first))
     log1 = pbs_log(workdir, first)
-    assert len(links) >= 2, log1
+    second = re.search(r"resubmitted jobs/gan.pbs as job (\S+),", log1).group(1)
     assert "will ask the trainer to stop in 30 s" in log1 and "received SIGUSR1" in log1
     # The walltime read back with qstat -f: the second link asked for the first's, not the file's 24 hours.
-    assert job_record(links[1])["TimeLimit"] == "00:01:00"
-    assert read(out / "gan.chain").startswith(f"finished: job {links[-1]}")
-    wait_for("the follow-up to run", lambda: ended(held))
-    assert job_state(held) == "COMPLETED" and (out / "followed").exists(), pbs_log(workdir, held)
-    assert job_time(held, "StartTime") >= job_time(links[-1], "EndTime")
-    assert f"released follow-up job {held}" in pbs_log(workdir, links[-1])
+    assert job_record(second)["TimeLimit"] == "00:01:00"
+    wait_for(f"PBS job {second} to resume", lambda: "resuming" in pbs_log(workdir, second) or ended(second))
+    run("qdel", second, env=pbs_env)
+    wait_for(f"PBS job {second} to end", lambda: ended(second))
+    say(capsys, f"PBS chain: {first}, resubmitted as {second}, ended with qdel")
+    assert "was cancelled" in pbs_log(workdir, second), pbs_log(workdir, second)
+    assert read(long / "gan.chain").startswith(f"stopped: job {second} was cancelled; continue with: qsub -N gan")
 
     wait_for("the PBS pipeline's report to end", lambda: ended(jobs["report"]), poll=3)
     for job in jobs.values():
