@@ -26,7 +26,8 @@
 # as it found it (no progress: another job would not get further).
 #
 # <OUT_DIR>/<JOB_NAME>.chain holds the chain's state in one line that starts with running:, queued:,
-# finished:, stopped: or failed:. FOLLOW_UP (a held job's id) is released once every chain file named in
+# finished:, stopped: or failed:, and once an epoch has run, the time the rest of the schedule takes.
+# FOLLOW_UP (a held job's id) is released once every chain file named in
 # FOLLOW_UP_AFTER (space-separated) says finished: jobs/pipeline.sh starts visualize that way.
 
 export PYTHONUNBUFFERED=1  # the trainers' lines reach the job's log as they are printed
@@ -40,13 +41,28 @@ JOB_CHILD_SIGNAL=${JOB_CHILD_SIGNAL:-USR1}
 
 job_log() { echo "job $(date '+%F %T'): $*"; }
 
+# Exits 2 with one line unless every variable named is a whole number (seconds, a count of jobs, ...).
+job_check_numbers() {
+    local name
+    for name in "$@"; do
+        case ${!name:-} in "" | *[!0-9]*)
+            echo "error: $name='${!name:-}' is not a whole number; give it in digits only (seconds, or a count)" >&2
+            exit 2 ;;
+        esac
+    done
+}
+
+# JOB_SCHEDULER=pbs (set by the .pbs files) comes first: a PBS emulated over Slurm sets both ids.
 job_scheduler() {
-    if [ -n "${SLURM_JOB_ID:-}" ]; then echo slurm
+    if [ "${JOB_SCHEDULER:-}" = pbs ] && [ -n "${PBS_JOBID:-}" ]; then echo pbs
+    elif [ -n "${SLURM_JOB_ID:-}" ]; then echo slurm
     elif [ -n "${PBS_JOBID:-}" ]; then echo pbs
     fi
 }
 
-job_id() { echo "${SLURM_JOB_ID:-${PBS_JOBID:-local}}"; }
+job_id() {
+    case $(job_scheduler) in pbs) echo "$PBS_JOBID" ;; *) echo "${SLURM_JOB_ID:-local}" ;; esac
+}
 
 # NAME=value,... of JOB_VARS and this file's knobs, for qsub -v and sbatch --export (which split on commas);
 # $1: the chain position the job submitted with them takes.
@@ -80,7 +96,7 @@ job_slurm_field() {
 # The resources this Slurm job got, as sbatch options, one a line: whatever the first job was given, by
 # #SBATCH lines, the command line or SBATCH_* variables, holds for every job of the chain.
 job_slurm_options() {
-    local record value
+    local record value nodes
     record=" $(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null)"
     [ "$record" != " " ] || return 0
     value=$(job_slurm_field "$record" JobName) && [ -n "$value" ] && echo "--job-name=$value"
@@ -92,9 +108,11 @@ job_slurm_options() {
     value=$(job_slurm_field "$record" ExcNodeList) && [ -n "$value" ] && echo "--exclude=$value"
     value=$(job_slurm_field "$record" TimeLimit) && [ -n "$value" ] && echo "--time=$value"
     value=$(job_slurm_field "$record" CPUs/Task) && [ -n "$value" ] && echo "--cpus-per-task=$value"
-    # The memory of the whole (one-node) job, however it was asked for: --mem-per-cpu on the command line
-    # would clash with the job file's --mem.
+    nodes=$(job_slurm_field "$record" NumNodes) && [ -n "$nodes" ] && echo "--nodes=$nodes"
+    # The memory of a one-node job, however it was asked for: --mem-per-cpu on the command line would clash
+    # with the job file's --mem. Of a job on several nodes, the memory of each.
     value=$(job_slurm_field "$record" TRES) && value=$(tr , '\n' <<<"$value" | sed -n 's/^mem=//p')
+    [ "${nodes:-1}" = 1 ] || value=$(job_slurm_field "$record" MinMemoryNode)
     [ -n "$value" ] && echo "--mem=$value"
     value=$(job_slurm_field "$record" TresPerNode)
     echo "--gres=${value:-none}" | sed 's/gres://g'  # none: a job given --gres=none stays without GPUs
@@ -106,9 +124,9 @@ job_slurm_options() {
     return 0
 }
 
-# A value of `qstat -f`'s record for this PBS job (Torque and PBS Pro write "    name = value").
+# A value of `qstat -f`'s record for this PBS job (Torque and PBS Pro write "    name = value", some with a tab).
 job_pbs_field() {
-    qstat -f "$PBS_JOBID" 2>/dev/null | sed -n "s/^ *$1 = //p" | head -n 1
+    qstat -f "$PBS_JOBID" 2>/dev/null | sed -n "s/^[[:space:]]*$1 = //p" | head -n 1
 }
 
 # The resources this PBS job got, as qsub options, one a line.
@@ -145,6 +163,16 @@ job_submit_line() {
     echo "${line:-bash $JOB_SCRIPT}"
 }
 
+# The job id in what sbatch --parsable ("1234" or "1234;cluster") or qsub ("1234.server") wrote on stdout:
+# its last line. Notices go to stderr and pass through.
+job_parse_id() {
+    local id
+    id=$(grep -v '^[[:space:]]*$' <<<"$1" | tail -n 1)
+    id=${id%%;*}
+    case $id in "" | *[[:space:]]*) return 1 ;; esac
+    echo "$id"
+}
+
 # Submits the next job of the chain; prints its id.
 job_resubmit() {
     local words out
@@ -153,14 +181,59 @@ job_resubmit() {
         echo "not inside a Slurm or PBS job: nothing to resubmit to" >&2
         return 1
     fi
+    # sbatch --parsable prints the id alone on stdout.
+    [ "${words[0]}" != sbatch ] || words=(sbatch --parsable "${words[@]:1}")
     out=$("${words[@]}") || return 1
-    # sbatch answers "Submitted batch job 1234", qsub "1234.server".
-    echo "${out##* }"
+    job_parse_id "$out"
 }
 
 job_set_state() {
     local file=$OUT_DIR/$JOB_NAME.chain
     echo "$*" > "$file.$$.tmp" && mv -f "$file.$$.tmp" "$file"
+}
+
+# "1 h 05 min", "12 min", "40 s" for a number of seconds.
+job_duration() {
+    if [ "$1" -ge 3600 ]; then printf '%d h %02d min\n' $(($1 / 3600)) $(($1 % 3600 / 60))
+    elif [ "$1" -ge 60 ]; then echo "$(($1 / 60)) min"
+    else echo "$1 s"
+    fi
+}
+
+# "SECONDS DONE" for a run with metrics file $1 and schedule of $2 epochs, at the pace its last epoch record
+# measured: the trainer's own estimate (eta_s), else that epoch's seconds times the epochs left. Nothing
+# before the first epoch, or when the schedule's length is unknown.
+job_eta_seconds() {
+    [ -r "$1" ] || return 0
+    awk -v total="${2:-}" '
+        function field(name,   v) {
+            if (!match(last, "\"" name "\": *[0-9.eE+-]+")) return ""
+            v = substr(last, RSTART, RLENGTH); sub(/^[^:]*: */, "", v); return v
+        }
+        /"type": *"epoch"/ { last = $0 }
+        END {
+            if (last == "" || field("epoch") == "") exit
+            done = field("epoch") + 0
+            if (field("eta_s") != "") eta = field("eta_s") + 0
+            else if (total ~ /^[0-9]+$/ && field("seconds") != "") eta = field("seconds") * (total > done ? total - done : 0)
+            else exit
+            printf "%d %d\n", eta + 0.5, done
+        }' "$1"
+}
+
+# The same as words for the chain's state file and the pipeline's plan, or nothing.
+job_eta() {
+    local seconds done
+    read -r seconds done < <(job_eta_seconds "$1" "$2") || return 0
+    [ -n "$seconds" ] && [ "$seconds" -gt 0 ] &&
+        echo "$(job_duration "$seconds") to go at the measured pace (epoch $done of ${2:-?} done)"
+}
+
+# The chain's state $1 with the time the rest of the run takes, when an epoch has been measured.
+job_state_eta() {
+    local eta
+    eta=$(job_eta "$OUT_DIR/${JOB_NAME}_metrics.jsonl" "${EPOCHS:-}")
+    echo "$1${eta:+; $eta}"
 }
 
 # Releases FOLLOW_UP once every chain named in FOLLOW_UP_AFTER is finished. Each chain writes its own state
@@ -182,6 +255,42 @@ job_release_follow_up() {
     esac && job_log "released follow-up job $FOLLOW_UP: every run it needs is finished"
 }
 
+# A sweep's array element (jobs/sweep.sh): SWEEP names a table of one line per element, "OUT_DIR FLAGS...";
+# the element's line is the array index's (or SWEEP_INDEX's) plus one. Sets OUT_DIR and EXTRA_ARGS from it,
+# and empties SWEEP, so that the chain's next jobs, plain jobs, carry those on as any chain does.
+job_sweep_element() {
+    local index line
+    [ -n "${SWEEP:-}" ] || return 0
+    index=${SWEEP_INDEX:-${SLURM_ARRAY_TASK_ID:-${PBS_ARRAY_INDEX:-${PBS_ARRAYID:-}}}}
+    case $index in "" | *[!0-9]*)
+        echo "error: SWEEP=$SWEEP is set but this job is no array element; submit it with jobs/sweep.sh" >&2
+        exit 2 ;;
+    esac
+    line=$(sed -n "$((index + 1))p" "$SWEEP" 2>/dev/null)
+    if [ -z "$line" ]; then
+        echo "error: $SWEEP has no line for array element $index; submit the sweep again with jobs/sweep.sh" >&2
+        exit 2
+    fi
+    read -r OUT_DIR EXTRA_ARGS <<<"$line"
+    export SWEEP= SWEEP_INDEX=
+}
+
+# The torchrun agent of one node of a job on several nodes, as words one a line (to run on every node, by
+# srun): NODES agents meet at the c10d rendezvous on ENDPOINT (host:port, on the first node) under the id
+# RDZV_ID, each starting NPROC workers. The workers' ranks follow the order in which the agents joined.
+job_torchrun_agent() {
+    printf '%s\n' torchrun --nnodes="$1" --nproc_per_node="$2" --rdzv_backend=c10d --rdzv_endpoint="$3" \
+        --rdzv_id="$4" --max_restarts=0
+}
+
+# What srun runs on every node of a multi-node job: the torchrun agent ($@), passing it the walltime warning
+# (SIGUSR1, which srun forwards) as SIGTERM, which the agent hands to its workers. Slurm signals every
+# process of the step, the workers too; this is for where the node's task alone hears it.
+job_node_agent() {
+    JOB_CHILD_SIGNAL=TERM
+    job_run_forwarding "$@"
+}
+
 # Exits 2 with one line unless every chain file given is finished (or absent: a run trained outside these
 # jobs). For the jobs that read finished runs.
 job_require_finished() {
@@ -198,12 +307,42 @@ job_require_finished() {
     done
 }
 
+# PBS sites differ in how a job gets its software and starts its process. The .pbs files pass these on to
+# every job of a chain (jobs/README.md has Blue Waters' values):
+#   PBS_MODULES   modules to load first, e.g. "bwpy cudatoolkit" [none]
+#   PBS_VENV      a Python virtual environment to activate [none: the login environment's python]
+#   PBS_LAUNCHER  the command that starts the process on the compute node [aprun -n 1 -N 1 -d NCPUS where
+#                 aprun exists (a Cray), else none: the job's shell runs on the compute node already]
+job_pbs_setup() {
+    local init
+    if [ -n "${PBS_MODULES:-}" ]; then
+        for init in /etc/profile.d/modules.sh /opt/modules/default/init/bash /usr/share/lmod/lmod/init/bash; do
+            command -v module >/dev/null || [ ! -r "$init" ] || . "$init"
+        done
+        # Word splitting of the list is intended.
+        # shellcheck disable=SC2086
+        module load $PBS_MODULES ||
+            { echo "error: module load $PBS_MODULES failed (PBS_MODULES); see \`module avail\`" >&2; exit 2; }
+    fi
+    if [ -n "${PBS_VENV:-}" ]; then
+        [ -r "$PBS_VENV/bin/activate" ] && . "$PBS_VENV/bin/activate" ||
+            { echo "error: PBS_VENV=$PBS_VENV has no bin/activate; give a virtual environment's folder" >&2; exit 2; }
+    fi
+    if [ -z "${PBS_LAUNCHER:-}" ] && command -v aprun >/dev/null; then
+        PBS_LAUNCHER="aprun -n 1 -N 1 -d ${PBS_NUM_PPN:-${NCPUS:-1}}"
+    fi
+    # The words of PBS_LAUNCHER, to put before a command.
+    read -ra job_launcher <<<"${PBS_LAUNCHER:-}"
+}
+
 # Seconds of walltime this PBS job asked for: Torque exports PBS_WALLTIME, PBS Pro answers through qstat.
 job_pbs_walltime() {
     local w=${PBS_WALLTIME:-} h m s
     [ -n "$w" ] || w=$(job_pbs_field Resource_List.walltime)
     case $w in
+        *[!0-9:]* | *::* | :* | *:) ;;  # unreadable: no warning
         *:*:*) IFS=: read -r h m s <<<"$w"; echo $((10#$h * 3600 + 10#$m * 60 + 10#$s)) ;;
+        *:*) IFS=: read -r m s <<<"$w"; echo $((10#$m * 60 + 10#$s)) ;;
         *) echo "$w" ;;
     esac
 }
@@ -233,10 +372,12 @@ job_start_timer() {
 job_forward() {
     local to=$1
     [ "$1" != USR1 ] || to=$JOB_CHILD_SIGNAL
+    # srun takes SIGTERM as "kill the tasks now"; a cancel has sent them SIGTERM itself already.
+    [ "$to" != TERM ] || [ "${JOB_FORWARD_TERM:-1}" = 1 ] || to=
     [ -n "$job_stop_signal" ] || job_stop_signal=$1
     job_interrupted=1
     job_log "received SIG$1: asking the trainer to save a checkpoint and stop"
-    [ -z "$job_child" ] || kill -"$to" "$job_child" 2>/dev/null
+    [ -z "$job_child" ] || [ -z "$to" ] || kill -"$to" "$job_child" 2>/dev/null
 }
 
 # Runs COMMAND in the background, so that this shell is free to take the scheduler's signals and pass them
@@ -251,7 +392,7 @@ job_run_forwarding() {
     # A signal that came before the child existed is passed on now.
     if [ -n "$job_stop_signal" ]; then
         [ "$job_stop_signal" = USR1 ] && kill -"$JOB_CHILD_SIGNAL" "$job_child" 2>/dev/null
-        [ "$job_stop_signal" = TERM ] && kill -TERM "$job_child" 2>/dev/null
+        [ "$job_stop_signal" = TERM ] && [ "${JOB_FORWARD_TERM:-1}" = 1 ] && kill -TERM "$job_child" 2>/dev/null
     fi
     wait "$job_child"
     status=$?
@@ -282,6 +423,7 @@ job_stop() {
 
 run_chain() {
     local status before next resume job_timer=""
+    job_check_numbers JOB_CHAIN MAX_CHAIN STOP_MARGIN
     job_check_vars || exit 2
     mkdir -p "$OUT_DIR" || { echo "error: cannot create OUT_DIR=$OUT_DIR; choose a writable folder" >&2; exit 2; }
     resume=$(job_submit_line 1)
@@ -291,7 +433,7 @@ run_chain() {
         exit 75
     fi
     job_log "$(job_id) on $(hostname), job $JOB_CHAIN of at most $MAX_CHAIN: $*"
-    job_set_state "running: job $(job_id), link $JOB_CHAIN of the chain, since $(date '+%F %T')"
+    job_set_state "$(job_state_eta "running: job $(job_id), link $JOB_CHAIN of the chain, since $(date '+%F %T')")"
     before=$(job_checkpoint_sum)
     [ "$(job_scheduler)" != pbs ] || job_start_timer
     job_run_forwarding "$@"
@@ -332,7 +474,7 @@ run_chain() {
         job_stop 75 "stopped: resubmitting failed in job $(job_id); continue with: $resume" \
             "error: resubmitting $JOB_SCRIPT failed; submit it again by hand to continue from the checkpoint: $resume"
     fi
-    job_set_state "queued: job $next, link $((JOB_CHAIN + 1)) of the chain"
+    job_set_state "$(job_state_eta "queued: job $next, link $((JOB_CHAIN + 1)) of the chain")"
     job_log "resubmitted $JOB_SCRIPT as job $next, link $((JOB_CHAIN + 1)) of the chain"
     exit 0
 }

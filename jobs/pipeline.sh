@@ -2,11 +2,12 @@
 # Submits the whole assignment in one go: the baseline and the GAN training chains side by side, visualize
 # (held: the chain that finishes last releases it, so it never reads a half-trained run), and report (after
 # visualize has succeeded). Run it from the repository root on the login node, in the Python environment
-# the jobs should use (Slurm passes it on; the PBS jobs load bwpy):
+# the jobs should use (Slurm passes it on; PBS jobs get theirs from PBS_MODULES, PBS_VENV):
 #   jobs/pipeline.sh runs/main
 #   WIDTH=128 GAN_EPOCHS=400 SUBMIT_OPTS="-p gpu -A myproj" GAN_OPTS="--time=24:00:00" jobs/pipeline.sh runs/w128
 # Everything goes under RUN_DIR (default runs/main): baseline/, gan/, visualization/, report/, and on Slurm
-# the jobs' logs in logs/. Running the same command again continues a stopped pipeline from the checkpoints.
+# the jobs' logs in logs/. Running the same command again continues a stopped pipeline from the checkpoints,
+# and then also prints how long the rest takes at the pace measured so far.
 #
 # Settings, as environment variables (defaults in brackets):
 #   SCHEDULER                   slurm or pbs [slurm where sbatch exists, else pbs]
@@ -21,7 +22,10 @@
 #                               a training chain's options hold for every job of the chain
 #   STOP_MARGIN                 seconds before the walltime at which a trainer is asked to stop [300]
 #   MAX_CHAIN                   the most jobs one training chain may take [20]
-#   GAN_JOB                     gan, or gan_multigpu on Slurm (all the GPUs of one node) [gan]
+#   GAN_JOB                     gan, or on Slurm gan_multigpu (all the GPUs of one node) or gan_multinode
+#                               (torchrun on several nodes) [gan]
+#   PBS_MODULES, PBS_VENV, PBS_LAUNCHER
+#                               PBS: how the jobs get Python and start it (jobs/lib.sh) [none; aprun if found]
 set -euo pipefail
 
 RUN_DIR=${1:-runs/main}
@@ -41,87 +45,30 @@ REPORT_OPTS=${REPORT_OPTS:-}
 STOP_MARGIN=${STOP_MARGIN:-300}
 MAX_CHAIN=${MAX_CHAIN:-20}
 GAN_JOB=${GAN_JOB:-gan}
+PBS_MODULES=${PBS_MODULES:-} PBS_VENV=${PBS_VENV:-} PBS_LAUNCHER=${PBS_LAUNCHER:-}
 
-submitted=()  # job ids so far, cancelled again when a later step fails
-
-fail() {
-    echo "error: $*" >&2
-    if [ ${#submitted[@]} -gt 0 ]; then
-        case $SCHEDULER in slurm) scancel "${submitted[@]}" ;; pbs) qdel "${submitted[@]}" ;; esac 2>/dev/null || true
-        echo "(cancelled the jobs already submitted: ${submitted[*]})" >&2
-    fi
-    exit 2
-}
+. jobs/lib.sh 2>/dev/null && . jobs/submit.sh || { echo "error: run jobs/pipeline.sh from the repository root" >&2; exit 2; }
 
 check_settings() {
-    [ -f jobs/lib.sh ] && [ -f train_gan.py ] || fail "run jobs/pipeline.sh from the repository root"
     case $RUN_DIR in *[[:space:],]*) fail "RUN_DIR '$RUN_DIR' contains a space or a comma; choose a plain path" ;; esac
+    check_common DATA_DIR WIDTH BASELINE_EPOCHS GAN_EPOCHS BASELINE_ARGS GAN_ARGS VISUALIZE_ARGS REPORT_ARGS \
+        PBS_MODULES PBS_VENV PBS_LAUNCHER --numbers WIDTH BASELINE_EPOCHS GAN_EPOCHS STOP_MARGIN MAX_CHAIN
+    case $SCHEDULER:$GAN_JOB in slurm:gan | slurm:gan_multigpu | slurm:gan_multinode | pbs:gan) ;;
+        *) fail "GAN_JOB=$GAN_JOB: use gan (or gan_multigpu, gan_multinode on Slurm)" ;; esac
     local name
-    for name in DATA_DIR WIDTH BASELINE_EPOCHS GAN_EPOCHS BASELINE_ARGS GAN_ARGS VISUALIZE_ARGS REPORT_ARGS; do
-        case ${!name} in *,*) fail "$name='${!name}' contains a comma, which sbatch --export and qsub -v cannot pass on" ;; esac
-    done
-    if [ -z "${SCHEDULER:-}" ]; then
-        if command -v sbatch >/dev/null; then SCHEDULER=slurm
-        elif command -v qsub >/dev/null; then SCHEDULER=pbs
-        else fail "neither sbatch nor qsub is here: run this on the cluster's login node"
-        fi
-    fi
-    case $SCHEDULER in slurm | pbs) ;; *) fail "SCHEDULER=$SCHEDULER: use slurm or pbs" ;; esac
-    case $SCHEDULER:$GAN_JOB in slurm:gan | slurm:gan_multigpu | pbs:gan) ;;
-        *) fail "GAN_JOB=$GAN_JOB: use gan (or gan_multigpu on Slurm)" ;; esac
     for name in baseline gan; do
         [ ! -e "$RUN_DIR/$name/STOP" ] || fail "$RUN_DIR/$name/STOP exists and would stop that chain at once; remove it"
     done
 }
 
-# The last line of a command's complaint, for a one-line error.
-last_line() { grep -v '^\s*$' <<<"$1" | tail -n 1; }
-
-# slurm_submit JOB_FILE VARS OPTIONS [-- SUBMIT-ONLY OPTIONS]: checks with --test-only that some node can run
-# the job, submits it, prints its id.
-slurm_submit() {
-    local file=$1 vars=$2 options=() extra=() out
-    shift 2
-    while [ $# -gt 0 ] && [ "$1" != -- ]; do options+=("$1"); shift; done
-    [ $# -eq 0 ] || { shift; extra=("$@"); }
-    if ! out=$(sbatch --test-only "${options[@]}" --export="ALL,$vars" "$file" 2>&1); then
-        fail "no node can run $file with the options '${options[*]}': Slurm says '$(last_line "$out")';" \
-             "change them (SUBMIT_OPTS, *_OPTS; jobs/README.md)"
-    fi
-    out=$(sbatch --parsable "${options[@]}" "${extra[@]}" --export="ALL,$vars" "$file" 2>&1) ||
-        fail "sbatch $file failed: $(last_line "$out")"
-    echo "${out%%;*}"
-}
-
-pbs_submit() {
-    local file=$1 vars=$2 out
-    shift 2
-    out=$(qsub "$@" -v "$vars" "$file" 2>&1) || fail "qsub $file failed: $(last_line "$out")"
-    echo "$out"
-}
-
-# A request beyond every partition's limits is accepted by sbatch and then waits forever: catch it now.
-slurm_check_pending() {
-    local id reason
-    while read -r id reason; do
-        case $reason in PartitionConfig | PartitionTimeLimit | PartitionNodeLimit | *PerJob*)
-            fail "job $id would wait forever: Slurm says $reason (the request exceeds what the partition or QOS" \
-                 "allows); ask for less (--time, --cpus-per-task, --mem, --gres in SUBMIT_OPTS, *_OPTS)" ;;
-        esac
-    done < <(squeue -h -o '%i %r' -j "$(IFS=,; echo "${submitted[*]}")")
-}
-
-write_state() {
-    mkdir -p "$(dirname "$1")"
-    echo "$2" > "$1.$$.tmp" && mv -f "$1.$$.tmp" "$1"
-}
-
 check_settings
 B=$RUN_DIR/baseline G=$RUN_DIR/gan V=$RUN_DIR/visualization R=$RUN_DIR/report
 AFTER="$B/baseline.chain $G/gan.chain"
-common="DATA_DIR=$DATA_DIR,MAX_CHAIN=$MAX_CHAIN,STOP_MARGIN=$STOP_MARGIN,WIDTH=$WIDTH"
-vis_vars="DATA_DIR=$DATA_DIR,OUT_DIR=$V,BASELINE_DIR=$B,GAN_DIR=$G,EXTRA_ARGS=$VISUALIZE_ARGS"
-report_vars="BASELINE_DIR=$B,GAN_DIR=$G,VIS_DIR=$V,OUT_DIR=$R,EXTRA_ARGS=$REPORT_ARGS"
+pbs_vars=
+[ "$SCHEDULER" != pbs ] || pbs_vars=",PBS_MODULES=$PBS_MODULES,PBS_VENV=$PBS_VENV,PBS_LAUNCHER=$PBS_LAUNCHER"
+common="DATA_DIR=$DATA_DIR,MAX_CHAIN=$MAX_CHAIN,STOP_MARGIN=$STOP_MARGIN,WIDTH=$WIDTH$pbs_vars"
+vis_vars="DATA_DIR=$DATA_DIR,OUT_DIR=$V,BASELINE_DIR=$B,GAN_DIR=$G,EXTRA_ARGS=$VISUALIZE_ARGS$pbs_vars"
+report_vars="BASELINE_DIR=$B,GAN_DIR=$G,VIS_DIR=$V,OUT_DIR=$R,EXTRA_ARGS=$REPORT_ARGS$pbs_vars"
 chain_vars() { echo "$common,OUT_DIR=$1,EPOCHS=$2,EXTRA_ARGS=$3,FOLLOW_UP=$vis,FOLLOW_UP_AFTER=$AFTER"; }
 # An old chain file saying "finished" must not release visualize before this pipeline's chain has run. Written
 # before the chains are submitted: a chain that starts (or ends) at once overwrites it.
@@ -180,3 +127,4 @@ A training chain resubmits itself at its walltime: each job has its own log, and
 $G/gan.chain say which job runs now. Follow:  tail -f $(log "$gan_name" "$gan")
 Stop a chain:  touch $G/STOP  (it ends after the running job),  or cancel its running job.
 EOF
+plan_eta baseline "$B/baseline_metrics.jsonl" "$BASELINE_EPOCHS" gan "$G/gan_metrics.jsonl" "$GAN_EPOCHS"

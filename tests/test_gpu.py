@@ -79,7 +79,7 @@ def losses_and_gradients(device, tf32):
         d_loss, _ = train_gan.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0)
         c_loss = F.cross_entropy(disc(real)[1], y_real)
         z = class_noise(y_fake.cpu(), torch.Generator().manual_seed(4)).to(device)
-        g_loss = train_gan.generator_loss(disc, gen(z), y_fake)
+        g_loss, _ = train_gan.generator_loss(disc, gen(z), y_fake)
         results = []
         for loss, net in ((d_loss, disc), (c_loss, disc), (g_loss, gen)):
             grads = torch.autograd.grad(loss, list(net.parameters()), retain_graph=True, allow_unused=True)

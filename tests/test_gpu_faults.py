@@ -55,7 +55,7 @@ def penalty_and_gradient(dtype, bf16):
     layer = MinibatchDiscrimination(32).to(dtype)
     x = torch.randn(16, 32).to(dtype).requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        gp = train_gan.gradient_penalty(layer(x).sum(1), x, 10.0)
+        gp, _ = train_gan.gradient_penalty(layer(x).sum(1), x, 10.0)
     gp.backward()
     return gp.detach().double(), layer.T.grad.double()
 

@@ -92,11 +92,11 @@ def read_tags(path):
 KILL_IN_SECOND_SAVE = """
 import os, signal, training
 write_together, calls = training.write_together, []
-def write_then_die(files):
+def write_then_die(files, **options):
     calls.append(1)
     if len(calls) == 2:
         os.kill(os.getpid(), signal.SIGKILL)
-    write_together(files)
+    write_together(files, **options)
 training.write_together = write_then_die
 """
 

@@ -119,7 +119,7 @@ def train_generator(rt, rank, world_size, out_dir):
         z = class_noise(labels, torch.Generator().manual_seed(step))
         with torch.no_grad():
             gen_ddp(z[share])  # the discriminator step's fake batch: statistics, no gradient
-        loss = train_gan.generator_loss(disc, gen_ddp(z[share]), labels[share])
+        loss, _ = train_gan.generator_loss(disc, gen_ddp(z[share]), labels[share])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -1,0 +1,102 @@
+# Shared by jobs/pipeline.sh and jobs/sweep.sh (sourced, bash, after `set -euo pipefail` and jobs/lib.sh):
+# checking the settings before anything is queued, submitting with the job's id read from the scheduler's
+# stdout (notices on stderr pass through), and cancelling what was submitted when a later step fails.
+
+submitted=()  # job ids so far, cancelled again when a later step fails
+submit_errors=$(mktemp)
+trap 'rm -f "$submit_errors"' EXIT
+
+fail() {
+    echo "error: $*" >&2
+    if [ ${#submitted[@]} -gt 0 ]; then
+        case $SCHEDULER in slurm) scancel "${submitted[@]}" ;; pbs) qdel "${submitted[@]}" ;; esac 2>/dev/null || true
+        echo "(cancelled the jobs already submitted: ${submitted[*]})" >&2
+    fi
+    exit 2
+}
+
+# The last line of a command's complaint, for a one-line error.
+last_line() { grep -v '^\s*$' <<<"$1" | tail -n 1; }
+
+# Sets SCHEDULER (slurm where sbatch exists, else pbs) and refuses, in one line, what would fail later:
+# not the repository root, a comma in a variable that travels with --export / -v (the names given), a
+# setting that must be a whole number (the names after --numbers).
+check_common() {
+    local name numbers=()
+    [ -f jobs/lib.sh ] && [ -f train_gan.py ] || fail "run $0 from the repository root"
+    while [ $# -gt 0 ] && [ "$1" != --numbers ]; do
+        case ${!1} in *,*) fail "$1='${!1}' contains a comma, which sbatch --export and qsub -v cannot pass on" ;; esac
+        shift
+    done
+    [ $# -eq 0 ] || { shift; numbers=("$@"); }
+    # job_check_numbers's one line, in this script's words.
+    for name in "${numbers[@]}"; do
+        case ${!name:-} in "" | *[!0-9]*) fail "$name='${!name:-}' is not a whole number; give it in digits only" ;; esac
+    done
+    if [ -z "${SCHEDULER:-}" ]; then
+        if command -v sbatch >/dev/null; then SCHEDULER=slurm
+        elif command -v qsub >/dev/null; then SCHEDULER=pbs
+        else fail "neither sbatch nor qsub is here: run this on the cluster's login node"
+        fi
+    fi
+    case $SCHEDULER in slurm | pbs) ;; *) fail "SCHEDULER=$SCHEDULER: use slurm or pbs" ;; esac
+}
+
+# slurm_submit JOB_FILE VARS OPTIONS [-- SUBMIT-ONLY OPTIONS]: checks with --test-only that some node can run
+# the job, submits it, prints its id.
+slurm_submit() {
+    local file=$1 vars=$2 options=() extra=() out
+    shift 2
+    while [ $# -gt 0 ] && [ "$1" != -- ]; do options+=("$1"); shift; done
+    [ $# -eq 0 ] || { shift; extra=("$@"); }
+    if ! out=$(sbatch --test-only "${options[@]}" --export="ALL,$vars" "$file" 2>&1); then
+        fail "no node can run $file with the options '${options[*]}': Slurm says '$(last_line "$out")';" \
+             "change them (SUBMIT_OPTS, *_OPTS; jobs/README.md)"
+    fi
+    out=$(sbatch --parsable "${options[@]}" "${extra[@]}" --export="ALL,$vars" "$file" 2>"$submit_errors") ||
+        fail "sbatch $file failed: $(last_line "$(cat "$submit_errors")$out")"
+    cat "$submit_errors" >&2
+    job_parse_id "$out" || fail "sbatch $file answered '$out', not a job id"
+}
+
+pbs_submit() {
+    local file=$1 vars=$2 out
+    shift 2
+    out=$(qsub "$@" -v "$vars" "$file" 2>"$submit_errors") ||
+        fail "qsub $file failed: $(last_line "$(cat "$submit_errors")$out")"
+    cat "$submit_errors" >&2
+    job_parse_id "$out" || fail "qsub $file answered '$out', not a job id"
+}
+
+# A request beyond every partition's limits is accepted by sbatch and then waits forever: catch it now.
+slurm_check_pending() {
+    local id reason
+    while read -r id reason; do
+        case $reason in PartitionConfig | PartitionTimeLimit | PartitionNodeLimit | *PerJob*)
+            fail "job $id would wait forever: Slurm says $reason (the request exceeds what the partition or QOS" \
+                 "allows); ask for less (--time, --cpus-per-task, --mem, --gres in SUBMIT_OPTS, *_OPTS)" ;;
+        esac
+    done < <(squeue -h -o '%i %r' -j "$(IFS=,; echo "${submitted[*]}")")
+}
+
+write_state() {
+    mkdir -p "$(dirname "$1")"
+    echo "$2" > "$1.$$.tmp" && mv -f "$1.$$.tmp" "$1"
+}
+
+# plan_eta LABEL METRICS EPOCHS ...: a line per run that has measured an epoch, and the longest of them (the
+# runs train side by side), for the plan printed after submitting; nothing before a first epoch.
+plan_eta() {
+    local longest=0 lines="" seconds done
+    while [ $# -ge 3 ]; do
+        if read -r seconds done < <(job_eta_seconds "$2" "$3") && [ -n "$seconds" ]; then
+            lines+="  $1: $(job_duration "$seconds") of training left (epoch $done of $3 done)"$'\n'
+            [ "$seconds" -le "$longest" ] || longest=$seconds
+        fi
+        shift 3
+    done
+    [ -n "$lines" ] || return 0
+    echo "At the pace measured so far, with the runs side by side and not counting the queue:"
+    printf '%s' "$lines"
+    echo "  the whole: about $(job_duration "$longest"), then the follow-up jobs"
+}
