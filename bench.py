@@ -225,26 +225,38 @@ def runs_kernel(op):
     return not any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
 
 
+def tensor_bytes(values):
+    return sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves(values)
+               if isinstance(t, torch.Tensor))
+
+
 class OpCounter(TorchDispatchMode):
-    """Counts, by name, the ATen operations that reach the device below autograd and run a kernel."""
+    """Counts, by name, the ATen operations that reach the device below autograd and run a kernel, and the bytes
+    they read and write if each read its tensor arguments and wrote its results once (an estimate of the memory
+    traffic: a lower bound for elementwise operations and reductions, which on a GPU are bound by it)."""
 
     def __init__(self):
         super().__init__()
         self.counts = collections.Counter()
+        self.bytes = 0
 
     def __torch_dispatch__(self, op, types, args=(), kwargs=None):
+        out = op(*args, **(kwargs or {}))
         if runs_kernel(op):
             self.counts[str(op.overloadpacket)] += 1
-        return op(*args, **(kwargs or {}))
+            self.bytes += tensor_bytes((args, kwargs, out))
+        return out
 
 
-def count_ops(phases):
-    """{phase name: operations} of one pass over the phases, and "total"."""
+def count_ops(phases, traffic=None):
+    """{phase name: operations} of one pass over the phases, and "total"; traffic, a dict, gets the bytes moved."""
     counts = {}
     for name, run in phases:
         with OpCounter() as counter:
             run()
         counts[name] = sum(counter.counts.values())
+        if traffic is not None:
+            traffic[name] = counter.bytes
     counts["total"] = sum(counts.values())
     return counts
 
@@ -287,7 +299,8 @@ def run(args):
     if cuda and torch.cuda.is_bf16_supported():
         paths.append(("bf16", True, True))
     results = {"device": torch.cuda.get_device_name(device) if cuda else "cpu",
-               "width": args.width, "batch_size": args.batch_size, "steps": args.steps, "ops": {}}
+               "width": args.width, "batch_size": args.batch_size, "steps": args.steps, "ops": {},
+               "traffic_gb": {}}
 
     def measure(key, build, tuned, *build_args, **options):
         torch.manual_seed(0)
@@ -296,7 +309,9 @@ def run(args):
         if not cuda and not tuned:  # the operations with fused Adam, as on CUDA
             phases = build(rt, args.width, args.batch_size, True, *build_args, **options)
             run_phases(phases)
-        results["ops"][key] = count_ops(phases)
+        traffic = {}
+        results["ops"][key] = count_ops(phases, traffic)
+        results["traffic_gb"][key] = sum(traffic.values()) / 1e9
 
     for path, tuned, bf16 in paths:
         torch.backends.cudnn.benchmark = tuned
@@ -328,7 +343,7 @@ def run(args):
     for key in ("baseline_fp32", "baseline_old_ops", "gan_fp32", "gan_old_ops"):
         parts = ", ".join(f"{name} {n}" for name, n in ops[key].items() if name != "total")
         print(f"operations per {'step' if key.startswith('baseline') else 'iteration'}, {key.replace('_', ' ')}: "
-              f"{ops[key]['total']} ({parts})")
+              f"{ops[key]['total']} ({parts}); {results['traffic_gb'][key]:.2f} GB read and written (estimate)")
     print(json.dumps(results))
 
 
