@@ -195,7 +195,7 @@ def refuse_unreadable(unreadable):
 # ---------------------------------------------------------------------------------------------------------
 # Batched augmentation. Each op takes per-sample parameters (tensors of shape (N,)), so one call transforms a
 # whole batch with different random parameters per image; the functions follow torchvision's definitions. They
-# are written in few operations over the images (about 50 kernels for augment), since on a GPU each is a launch.
+# are written in few operations over the images (49 for augment), since on a GPU each is a kernel launch.
 
 @functools.lru_cache(maxsize=None)
 def _constant(values, device):
@@ -224,7 +224,7 @@ def _shift_hue(x, hue, signed=False):
     maxc, m = x.max(1)
     chroma = maxc - x.amin(1)
     pair = x.gather(1, (m.unsqueeze(1) + _constant(_NEXT_PREVIOUS, x.device)).remainder_(3))
-    # Grey pixels (chroma 0) have next == previous: any finite hue, the ramp is multiplied by 0
+    # Grey pixels (chroma 0) have next == previous: their hue comes out finite (0 / 1e-30), times chroma 0
     sixths = torch.add(hue.view(-1, 1, 1) * 6, m, alpha=2).addcdiv_(pair[:, 0] - pair[:, 1], chroma.clamp_min(1e-30))
     k = (sixths.unsqueeze(1) + _constant(_HUE_CHANNELS, x.device)).remainder_(6)
     ramp = torch.minimum(k, 4 - k).clamp_(0, 1)
@@ -239,7 +239,8 @@ def color_jitter(x, brightness, contrast, saturation, hue, signed=False):
     scale s if brightness is divided by s (augment passes 0..255 pixels). signed: the result as 2 * rgb - 1."""
     x = (x * brightness.view(-1, 1, 1, 1)).clamp_(0, 1)
     grey = _constant(_GREY, x.device)
-    # The mean of the greyscale image is the greyscale of the channel means
+    # The mean of the greyscale image is the greyscale of the channel means. (fp32 matmuls: PyTorch uses no TF32
+    # for them unless asked to.)
     x = _blend(x, (x.mean((2, 3)) @ grey.T).view(-1, 1, 1, 1), contrast)
     x = _blend(x, (grey @ x.flatten(2)).view_as(x[:, :1]), saturation)
     return _shift_hue(x, hue, signed)

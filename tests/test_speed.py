@@ -104,7 +104,7 @@ def run_bench(*args):
 
 def test_bench_on_cpu_prints_a_table_and_json():
     stdout, results = run_bench("--device", "cpu", "--width", "8", "--batch-size", "8", "--steps", "2",
-                                "--warmup", "1")
+                                "--warmup", "1", "--rounds", "2")
     assert "baseline img/s" in stdout and "old-ops" in stdout and "operations per iteration, gan fp32" in stdout
     assert results["device"] == "cpu" and results["width"] == 8
     assert results["baseline_fp32"] > 0 and results["gan_fp32"] > 0
