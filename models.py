@@ -125,7 +125,10 @@ class _LayerNorm(torch.autograd.Function):
     def backward(ctx, g):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         mask = [_engine_uses(ctx, i) for i in range(3)]
-        gx, gw, gb = _LayerNormGrad.apply(g, x, weight, bias, mean, rstd, ctx.shape, mask)
+        if torch.is_grad_enabled():  # create_graph: this backward is differentiated in turn
+            gx, gw, gb = _LayerNormGrad.apply(g, x, weight, bias, mean, rstd, ctx.shape, mask)
+        else:
+            gx, gw, gb = torch.ops.aten.native_layer_norm_backward(g, x, ctx.shape, mean, rstd, weight, bias, mask)
         return gx, gw, gb, None, None
 
 
@@ -137,7 +140,7 @@ class LayerNorm(nn.LayerNorm):
     compact_double_backward = True
 
     def forward(self, x):
-        if not self.compact_double_backward:
+        if not (self.compact_double_backward and torch.is_grad_enabled()):  # without autograd: no Python overhead
             return super().forward(x)
         # CUDA autocast runs layer_norm in fp32 (CPU autocast does not): as it would for F.layer_norm
         if x.device.type == "cuda" and torch.is_autocast_enabled("cuda") and x.dtype in (torch.float16, torch.bfloat16):
