@@ -348,8 +348,8 @@ def run(args):
         print(line)
     print(f"{'one-batch':<9} {'':>15} {results['gan_one_batch']:10.0f} {'':>13} {ops['gan_one_batch']['total']:8d}")
     print(f"GAN iteration, the penalty on its own pass (fp32) vs one-batch: {results['gan_split_speedup']:.2f}x")
-    print(f"fp32 vs old-ops (fewer operations, the same numbers): baseline {results['baseline_fewer_ops_speedup']:.2f}x, "
-          f"GAN {results['gan_fewer_ops_speedup']:.2f}x")
+    print(f"fp32 vs old-ops (fewer operations, the same numbers): "
+          f"baseline {results['baseline_fewer_ops_speedup']:.2f}x, GAN {results['gan_fewer_ops_speedup']:.2f}x")
     for key in ("baseline_fp32", "baseline_old_ops", "gan_fp32", "gan_old_ops"):
         parts = ", ".join(f"{name} {n}" for name, n in ops[key].items() if name != "total")
         print(f"operations per {'step' if key.startswith('baseline') else 'iteration'}, {key.replace('_', ' ')}: "
