@@ -479,3 +479,25 @@ def test_model_files_and_checkpoints_written_with_nn_layer_norm_still_load(tmp_p
     resumed = models.Discriminator(WIDTH)
     restore_model(resumed, model_record(before), "gan.ckpt")
     torch.testing.assert_close(resumed.eval()(x), before(x), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_layer_norm_under_cuda_bf16_autocast_runs_in_fp32_like_nn_layer_norm():
+    """CUDA autocast runs layer_norm in fp32: models.LayerNorm casts its input as autocast does for nn.LayerNorm."""
+    results = []
+    for compact in (True, False):
+        torch.manual_seed(0)
+        block = models.ConvBlock(3, 8, 1, 8).cuda()
+        block.norm.compact_double_backward = compact
+        x = torch.randn(4, 3, 8, 8, device="cuda").requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = block.norm(block.conv(x))
+            gx, = torch.autograd.grad((y * y.sin()).sum(), x, create_graph=True)
+        gx.square().sum().backward()
+        results.append((y, gx, block.conv.weight.grad))
+    (y, gx, grad), (y_nn, gx_nn, grad_nn) = results
+    assert y.dtype == y_nn.dtype == torch.float32
+    torch.testing.assert_close(y, y_nn)
+    # fp32 LayerNorms around the same bf16 convolutions, whose CUDA backward may sum in another order
+    torch.testing.assert_close(gx, gx_nn, rtol=1e-3, atol=1e-5)
+    assert (grad - grad_nn).norm() <= 1e-2 * grad_nn.norm()
