@@ -7,6 +7,7 @@ Two sources, chosen by what --data-dir holds:
 The assignment's train augmentation (random resized crop, colour jitter, horizontal flip) runs as batched tensor
 ops, so an epoch does no per-image Python work, on the GPU or the CPU alike.
 """
+import functools
 import hashlib
 import os
 import pickle
@@ -212,81 +213,94 @@ def refuse_unreadable(unreadable):
 
 # ---------------------------------------------------------------------------------------------------------
 # Batched augmentation. Each op takes per-sample parameters (tensors of shape (N,)), so one call transforms a
-# whole batch with different random parameters per image; the functions follow torchvision's definitions.
+# whole batch with different random parameters per image; the functions follow torchvision's definitions. They
+# are written in few operations over the images (49 for augment), since on a GPU each is a kernel launch.
+
+@functools.lru_cache(maxsize=None)
+def _constant(values, device):
+    """A small constant tensor, built once per device (values: nested tuples)."""
+    return torch.tensor(values, device=device)
+
+
+_GREY = ((0.2989, 0.587, 0.114),)  # torchvision's rgb_to_grayscale weights
+# Shaped (channels, 1, 1) to broadcast over (N, 1, H, W): for r, g, b where each ramp starts on the hue circle, in
+# sixths; the next and previous channel, as offsets
+_HUE_CHANNELS = (((5.0,),), ((3.0,),), ((1.0,),))
+_NEXT_PREVIOUS = (((1,),), ((2,),))
+
 
 def _blend(x, other, factor):
-    return (factor.view(-1, 1, 1, 1) * x + (1 - factor.view(-1, 1, 1, 1)) * other).clamp_(0, 1)
+    """torchvision's _blend: factor * x + (1 - factor) * other, clamped to [0, 1]."""
+    return torch.lerp(other, x, factor.view(-1, 1, 1, 1)).clamp_(0, 1)
 
 
-def _grayscale(x):
-    return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+def _shift_hue(x, hue, signed=False):
+    """torchvision's adjust_hue (RGB -> HSV, hue + shift, HSV -> RGB) in one pass, without the HSV image: each
+    channel is max - chroma * ramp(hue), ramp the piecewise-linear function of the HSV-to-RGB conversion
+    clamp(min(k, 4 - k), 0, 1), k = (channel's start + 6 * hue) mod 6. The hue, in sixths, is 2 * m +
+    (next channel - previous channel) / chroma for m the first maximal channel, as torchvision's rgb_to_hsv.
+    signed: return 2 * rgb - 1 (augment's [-1, 1]) in the same pass."""
+    maxc, m = x.max(1)
+    chroma = maxc - x.amin(1)
+    pair = x.gather(1, (m.unsqueeze(1) + _constant(_NEXT_PREVIOUS, x.device)).remainder_(3))
+    # Grey pixels (chroma 0) have next == previous: their hue comes out finite (0 / 1e-30), times chroma 0
+    sixths = torch.add(hue.view(-1, 1, 1) * 6, m, alpha=2).addcdiv_(pair[:, 0] - pair[:, 1], chroma.clamp_min(1e-30))
+    k = (sixths.unsqueeze(1) + _constant(_HUE_CHANNELS, x.device)).remainder_(6)
+    ramp = torch.minimum(k, 4 - k).clamp_(0, 1)
+    if signed:
+        return torch.addcmul(maxc.mul(2).sub_(1).unsqueeze(1), chroma.unsqueeze(1), ramp, value=-2)
+    return torch.addcmul(maxc.unsqueeze(1), chroma.unsqueeze(1), ramp, value=-1)
 
 
-def _rgb_to_hsv(x):
-    r, g, b = x.unbind(1)
-    maxc, minc = x.max(1).values, x.min(1).values
-    chroma = maxc - minc
-    grey = chroma == 0
-    s = chroma / torch.where(grey, torch.ones_like(maxc), maxc)
-    c = torch.where(grey, torch.ones_like(chroma), chroma)
-    rc, gc, bc = (maxc - r) / c, (maxc - g) / c, (maxc - b) / c
-    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2 + rc - bc, 4 + gc - rc))
-    h = torch.where(grey, torch.zeros_like(h), h)
-    return torch.stack([(h / 6).remainder(1), s, maxc], 1)
-
-
-def _hsv_to_rgb(x):
-    h, s, v = x.unbind(1)
-    sector = torch.floor(h * 6)
-    f = h * 6 - sector
-    sector = sector.long().remainder(6)
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    # The (r, g, b) of each of the six hue sectors.
-    choices = torch.stack([torch.stack(c, 1) for c in
-                           [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]], 1)
-    return choices.gather(1, sector[:, None, None].expand(-1, 1, 3, *h.shape[1:])).squeeze(1)
-
-
-def color_jitter(x, brightness, contrast, saturation, hue):
+def color_jitter(x, brightness, contrast, saturation, hue, signed=False):
     """x: float images in [0, 1], (N, 3, H, W); factors as torchvision's adjust_brightness/contrast/saturation,
-    hue as its adjust_hue (a shift in [-0.5, 0.5] of the hue circle), one per image."""
-    x = _blend(x, torch.zeros_like(x), brightness)
-    x = _blend(x, _grayscale(x).mean((1, 2, 3), keepdim=True), contrast)
-    x = _blend(x, _grayscale(x), saturation)
-    hsv = _rgb_to_hsv(x)
-    hsv[:, 0] = (hsv[:, 0] + hue.view(-1, 1, 1)).remainder(1)
-    return _hsv_to_rgb(hsv)
+    hue as its adjust_hue (a shift in [-0.5, 0.5] of the hue circle), one per image. x may also be on another
+    scale s if brightness is divided by s (augment passes 0..255 pixels). signed: the result as 2 * rgb - 1."""
+    x = (x * brightness.view(-1, 1, 1, 1)).clamp_(0, 1)
+    grey = _constant(_GREY, x.device)
+    # The mean of the greyscale image is the greyscale of the channel means. (fp32 matmuls: PyTorch uses no TF32
+    # for them unless asked to.)
+    x = _blend(x, (x.mean((2, 3)) @ grey.T).view(-1, 1, 1, 1), contrast)
+    x = _blend(x, (grey @ x.flatten(2)).view_as(x[:, :1]), saturation)
+    return _shift_hue(x, hue, signed)
 
 
 def resized_crop_flip(x, left, top, side, flip):
-    """Crop the square [left, left+side) x [top, top+side) (pixels, fractional allowed) of each image, resize
-    it bilinearly back to the input size, and mirror the images where flip is True."""
+    """Crop the square [left, left+side) x [top, top+side) (pixels, fractional allowed) of each square image,
+    resize it bilinearly back to the input size, and mirror the images where flip is True."""
     n, _, height, width = x.shape
-    theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
-    # affine_grid maps output coordinates in [-1, 1] to input ones; pixel edge p sits at 2p/size - 1.
-    theta[:, 0, 0] = side / width * torch.where(flip, -1.0, 1.0)
-    theta[:, 0, 2] = (2 * left + side) / width - 1
-    theta[:, 1, 1] = side / height
-    theta[:, 1, 2] = (2 * top + side) / height - 1
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    # Sample only inside the box, as cropping first would: clamp to the centres of its edge pixels.
-    low = torch.stack([(2 * left + 1) / width - 1, (2 * top + 1) / height - 1], 1).view(n, 1, 1, 2)
-    high = torch.stack([(2 * (left + side) - 1) / width - 1, (2 * (top + side) - 1) / height - 1], 1).view(n, 1, 1, 2)
-    grid = torch.maximum(torch.minimum(grid, high), low)
+    if height != width:
+        raise ValueError(f"resized_crop_flip needs square images, got {height}x{width}")
+    # Output pixel j samples the box at side * (j + 0.5) / width from its edge, clamped to the centres of the
+    # box's edge pixels (as cropping first would); mirrored, at side minus that. Then in grid_sample's units,
+    # where pixel edge p sits at 2p/size - 1.
+    side = side.view(n, 1)
+    centres = _constant(tuple((j + 0.5) / width for j in range(width)), x.device).to(x.dtype)
+    offset = torch.minimum(side * centres, side - 0.5).clamp_min_(0.5)
+    offsets = torch.stack([torch.where(flip.view(n, 1), side - offset, offset), offset])
+    coords = (torch.stack([left, top]).view(2, n, 1) + offsets).mul_(2 / width).sub_(1)
+    grid = torch.stack([coords[0].view(n, 1, width).expand(n, width, width),
+                        coords[1].view(n, width, 1).expand(n, width, width)], -1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+# The random parameters of augment, one row each, uniform on [low, low + span): crop area fraction, left and top
+# (fractions of the room the crop leaves), flip (below 0.5), brightness (divided by 255: it scales 0..255
+# pixels), contrast, saturation, hue
+_DRAWS = (CROP_SCALE[0], 0.0, 0.0, 0.0, (1 - JITTER) / 255, 1 - JITTER, 1 - JITTER, -JITTER)
+_SPANS = (CROP_SCALE[1] - CROP_SCALE[0], 1.0, 1.0, 1.0, 2 * JITTER / 255, 2 * JITTER, 2 * JITTER, 2 * JITTER)
 
 
 def augment(images, rng):
     """uint8 batch -> augmented float batch in [-1, 1], with random parameters per image drawn from rng."""
     n, _, size, _ = images.shape
-    draw = lambda low, high: torch.empty(n, device=images.device).uniform_(low, high, generator=rng)
-    side = size * draw(*CROP_SCALE).sqrt()
-    left, top = (size - side) * draw(0, 1), (size - side) * draw(0, 1)
-    flip = draw(0, 1) < 0.5
-    x = resized_crop_flip(images.float() / 255, left, top, side, flip)
-    x = color_jitter(x, draw(1 - JITTER, 1 + JITTER), draw(1 - JITTER, 1 + JITTER),
-                     draw(1 - JITTER, 1 + JITTER), draw(-JITTER, JITTER))
-    return x * 2 - 1
+    device = images.device
+    low, span = (_constant(tuple((v,) for v in values), device) for values in (_DRAWS, _SPANS))
+    p = torch.addcmul(low, span, torch.rand(len(_DRAWS), n, device=device, generator=rng))
+    side = p[0].sqrt_().mul_(size)
+    left, top = (size - side) * p[1:3]
+    x = resized_crop_flip(images.float(), left, top, side, p[3] < 0.5)
+    return color_jitter(x, p[4], p[5], p[6], p[7], signed=True)
 
 
 class Loader:

@@ -315,6 +315,32 @@ def test_resized_crop_flip_matches_torchvision_on_integer_boxes():
     assert not mismatches, "\n".join(mismatches)
 
 
+def test_hue_shift_matches_torchvision_at_ties_and_primaries():
+    """The hue rotation picks the first maximal channel: ties (yellow, cyan, magenta, two equal maxima above a
+    third), primaries, grey, black and white, shifted over the whole circle."""
+    colours = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 0, 1], [0.6, 0.6, 0.2], [0.2, 0.6, 0.6], [0.6, 0.2, 0.6],
+                            [1, 0, 0], [0, 1, 0], [0, 0, 1], [0.5, 0.5, 0.5], [0, 0, 0], [1, 1, 1],
+                            [0.3, 0.2, 0.1], [0.1, 0.3, 0.2]])
+    x = colours.T.reshape(1, 3, 2, 7).expand(9, -1, -1, -1).contiguous()
+    hue = torch.linspace(-0.5, 0.5, 9)
+    ones = torch.ones(9)
+    ours = data.color_jitter(x, ones, ones, ones, hue)
+    for i in range(9):
+        torch.testing.assert_close(ours[i], TF.adjust_hue(x[i], hue[i].item()), rtol=0, atol=1e-5,
+                                   msg=f"hue shift {hue[i]:.3f}")
+
+
+def test_augment_equals_the_augmentation_written_before():
+    """bench.py keeps the earlier, longer formulation (old-ops): from the same generator state it draws the same
+    parameters and gives the same images, to fp32 rounding."""
+    from bench import old_augment
+
+    images = some_images(32)
+    ours = data.augment(images, torch.Generator().manual_seed(5))
+    before = old_augment(images, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(ours, before, rtol=0, atol=5e-5)  # measured: 1.4e-5 at most
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Loader
 

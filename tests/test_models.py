@@ -355,3 +355,149 @@ def test_class_noise_puts_one_hot_labels_first():
     assert not torch.equal(rest[1], rest[3])  # same label, different noise
     again = models.class_noise(labels, generator=torch.Generator().manual_seed(1))
     assert torch.equal(z, again)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# models.LayerNorm: nn.LayerNorm with a compact second derivative (the gradient penalty's double backward)
+
+def layer_norm_inputs(dtype=torch.float64, shape=(3, 2, 2), n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda *size: torch.randn(*size, generator=g, dtype=dtype, requires_grad=True)
+    return make(n, *shape), make(*shape), make(*shape)
+
+
+def test_layer_norm_passes_gradcheck_and_gradgradcheck_in_float64():
+    x, weight, bias = layer_norm_inputs()
+    f = lambda x, w, b: models._LayerNorm.apply(x, w, b, [3, 2, 2], 1e-5)
+    assert torch.autograd.gradcheck(f, (x, weight, bias))
+    assert torch.autograd.gradgradcheck(f, (x, weight, bias))  # every first derivative's derivative
+
+
+def test_layer_norm_equals_nn_layer_norm_to_the_second_derivative():
+    """Values, first and second derivatives of a penalty-like loss equal nn.LayerNorm's (float64, affine)."""
+    results = []
+    for compact in (True, False):
+        torch.manual_seed(0)
+        norm = models.LayerNorm([3, 2, 2]).double()
+        nn.init.normal_(norm.weight), nn.init.normal_(norm.bias)
+        norm.compact_double_backward = compact
+        x = layer_norm_inputs()[0]
+        y = norm(x)
+        gx, = torch.autograd.grad((y * y.sin()).sum(), x, create_graph=True)
+        penalty = ((gx.flatten(1).norm(dim=1) - 1) ** 2).mean()
+        results.append([y, gx, *torch.autograd.grad(penalty, (x, norm.weight, norm.bias))])
+    for ours, reference in zip(*results):
+        torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
+
+
+def test_layer_norm_first_backward_computes_only_what_the_pass_uses():
+    """The penalty's autograd.grad asks for the input's gradient alone: the fused backward kernel is then asked
+    for no weight and bias gradients (as nn.LayerNorm's is); a full backward asks for all three."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    masks = []
+
+    class Masks(TorchDispatchMode):
+        def __torch_dispatch__(self, op, types, args=(), kwargs=None):
+            if op is torch.ops.aten.native_layer_norm_backward.default:
+                masks.append(list(args[-1]))
+            return op(*args, **(kwargs or {}))
+
+    norm = models.LayerNorm([3, 2, 2])
+    x = torch.randn(4, 3, 2, 2).requires_grad_(True)
+    with Masks():
+        torch.autograd.grad(norm(x * 1).sum(), x, create_graph=True)
+        norm(x * 1).sum().backward()
+    assert masks == [[True, False, False], [True, True, True]]
+
+
+def as_before(d):
+    """d with plain nn.LayerNorm modules in its blocks, as model files and checkpoints were written before."""
+    for block in d.blocks:
+        plain = nn.LayerNorm(block.norm.normalized_shape)
+        plain.load_state_dict(block.norm.state_dict())
+        block.norm = plain
+    return d
+
+
+def test_discriminator_loss_and_gradients_equal_those_of_nn_layer_norm():
+    """train_gan's discriminator loss with the penalty, fp32: the loss and each parameter's gradient agree with
+    nn.LayerNorm's to 1e-6 (relative; fp32 rounds each in another order)."""
+    import train_gan
+
+    g = torch.Generator().manual_seed(1)
+    real, fake = (torch.rand(6, 3, 32, 32, generator=g) * 2 - 1 for _ in range(2))
+    real_labels, fake_labels = (torch.randint(0, 10, (6,), generator=g) for _ in range(2))
+    alpha = torch.rand(6, generator=g)
+    results = []
+    for before in (False, True):
+        torch.manual_seed(0)
+        d = models.Discriminator(8)
+        if before:
+            as_before(d)
+        loss, _ = train_gan.discriminator_loss(d, d, real, real_labels, fake, fake_labels, alpha, 10.0)
+        loss.backward()
+        results.append((loss.item(), {name: p.grad for name, p in d.named_parameters()}))
+    (loss, grads), (loss_before, grads_before) = results
+    assert loss == pytest.approx(loss_before, rel=1e-6)
+    for name, grad in grads.items():
+        assert (grad - grads_before[name]).norm() <= 1e-6 * grads_before[name].norm() + 1e-9, name
+
+
+def test_layer_norm_under_cpu_bf16_autocast_behaves_like_nn_layer_norm():
+    """CPU autocast leaves layer_norm to its input's dtype (bf16 after a bf16 conv), as for nn.LayerNorm: the
+    same output and first derivative (the same fused kernels), and a second derivative as close to fp32's."""
+    def run(compact, bf16):
+        torch.manual_seed(0)
+        block = models.ConvBlock(3, 8, 1, 8)
+        block.norm.compact_double_backward = compact
+        x = torch.randn(4, 3, 8, 8).requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = block.norm(block.conv(x))
+            gx, = torch.autograd.grad((y.float() * y.float().sin()).sum(), x, create_graph=True)
+        gx.square().sum().backward()
+        return y, gx, torch.cat([block.conv.weight.grad.flatten(), block.norm.weight.grad.flatten()])
+
+    (y, gx, grads), (y_nn, gx_nn, grads_nn), (_, _, grads_fp32) = run(True, True), run(False, True), run(True, False)
+    assert y.dtype == y_nn.dtype == torch.bfloat16
+    assert torch.equal(y, y_nn) and torch.equal(gx, gx_nn)
+    error, error_nn = ((g - grads_fp32).norm() / grads_fp32.norm() for g in (grads, grads_nn))
+    assert error_nn > 1e-3  # bf16 does change them: the comparison below has something to compare
+    assert error <= 1.1 * error_nn  # measured: 0.0121 and 0.0122
+
+
+def test_model_files_and_checkpoints_written_with_nn_layer_norm_still_load(tmp_path):
+    from checkpoint import load_model, model_record, restore_model, save_model
+
+    torch.manual_seed(0)
+    before = as_before(models.Discriminator(WIDTH)).eval()
+    save_model(before, tmp_path / "cifar10.model")
+    loaded = load_model(tmp_path / "cifar10.model", "discriminator")
+    assert all(isinstance(block.norm, models.LayerNorm) for block in loaded.blocks)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), before(x), rtol=0, atol=0)
+    resumed = models.Discriminator(WIDTH)
+    restore_model(resumed, model_record(before), "gan.ckpt")
+    torch.testing.assert_close(resumed.eval()(x), before(x), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_layer_norm_under_cuda_bf16_autocast_runs_in_fp32_like_nn_layer_norm():
+    """CUDA autocast runs layer_norm in fp32: models.LayerNorm casts its input as autocast does for nn.LayerNorm."""
+    results = []
+    for compact in (True, False):
+        torch.manual_seed(0)
+        block = models.ConvBlock(3, 8, 1, 8).cuda()
+        block.norm.compact_double_backward = compact
+        x = torch.randn(4, 3, 8, 8, device="cuda").requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = block.norm(block.conv(x))
+            gx, = torch.autograd.grad((y * y.sin()).sum(), x, create_graph=True)
+        gx.square().sum().backward()
+        results.append((y, gx, block.conv.weight.grad))
+    (y, gx, grad), (y_nn, gx_nn, grad_nn) = results
+    assert y.dtype == y_nn.dtype == torch.float32
+    torch.testing.assert_close(y, y_nn)
+    # fp32 LayerNorms around the same bf16 convolutions, whose CUDA backward may sum in another order
+    torch.testing.assert_close(gx, gx_nn, rtol=1e-3, atol=1e-5)
+    assert (grad - grad_nn).norm() <= 1e-2 * grad_nn.norm()
