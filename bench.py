@@ -40,7 +40,7 @@ import train_gan
 from data import CROP_SCALE, JITTER, augment
 from files import check_range, run_main
 from models import Discriminator, Generator, LayerNorm, class_noise
-from runtime import DEVICE_HELP, Runtime
+from runtime import DEVICE_HELP, Runtime, bf16_capable
 from training import Meter
 
 
@@ -118,7 +118,7 @@ def gan_iteration(rt, width, batch, fused, bf16, one_batch=False, old=False):
         state["real"] = (old_augment if old else augment)(images, rng)
 
     def generator_step():
-        state["g_loss"] = train_gan.generator_step(gen, disc, opt_g, batch, rng, bf16)
+        state["generator"] = train_gan.generator_step(gen, disc, opt_g, batch, rng, bf16)
 
     def one_batch_step():
         fake_labels = torch.randint(0, 10, (batch,), device=device, generator=rng)
@@ -136,7 +136,7 @@ def gan_iteration(rt, width, batch, fused, bf16, one_batch=False, old=False):
                                                           bf16)
 
     def meter_add():
-        meter.add(g_loss=state["g_loss"])
+        meter.add(**state["generator"])
         meter.add(**state["monitored"])
     return [("augmentation", augmentation), ("generator step", generator_step),
             ("discriminator step", one_batch_step if one_batch else discriminator_step), ("Meter", meter_add)]
@@ -297,7 +297,7 @@ def run(args):
     cuda = device.type == "cuda"
     # (name, fused Adam and cuDNN autotuning, bf16 autocast)
     paths = [("plain", False, False), ("fp32", True, False)] if cuda else [("fp32", False, False)]
-    if cuda and torch.cuda.is_bf16_supported():
+    if bf16_capable(device):
         paths.append(("bf16", True, True))
     results = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "width": args.width,
                "batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds, "ops": {}, "traffic_gb": {}}

@@ -24,7 +24,7 @@ import time
 import torch
 
 from files import atomic_write, check_range, read_metrics, run_main
-from runtime import DEVICE_HELP, pick_device
+from runtime import DEVICE_HELP, bf16_capable, pick_device
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TRAIN_IMAGES = 50_000  # CIFAR-10's training split: an epoch of the full schedule
@@ -141,7 +141,7 @@ def run(args):
     args.device = str(device)
     os.makedirs(args.out_dir, exist_ok=True)
     cuda = device.type == "cuda"
-    precisions = ["fp32"] + (["bf16"] if cuda and torch.cuda.get_device_capability(device) >= (8, 0) else [])
+    precisions = ["fp32"] + (["bf16"] if bf16_capable(device) else [])
     report = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
               "command": " ".join(["python", "check_gpu.py", *sys.argv[1:]]), "date": time.strftime("%Y-%m-%d"),
               "width": args.width, "batch_size": args.batch_size}

@@ -227,18 +227,23 @@ def progress_bar(iterable=None, total=None, desc=None, enabled=True):
                 disable=not (enabled and sys.stderr.isatty()))
 
 
+def bf16_capable(device):
+    """Whether bf16 runs natively here: a CUDA GPU of compute capability 8.0 or newer (Ampere and newer).
+    torch.cuda.is_bf16_supported() also counts the emulation of older GPUs (T4, RTX 20xx), where bf16
+    convolutions are slower than fp32 ones."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def setup_speed(device, precision):
     """Switch on the speed-ups for this device; returns whether to autocast to bf16. On CUDA cuDNN picks the
-    fastest convolution algorithms for the fixed shapes (same math). bf16 runs on CUDA GPUs of compute
-    capability 8.0 or newer (Ampere and newer): torch.cuda.is_bf16_supported() also counts the emulation of
-    older GPUs (T4, RTX 20xx), where bf16 convolutions are slower than fp32 ones."""
+    fastest convolution algorithms for the fixed shapes (same math). bf16 only where bf16_capable."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if precision == "bf16":
         if device.type != "cuda":
             raise UserError("--precision bf16 needs a CUDA GPU (Ampere or newer); use --precision fp32")
-        major, minor = torch.cuda.get_device_capability(device)
-        if major < 8:
+        if not bf16_capable(device):
+            major, minor = torch.cuda.get_device_capability(device)
             raise UserError(f"--precision bf16 needs a GPU of compute capability 8.0 or newer (Ampere or newer); "
                             f"{device} ({torch.cuda.get_device_name(device)}) is {major}.{minor}: use --precision fp32")
     return precision == "bf16"

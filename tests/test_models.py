@@ -481,6 +481,7 @@ def test_model_files_and_checkpoints_written_with_nn_layer_norm_still_load(tmp_p
     torch.testing.assert_close(resumed.eval()(x), before(x), rtol=0, atol=0)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_layer_norm_under_cuda_bf16_autocast_runs_in_fp32_like_nn_layer_norm():
     """CUDA autocast runs layer_norm in fp32: models.LayerNorm casts its input as autocast does for nn.LayerNorm."""

@@ -115,6 +115,7 @@ def test_bench_on_cpu_prints_a_table_and_json():
     assert results["gan_fp32"] < results["baseline_fp32"]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_bench_on_cuda_times_both_paths():
     _, results = run_bench("--device", "cuda", "--steps", "5", "--warmup", "2")
