@@ -57,7 +57,6 @@ class Runtime:
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
         return [bool(v) for v in values.tolist()]
 
-
     def rank0_first(self, action, others_too=True):
         """action() on rank 0, then (others_too) on the other processes once it has succeeded: a download or a
         cache is written once, then read by the rest. A UserError or an exit on rank 0 ends every process, rank 0

@@ -17,7 +17,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from data import CLASSES  # noqa: E402  (needs the repo root on sys.path)
+import data  # noqa: E402  (needs the repo root on sys.path)
+from data import CLASSES  # noqa: E402
 
 # The tests' nets are tiny: one thread runs them as fast as several, and far faster on a busy machine, where
 # several threads per process oversubscribe the cores. The variable carries it to the scripts run as
@@ -70,3 +71,14 @@ def tiny_image_folder(tmp_path):
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skips without one); run them with "
                                        "python -m pytest -m gpu tests")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A tree as tiny_image_folder's, shared by a module's tests, with the decoded-image caches already built (runs
+    started side by side would otherwise both write them)."""
+    root = tmp_path_factory.mktemp("data")
+    write_image_folder(root)
+    for split in ("train", "test"):
+        data.load_split(root, split)
+    return root

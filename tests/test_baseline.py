@@ -18,7 +18,7 @@ import data
 import models
 import train_baseline
 import training
-from conftest import REPO, write_image_folder
+from conftest import REPO
 
 SCRIPT = os.path.join(REPO, "train_baseline.py")
 COMMON = ["--width", "16", "--device", "cpu", "--batch-size", "64", "--lr", "1e-3"]
@@ -84,17 +84,6 @@ def weights(out_dir):
 def assert_ok(result):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """260 train and 100 test images in class folders, with their caches already built (the runs below start
-    side by side and would otherwise both write them)."""
-    root = tmp_path_factory.mktemp("data")
-    write_image_folder(root)
-    for split in ("train", "test"):
-        data.load_split(root, split)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -33,16 +33,6 @@ CLOCK_SEED = 1_800_000_000_000_000_000  # date +%s%N
 SHORT_LOCK = "import training; training.OutDirLock.HEARTBEAT = 0.2; training.OutDirLock.STALE_AFTER = 1.5"
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """260 train and 100 test images, their caches built."""
-    root = tmp_path_factory.mktemp("data")
-    write_image_folder(root)
-    for split in ("train", "test"):
-        data.load_split(root, split)
-    return root
-
-
 def command(script, *args, patch=""):
     """The script as `python -c`, running patch first."""
     code = (f"import sys; sys.path.insert(0, {REPO!r}); sys.argv[0] = {script!r}\n{patch}\n"

@@ -21,13 +21,12 @@ import torch.nn.functional as F
 import bench
 import evaluate
 import sample
-import train_baseline
 import train_gan
 from checkpoint import save_model
 from conftest import REPO, write_image_folder
 from files import read_metrics, torch_bytes
 from models import Discriminator, Generator, class_noise
-from test_evaluate import POOLED, class_images, inception_weights, run_offline  # noqa: F401 (a fixture)
+from test_evaluate import class_images, inception_weights, run_offline  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")

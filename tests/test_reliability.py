@@ -1,7 +1,6 @@
 """What a careless or unlucky user causes never costs a run: a full disk or quota (a real failing write), Ctrl-C,
 a dropped ssh session, a signal during start-up, a kill while appending to the metrics, a NaN or a stop signal on
 one process of several, and flags out of range. Real files, real signals, real subprocesses."""
-import json
 import os
 import resource
 import signal
@@ -11,7 +10,6 @@ import sys
 import pytest
 import torch
 
-import data
 import train_baseline
 import train_gan
 import training
@@ -21,16 +19,6 @@ from files import read_metrics
 GAN = os.path.join(REPO, "train_gan.py")
 BASELINE = os.path.join(REPO, "train_baseline.py")
 COMMON = ["--width", "8", "--batch-size", "32", "--device", "cpu", "--limit-test", "40"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """260 train and 100 test images (8 GAN batches of 32 per epoch), their caches built."""
-    root = tmp_path_factory.mktemp("data")
-    write_image_folder(root)
-    for split in ("train", "test"):
-        data.load_split(root, split)
-    return root
 
 
 def run(script, *args, patch="", limit_bytes=None, timeout=300):

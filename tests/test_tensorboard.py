@@ -13,21 +13,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-import data
 import events
 import train_baseline
 import train_gan
-from conftest import REPO, write_image_folder
+from conftest import REPO
 from files import read_metrics
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_image_folder(root)
-    for split in ("train", "test"):
-        data.load_split(root, split)
-    return root
 
 
 def gan_args(data_dir, out, *extra):
