@@ -455,6 +455,7 @@ class Run:
         self.metrics_path = os.path.join(args.out_dir, f"{job}_metrics.jsonl")
         self.lock, self._bar = None, None
         self._epoch_time, self._batches_run, self._batch_size = 0.0, 0, 0
+        self._timed_seconds, self._timed_batches = 0.0, 0  # of the epochs timed so far in this process, for eta()
         self.events_dir = os.path.join(args.out_dir, "tb", job)
         self._tensorboard, self.events, self._per_epoch = getattr(args, "tensorboard", True), None, None
         self._history = {kind: [] for kind in ("monitor", "epoch", "eval")}  # what the health rules read
@@ -609,9 +610,6 @@ class Run:
         """(seconds, images/s of the whole world) of the epoch's batches just run."""
         seconds = max(self._epoch_time, 1e-9)
         return seconds, self._batches_run * self._batch_size / seconds
-
-    # The training seconds and batches of the epochs this process has timed so far, for eta()
-    _timed_seconds, _timed_batches = 0.0, 0
 
     def eta(self, epoch, epochs, batches_per_epoch):
         """Seconds the epochs after `epoch` (0-based) of `epochs` will take at this process's measured pace: the
