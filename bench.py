@@ -1,24 +1,34 @@
 """Steady-state training speed in images/s, and operations per iteration: one baseline step (augmentation +
 forward + backward + Adam) and one GAN iteration (augmentation, generator step, discriminator step with the
 gradient penalty), each with the Meter's sums the trainers keep, for each path side by side in one process:
-    plain     straightforward eager fp32 (PyTorch's default Adam, no cuDNN autotuning)         (CUDA only)
-    fp32      what the trainers run by default (on CUDA: fused Adam, cuDNN autotuning; the same math)
-    bf16      the trainers with --precision bf16 (autocast; fp32 weights)                         (CUDA only)
-    old-ops   fp32 in the operations of before: nn.LayerNorm's generic second derivative and the augmentation
-              as it was written then (the same numbers in about twice the kernels; kept as the reference the
-              fewer operations are measured against)
-    one-batch the GAN iteration as it was before the penalty got its own pass: real, fake and interpolated
-              images through the discriminator as one batch, the penalty's double backward over all three
-              (the same loss and gradients; kept here as the reference the split is measured against)
-The ratios to the references are printed too: each path to plain on CUDA, fp32 to old-ops, and the GAN
-iteration to one-batch.
+    plain         straightforward eager fp32 (PyTorch's default Adam, no cuDNN autotuning)            (CUDA only)
+    fp32          the trainers' eager path, --speed plain (on CUDA: fused Adam, cuDNN autotuning)
+    channels-last fp32 with the nets and batches in channels_last memory                               (CUDA only)
+    gradfix       fp32 with the discriminator's convolutions differentiated into ordinary kernels
+    triton-ln     fp32 with LayerNorm in Triton kernels (triton_layer_norm.py)                          (CUDA only)
+    graphs        fp32 with each update captured as a CUDA graph and replayed                         (CUDA only)
+    fast          all four together: --speed fast                                                     (CUDA only)
+    bf16, fast-bf16   the eager and the fast path with --precision bf16                     (compute capability 8.0+)
+    old-ops       fp32 in the operations of before: nn.LayerNorm's generic second derivative and the augmentation
+                  as it was written then (the same numbers in about twice the kernels)
+    one-batch     the GAN iteration with real, fake and interpolated images through the discriminator as one batch
+                  and the penalty's double backward over all three (the same loss and gradients)
+Each path computes the same numbers as fp32 (tests/test_gpu.py checks that on a GPU, tests/test_models.py the
+kernels on the CPU). The ratios printed are each path's to fp32, and fp32's to plain, old-ops and one-batch.
 
 Operations are ATen operations that run a kernel, counted on whatever device runs (views, allocations and
 profiler markers do not count): a device-independent lower bound of the kernel launches on a GPU. They are
-counted with the fused Adam the trainers use on CUDA (one operation per step; on the CPU the trainers step
-parameter by parameter), per phase of one iteration.
+counted with the fused Adam the trainers use on CUDA, per phase of one iteration, for the eager paths without
+Triton kernels (a CUDA graph is one launch; a Triton kernel is no ATen operation).
 
-    python bench.py                                      # the GPU, width 196, batch 128
+--profile: after the timing, torch.profiler over --profile-steps steps of each path, with ranges for the phases
+(augmentation, generator step, the discriminator's forward on real + fake, the penalty's gradient, its
+backward, the optimizer); prints the phases' times, the top kernels by self device time (share, calls, mean)
+and the convolutions grouped by input shape, and writes a Chrome trace per path to --trace-dir (open it in
+chrome://tracing or https://ui.perfetto.dev). On the CPU it profiles CPU operations.
+
+    python bench.py                                      # the GPU, width 196, batch 128, every path
+    python bench.py --paths fp32,fast --profile          # the two paths, and where their time goes
     python bench.py --width 128 --batch-size 256 --steps 100
     python bench.py --device cpu --width 64 --batch-size 64 --steps 5
 
@@ -28,19 +38,22 @@ is taken with CUDA events. Prints a table, then one JSON line.
 """
 import argparse
 import collections
+import functools
 import json
+import os
 import time
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import train_baseline
 import train_gan
 from data import CROP_SCALE, JITTER, augment
-from files import check_range, run_main
+from files import UserError, check_range, run_main
 from models import Discriminator, Generator, LayerNorm, class_noise
-from runtime import DEVICE_HELP, Runtime, bf16_capable
+from runtime import DEVICE_HELP, GraphedStep, Runtime, Speed, bf16_capable
 from training import Meter
 
 
@@ -53,11 +66,19 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (default: 10)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="the paths take turns this many times; each one's best round counts (default: 3)")
+    parser.add_argument("--paths", metavar="NAMES",
+                        help="comma-separated paths to measure, of: " + ", ".join(PATHS) + " (default: every one this "
+                             "device runs)")
+    parser.add_argument("--profile", action="store_true", help="profile each path after timing it (see above)")
+    parser.add_argument("--profile-steps", type=int, default=5, help="steps profiled per path (default: 5)")
+    parser.add_argument("--profile-top", type=int, default=12, help="kernels and convolutions listed (default: 12)")
+    parser.add_argument("--trace-dir", default="bench_traces", help="where --profile writes its Chrome traces "
+                                                                    "(default: bench_traces)")
     return parser.parse_args(argv)
 
 
-def adam(params, betas, fused):
-    return torch.optim.Adam(params, lr=1e-4, betas=betas, fused=fused or None)
+def adam(params, betas, fused, capturable=False):
+    return torch.optim.Adam(params, lr=1e-4, betas=betas, fused=fused or None, capturable=capturable)
 
 
 def one_batch_discriminator_loss(disc, real, real_labels, fake, fake_labels, alpha, lambda_gp):
@@ -79,46 +100,73 @@ def old_ops(model):
     return model
 
 
-def baseline_step(rt, width, batch, fused, bf16, old=False):
+FAST = Speed(channels_last=True, conv_gradfix=True, triton_layer_norm=True, cuda_graphs=True)
+# name: (fused Adam and cuDNN autotuning, bf16 autocast, speed switches, builder options, CUDA only)
+PATHS = {
+    "plain": (False, False, Speed(), {}, True),
+    "fp32": (True, False, Speed(), {}, False),
+    "channels-last": (True, False, Speed(channels_last=True), {}, True),
+    "gradfix": (True, False, Speed(conv_gradfix=True), {}, False),
+    "triton-ln": (True, False, Speed(triton_layer_norm=True), {}, True),
+    "graphs": (True, False, Speed(cuda_graphs=True), {}, True),
+    "fast": (True, False, FAST, {}, True),
+    "bf16": (True, True, Speed(), {}, True),
+    "fast-bf16": (True, True, FAST, {}, True),
+    "old-ops": (True, False, Speed(), {"old": True}, False),
+    "one-batch": (True, False, Speed(), {"one_batch": True}, False),
+}
+GAN_ONLY = {"one-batch"}
+
+
+def baseline_step(rt, width, batch, fused, bf16, old=False, speed=Speed()):
     """The phases [(name, function)] of one baseline training step on a fixed synthetic batch; old: old-ops."""
     device = rt.device
     model = Discriminator(width).to(device)
     if old:
         old_ops(model)
+    speed.prepare(model)
     train_baseline.freeze_critic_head(model)
-    optimizer = adam((p for p in model.parameters() if p.requires_grad), (0.9, 0.999), fused)
+    optimizer = adam((p for p in model.parameters() if p.requires_grad), (0.9, 0.999), fused, speed.cuda_graphs)
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (batch,), device=device)
     rng = torch.Generator(device).manual_seed(0)
     meter, state = Meter(device), {}
+    train_step = functools.partial(train_baseline.train_step, model, optimizer, bf16=bf16)
+    if speed.cuda_graphs:
+        train_step = GraphedStep(train_step)
 
     def augmentation():
         state["x"] = (old_augment if old else augment)(images, rng)
 
     def step():
-        state["loss"], state["acc"] = train_baseline.train_step(model, optimizer, state["x"], labels, bf16)
+        state["loss"], state["acc"] = train_step(x=state["x"], labels=labels)
     return [("augmentation", augmentation), ("step", step),
             ("Meter", lambda: meter.add(batch, loss=state["loss"], acc=state["acc"]))]
 
 
-def gan_iteration(rt, width, batch, fused, bf16, one_batch=False, old=False):
-    """The phases [(name, function)] of one GAN iteration (G step, then D step) on a fixed synthetic batch;
-    one_batch: the discriminator step of the reference formulation; old: old-ops."""
+def gan_iteration(rt, width, batch, fused, bf16, one_batch=False, old=False, speed=Speed()):
+    """The phases [(name, function)] of one GAN iteration (G step, then D step) on a fixed synthetic batch, as
+    train_gan.py runs it; one_batch: the discriminator step of the reference formulation; old: old-ops."""
     device = rt.device
     gen, disc = Generator(width).to(device), Discriminator(width).to(device)
     if old:
         old_ops(disc)
-    opt_g, opt_d = adam(gen.parameters(), (0.0, 0.9), fused), adam(disc.parameters(), (0.0, 0.9), fused)
+    speed.prepare(gen, disc)
+    opt_g = adam(gen.parameters(), (0.0, 0.9), fused, speed.cuda_graphs)
+    opt_d = adam(disc.parameters(), (0.0, 0.9), fused, speed.cuda_graphs)
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (batch,), device=device)
     rng = torch.Generator(device).manual_seed(0)
     meter, state = Meter(device), {}
+    recipe = argparse.Namespace(feature_matching=0.0, lambda_gp=10.0)
+    generator, discriminator = train_gan.training_steps(gen, disc, gen, disc, opt_g, opt_d, recipe, bf16,
+                                                        speed.cuda_graphs)
 
     def augmentation():
         state["real"] = (old_augment if old else augment)(images, rng)
 
     def generator_step():
-        state["generator"] = train_gan.generator_step(gen, disc, opt_g, batch, rng, bf16)
+        state["generator"] = generator(batch, rng, None)
 
     def one_batch_step():
         fake_labels = torch.randint(0, 10, (batch,), device=device, generator=rng)
@@ -132,8 +180,7 @@ def gan_iteration(rt, width, batch, fused, bf16, one_batch=False, old=False):
         state["monitored"] = {"loss": loss.detach()}
 
     def discriminator_step():
-        state["monitored"] = train_gan.discriminator_step(disc, disc, gen, opt_d, state["real"], labels, rng, 10.0,
-                                                          bf16)
+        state["monitored"] = discriminator(state["real"], labels, rng, 1)
 
     def meter_add():
         meter.add(**state["generator"])
@@ -265,8 +312,9 @@ def count_ops(phases, traffic=None):
 
 
 def run_phases(phases):
-    for _, run in phases:
-        run()
+    for name, run in phases:
+        with record_function(name):
+            run()
 
 
 def seconds(step, steps, device):
@@ -286,42 +334,107 @@ def seconds(step, steps, device):
     return time.perf_counter() - start
 
 
+def profile_path(key, step, args, device):
+    """--profile: where one path's time goes over --profile-steps steps, printed and written as a Chrome trace."""
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, record_shapes=True, acc_events=True) as prof:
+        for _ in range(args.profile_steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    os.makedirs(args.trace_dir, exist_ok=True)
+    trace = os.path.join(args.trace_dir, f"{key}.json")
+    prof.export_chrome_trace(trace)
+    where = "device" if cuda else "cpu"
+    self_time = lambda e: getattr(e, f"self_{where}_time_total")
+    events = prof.key_averages()
+    phases = {}  # a range is listed on the host and, on CUDA, again on the device: the larger time counts
+    for e in events:
+        if e.key in PHASE_NAMES:
+            phases[e.key] = max(phases.get(e.key, 0), getattr(e, f"{where}_time_total"))
+    kernels = [e for e in events if self_time(e) > 0 and e.key not in PHASE_NAMES
+               and (not cuda or e.device_type == torch.autograd.DeviceType.CUDA)]
+    total = sum(self_time(e) for e in kernels) or 1
+    per_step = lambda us: us / 1000 / args.profile_steps
+    print(f"\nprofile of {key} ({args.profile_steps} steps; trace {trace}); ms per step, {where} time")
+    for name, us in sorted(phases.items(), key=lambda item: -item[1]):
+        print(f"  {name:<40} {per_step(us):9.3f}")
+    print(f"  top {'kernels' if cuda else 'operations'} by self {where} time:")
+    top = []
+    for e in sorted(kernels, key=lambda e: -self_time(e))[:args.profile_top]:
+        top.append({"name": e.key, "share": self_time(e) / total, "calls": e.count // args.profile_steps,
+                    "mean_us": self_time(e) / e.count})
+        print(f"  {100 * top[-1]['share']:5.1f}% {top[-1]['calls']:5d} calls/step {top[-1]['mean_us']:9.1f} us  "
+              f"{e.key[:90]}")
+    convolutions = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key in CONVOLUTION_OPS:
+            convolutions.append({"op": e.key, "shapes": str(e.input_shapes[:2]), "calls": e.count // args.profile_steps,
+                                 "ms_per_step": per_step(getattr(e, f"{where}_time_total"))})
+    convolutions.sort(key=lambda c: -c["ms_per_step"])
+    print("  convolutions by input shape (input, weight):")
+    for c in convolutions[:args.profile_top]:
+        print(f"  {c['ms_per_step']:8.3f} ms {c['calls']:4d} calls/step  {c['op']} {c['shapes']}")
+    return {"trace": trace, "top": top, "convolutions": convolutions[:args.profile_top],
+            "phases_ms": {name: per_step(us) for name, us in phases.items()}}
+
+
+PHASE_NAMES = {"augmentation", "generator step", "discriminator step", "Meter", "step", "generator forward + backward",
+               "discriminator forward (real + fake)", "penalty gradient", "discriminator backward", "optimizer",
+               "generator forward (fake batch)"}
+CONVOLUTION_OPS = {"aten::convolution", "aten::convolution_backward"}
+
+
+def chosen_paths(args, cuda, bf16):
+    """The names of the paths to measure on this device."""
+    runs = [name for name, (_, half, _, _, cuda_only) in PATHS.items() if (cuda or not cuda_only) and (bf16 or not half)]
+    if args.paths is None:
+        return runs
+    asked = [name.strip() for name in args.paths.split(",") if name.strip()]
+    for name in asked:
+        if name not in runs:
+            raise UserError(f"--paths: {name!r} is not a path on this device; choose from {', '.join(runs)}")
+    return asked
+
+
 def run(args):
     check_range(args, "width", 1, 2048)
     check_range(args, "batch_size", 2, 65_536)
     check_range(args, "steps", 1, 100_000)
     check_range(args, "warmup", 0, 100_000)
     check_range(args, "rounds", 1, 1000)
+    check_range(args, "profile_steps", 1, 1000)
     rt = Runtime(args.device)
     device = rt.device
     cuda = device.type == "cuda"
-    # (name, fused Adam and cuDNN autotuning, bf16 autocast)
-    paths = [("plain", False, False), ("fp32", True, False)] if cuda else [("fp32", False, False)]
-    if bf16_capable(device):
-        paths.append(("bf16", True, True))
-    results = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "width": args.width,
-               "batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds, "ops": {}, "traffic_gb": {}}
-    jobs = []  # (result key, builder, tuned, bf16, builder options)
-    for path, tuned, bf16 in paths:
-        jobs += [(f"baseline_{path}", baseline_step, tuned, bf16, {}), (f"gan_{path}", gan_iteration, tuned, bf16, {})]
-        if path == "fp32":
-            jobs += [("baseline_old_ops", baseline_step, tuned, bf16, {"old": True}),
-                     ("gan_old_ops", gan_iteration, tuned, bf16, {"old": True}),
-                     ("gan_one_batch", gan_iteration, tuned, bf16, {"one_batch": True})]
-
+    names = chosen_paths(args, cuda, bf16_capable(device))
+    if any(PATHS[name][2].cuda_graphs for name in names) and args.warmup <= GraphedStep.EAGER_CALLS:
+        raise UserError(f"--warmup {args.warmup}: the CUDA-graph paths capture after {GraphedStep.EAGER_CALLS} eager "
+                        f"steps; use --warmup {GraphedStep.EAGER_CALLS + 2} or more")
+    results = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
+               "width": args.width, "batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds,
+               "paths": names, "ops": {}, "traffic_gb": {}}
     steps = {}
-    for key, build, tuned, bf16, options in jobs:
-        torch.backends.cudnn.benchmark = tuned
-        torch.manual_seed(0)
-        phases = build(rt, args.width, args.batch_size, tuned, bf16, **options)
-        # The operations with fused Adam, as on CUDA; after a first step, which creates the optimizer's state
-        counted = phases if tuned or cuda else build(rt, args.width, args.batch_size, True, bf16, **options)
-        run_phases(counted)
-        traffic = {}
-        results["ops"][key] = count_ops(counted, traffic)
-        results["traffic_gb"][key] = sum(traffic.values()) / 1e9
-        steps[key] = (tuned, lambda phases=phases: run_phases(phases))
-        seconds(steps[key][1], args.warmup, device)
+    for name in names:
+        tuned, bf16, speed, options, _ = PATHS[name]
+        for job, build in (("baseline", baseline_step), ("gan", gan_iteration)):
+            if name in GAN_ONLY and job == "baseline":
+                continue
+            key = f"{job}_{name.replace('-', '_')}"
+            torch.backends.cudnn.benchmark = tuned
+            torch.manual_seed(0)
+            phases = build(rt, args.width, args.batch_size, tuned, bf16, speed=speed, **options)
+            if not (speed.cuda_graphs or speed.triton_layer_norm):
+                # The operations with fused Adam, as on CUDA; after a first step, which creates the optimizer's state
+                counted = phases if tuned or cuda else build(rt, args.width, args.batch_size, True, bf16, speed=speed,
+                                                             **options)
+                run_phases(counted)
+                traffic = {}
+                results["ops"][key] = count_ops(counted, traffic)
+                results["traffic_gb"][key] = sum(traffic.values()) / 1e9
+            steps[key] = (tuned, lambda phases=phases: run_phases(phases))
+            seconds(steps[key][1], args.warmup, device)
     # The paths take turns, --rounds times, and each one's best round counts: a machine busy with other work
     # slows them alike
     best = {}
@@ -330,31 +443,38 @@ def run(args):
             torch.backends.cudnn.benchmark = tuned
             best[key] = min(best.get(key, float("inf")), seconds(step, args.steps, device))
     results.update({key: args.batch_size * args.steps / best[key] for key in steps})
-    results["gan_split_speedup"] = results["gan_fp32"] / results["gan_one_batch"]
-    for job in ("baseline", "gan"):
-        results[f"{job}_fewer_ops_speedup"] = results[f"{job}_fp32"] / results[f"{job}_old_ops"]
-    print(f"{results['device']}, width {args.width}, batch {args.batch_size}, best of {args.rounds} rounds of "
-          f"{args.steps} steps")
-    print(f"{'path':<9} {'baseline img/s':>15} {'GAN img/s':>10} {'baseline ops':>13} {'GAN ops':>8}"
-          + (f" {'vs plain':>17}" if cuda else ""))
-    ops = results["ops"]
-    for path, _, _ in paths + [("old_ops", None, None)]:
-        line = (f"{path.replace('_', '-'):<9} {results[f'baseline_{path}']:15.0f} {results[f'gan_{path}']:10.0f} "
-                f"{ops[f'baseline_{path}']['total']:13d} {ops[f'gan_{path}']['total']:8d}")
-        if cuda and path not in ("plain", "old_ops"):
-            ratios = [results[f"{job}_{path}"] / results[f"{job}_plain"] for job in ("baseline", "gan")]
-            results[f"baseline_{path}_speedup"], results[f"gan_{path}_speedup"] = ratios
-            line += f" {ratios[0]:7.2f}x {ratios[1]:7.2f}x"
-        print(line)
-    print(f"{'one-batch':<9} {'':>15} {results['gan_one_batch']:10.0f} {'':>13} {ops['gan_one_batch']['total']:8d}")
-    print(f"GAN iteration, the penalty on its own pass (fp32) vs one-batch: {results['gan_split_speedup']:.2f}x")
-    print(f"fp32 vs old-ops (fewer operations, the same numbers): "
-          f"baseline {results['baseline_fewer_ops_speedup']:.2f}x, GAN {results['gan_fewer_ops_speedup']:.2f}x")
-    for key in ("baseline_fp32", "baseline_old_ops", "gan_fp32", "gan_old_ops"):
-        parts = ", ".join(f"{name} {n}" for name, n in ops[key].items() if name != "total")
-        print(f"operations per {'step' if key.startswith('baseline') else 'iteration'}, {key.replace('_', ' ')}: "
-              f"{ops[key]['total']} ({parts}); {results['traffic_gb'][key]:.2f} GB read and written (estimate)")
+    print_table(results, names, args)
+    if args.profile:
+        results["profile"] = {}
+        for key, (tuned, step) in steps.items():
+            torch.backends.cudnn.benchmark = tuned
+            results["profile"][key] = profile_path(key, step, args, device)
     print(json.dumps(results))
+
+
+def print_table(results, names, args):
+    """The images/s of each path, its ratio to fp32 (and fp32's to the references) and the operations."""
+    ops = results["ops"]
+    print(f"{results['device']}, torch {results['torch']}, width {args.width}, batch {args.batch_size}, best of "
+          f"{args.rounds} rounds of {args.steps} steps")
+    print(f"{'path':<13} {'baseline img/s':>15} {'GAN img/s':>10} {'vs fp32':>17} {'baseline ops':>13} {'GAN ops':>8}")
+    for name in names:
+        key = name.replace("-", "_")
+        cells = []
+        for job in ("baseline", "gan"):
+            value = results.get(f"{job}_{key}")
+            cells.append(f"{value:.0f}" if value else "")
+            if value and f"{job}_fp32" in results and name != "fp32":
+                results[f"{job}_{key}_vs_fp32"] = value / results[f"{job}_fp32"]
+        ratios = [results.get(f"{job}_{key}_vs_fp32") for job in ("baseline", "gan")]
+        ratio_text = " ".join(f"{r:7.2f}x" if r else f"{'':>8}" for r in ratios)
+        counts = [str(ops[f"{job}_{key}"]["total"]) if f"{job}_{key}" in ops else "-" for job in ("baseline", "gan")]
+        print(f"{name:<13} {cells[0]:>15} {cells[1]:>10} {ratio_text:>17} {counts[0]:>13} {counts[1]:>8}")
+    for key in ("baseline_fp32", "baseline_old_ops", "gan_fp32", "gan_old_ops", "gan_fast", "gan_gradfix"):
+        if key in ops:
+            parts = ", ".join(f"{name} {n}" for name, n in ops[key].items() if name != "total")
+            print(f"operations per {'step' if key.startswith('baseline') else 'iteration'}, {key.replace('_', ' ')}: "
+                  f"{ops[key]['total']} ({parts}); {results['traffic_gb'][key]:.2f} GB read and written (estimate)")
 
 
 def main(argv=None):

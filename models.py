@@ -55,17 +55,124 @@ def _engine_uses(ctx, i):
         return True
 
 
+class _Conv2d(torch.autograd.Function):
+    """conv2d whose backward is made of ordinary convolutions, each differentiable again (the approach of
+    StyleGAN2-ADA's conv2d_gradfix): the input gradient is a transposed convolution (_ConvInputGrad), the weight
+    gradient convolution_backward asked for the weight alone (_ConvWeightGrad). Autograd's own double backward of a
+    convolution runs convolutions whose kernel is a whole gradient map, and full-activation copies; this one runs
+    the usual data- and weight-gradient kernels. A gradient nobody uses is not computed: the penalty's first-order
+    pass, which wants the input's gradient alone, computes no weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding):
+        ctx.conv, ctx.has_bias = (stride, padding), bias is not None
+        ctx.save_for_backward(x, weight)
+        return F.conv2d(x, weight, bias, stride, padding)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        stride, padding = ctx.conv
+        need = [_engine_uses(ctx, i) for i in range(3)]
+        if not torch.is_grad_enabled():  # a plain backward: one fused call computes what is used
+            gx, gw, gb = torch.ops.aten.convolution_backward(
+                gy, x, weight, [weight.shape[0]] if ctx.has_bias else None, [stride] * 2, [padding] * 2, [1, 1],
+                False, [0, 0], 1, need)
+            return gx, gw, gb, None, None
+        gx = _ConvInputGrad.apply(gy, weight, x.shape, stride, padding) if need[0] else None
+        gw = _ConvWeightGrad.apply(gy, x, weight, stride, padding) if need[1] else None
+        gb = gy.sum((0, 2, 3)) if need[2] and ctx.has_bias else None
+        return gx, gw, gb, None, None
+
+
+class _ConvInputGrad(torch.autograd.Function):
+    """conv2d's input gradient, gy -> conv_transpose2d(gy, weight), sized back to the input's shape."""
+
+    @staticmethod
+    def forward(ctx, gy, weight, x_shape, stride, padding):
+        ctx.conv = (stride, padding)
+        ctx.save_for_backward(gy, weight)
+        k = weight.shape[-1]
+        extra = [x_shape[i] - ((gy.shape[i] - 1) * stride - 2 * padding + k) for i in (2, 3)]
+        return F.conv_transpose2d(gy, weight, None, stride, padding, extra)
+
+    @staticmethod
+    def backward(ctx, ggx):
+        # <ggx, J^T gy> = <J ggx, gy>: the gradient of gy is conv2d(ggx, weight), of the weight conv2d's weight
+        # gradient with input ggx and output gradient gy
+        gy, weight = ctx.saved_tensors
+        stride, padding = ctx.conv
+        d_gy = _Conv2d.apply(ggx, weight, None, stride, padding) if ctx.needs_input_grad[0] else None
+        d_weight = _ConvWeightGrad.apply(gy, ggx, weight, stride, padding) if ctx.needs_input_grad[1] else None
+        return d_gy, d_weight, None, None, None
+
+
+class _ConvWeightGrad(torch.autograd.Function):
+    """conv2d's weight gradient for output gradient gy and input x; weight only gives the shape."""
+
+    @staticmethod
+    def forward(ctx, gy, x, weight, stride, padding):
+        ctx.conv = (stride, padding)
+        ctx.save_for_backward(gy, x)
+        return torch.ops.aten.convolution_backward(gy, x, weight, None, [stride] * 2, [padding] * 2, [1, 1], False,
+                                                   [0, 0], 1, [False, True, False])[1]
+
+    @staticmethod
+    def backward(ctx, ggw):
+        # The weight gradient is linear in w's place: <ggw, W(gy, x)> = <gy, conv2d(x, ggw)>
+        gy, x = ctx.saved_tensors
+        stride, padding = ctx.conv
+        d_gy = _Conv2d.apply(x, ggw, None, stride, padding) if ctx.needs_input_grad[0] else None
+        d_x = _ConvInputGrad.apply(gy, ggw, x.shape, stride, padding) if ctx.needs_input_grad[1] else None
+        return d_gy, d_x, None, None, None
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (the same parameters and state dict) for square kernels, strides and paddings; with
+    gradfix=True its backward is _Conv2d's, which the gradient penalty differentiates in ordinary kernels."""
+
+    gradfix = False
+
+    def forward(self, x):
+        if not (self.gradfix and torch.is_grad_enabled()):
+            return super().forward(x)
+        weight, bias = self.weight, self.bias
+        device = x.device.type
+        if torch.is_autocast_enabled(device):  # as autocast casts conv2d's arguments, before the Function sees them
+            dtype = torch.get_autocast_dtype(device)
+            x, weight, bias = (None if t is None else t.to(dtype) for t in (x, weight, bias))
+            with torch.autocast(device, enabled=False):
+                return _Conv2d.apply(x, weight, bias, self.stride[0], self.padding[0])
+        return _Conv2d.apply(x, weight, bias, self.stride[0], self.padding[0])
+
+
+class NativeKernels:
+    """PyTorch's own LayerNorm kernels; triton_layer_norm has the same two functions."""
+    forward = staticmethod(torch.native_layer_norm)
+    backward = staticmethod(torch.ops.aten.native_layer_norm_backward)
+
+
+def layer_norm_kernels(name):
+    """The module of LayerNorm kernels called name: "native" (PyTorch's) or "triton" (triton_layer_norm)."""
+    if name == "native":
+        return NativeKernels
+    import triton_layer_norm  # Triton compiles on first use: only when asked for
+
+    return triton_layer_norm
+
+
 class _LayerNormGrad(torch.autograd.Function):
     """layer_norm's first backward (g -> gradients of x, weight and bias) as one fused kernel, as nn.LayerNorm's,
     with its own derivative in closed form. The gradient penalty differentiates this backward once more; autograd's
     generic formula for that spends about 65 elementwise passes over the activation per layer, this one 18.
-    mean and rstd are functions of x (the derivative of x accounts for them); bias only gives gb its shape."""
+    mean and rstd are functions of x (the derivative of x accounts for them); bias only gives gb its shape.
+    kernels: NativeKernels or triton_layer_norm."""
 
     @staticmethod
-    def forward(ctx, g, x, weight, bias, mean, rstd, shape, mask):
-        gx, gw, gb = torch.ops.aten.native_layer_norm_backward(g, x, shape, mean, rstd, weight, bias, mask)
+    def forward(ctx, g, x, weight, bias, mean, rstd, shape, mask, kernels):
+        gx, gw, gb = kernels.backward(g, x, shape, mean, rstd, weight, bias, mask)
         ctx.set_materialize_grads(False)
-        ctx.shape = shape
+        ctx.shape, ctx.kernels = shape, kernels
         ctx.save_for_backward(g, x, weight, mean, rstd, gx)
         return gx, gw, gb
 
@@ -79,8 +186,8 @@ class _LayerNormGrad(torch.autograd.Function):
         batch_dims = tuple(range(x.dim() - len(shape)))
         # Under CPU autocast x may be bf16 (mean and rstd are fp32): this backward computes in fp32
         x_in, x = x, x.to(mean.dtype)
-        project = lambda v: torch.ops.aten.native_layer_norm_backward(  # rstd * P(v)
-            v.to(x.dtype), x, shape, mean, rstd, None, None, [True, False, False])[0]
+        project = lambda v: ctx.kernels.backward(  # rstd * P(v)
+            v.to(x.dtype).contiguous(), x, shape, mean, rstd, None, None, [True, False, False])[0]
         # -xh * rstd: the factors rstd and the signs below come out of it without further passes
         nxh_r = (mean - x) * (rstd * rstd)
         dg = dx = dw = None
@@ -107,17 +214,17 @@ class _LayerNormGrad(torch.autograd.Function):
         if a_b is not None:
             dg = dg + a_b if dg is not None else a_b.expand_as(g)
         cast = lambda t, like: None if t is None else t.to(like.dtype)
-        return cast(dg, g), cast(dx, x_in), cast(dw, weight), None, None, None, None, None
+        return cast(dg, g), cast(dx, x_in), cast(dw, weight), None, None, None, None, None, None
 
 
 class _LayerNorm(torch.autograd.Function):
-    """layer_norm as one fused kernel forward and backward (native_layer_norm and its backward), the backward
-    differentiable through _LayerNormGrad."""
+    """layer_norm as one fused kernel forward and backward (native_layer_norm and its backward, or Triton's), the
+    backward differentiable through _LayerNormGrad."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, shape, eps):
-        out, mean, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)
-        ctx.shape = shape
+    def forward(ctx, x, weight, bias, shape, eps, kernels):
+        out, mean, rstd = kernels.forward(x, shape, weight, bias, eps)
+        ctx.shape, ctx.kernels = shape, kernels
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         return out
 
@@ -126,26 +233,49 @@ class _LayerNorm(torch.autograd.Function):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         mask = [_engine_uses(ctx, i) for i in range(3)]
         if torch.is_grad_enabled():  # create_graph: this backward is differentiated in turn
-            gx, gw, gb = _LayerNormGrad.apply(g, x, weight, bias, mean, rstd, ctx.shape, mask)
+            gx, gw, gb = _LayerNormGrad.apply(g, x, weight, bias, mean, rstd, ctx.shape, mask, ctx.kernels)
         else:
-            gx, gw, gb = torch.ops.aten.native_layer_norm_backward(g, x, ctx.shape, mean, rstd, weight, bias, mask)
-        return gx, gw, gb, None, None
+            gx, gw, gb = ctx.kernels.backward(g.contiguous(), x, ctx.shape, mean, rstd, weight, bias, mask)
+        return gx, gw, gb, None, None, None
+
+
+def is_channels_last(x):
+    """Whether x is a 4-d tensor laid out NHWC (and not also plain NCHW, as when H = W = 1)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm (the same parameters, state dict and forward), whose second derivative, which the gradient
     penalty takes, is a few fused expressions instead of autograd's generic ones (see _LayerNormGrad).
-    compact_double_backward=False runs nn.LayerNorm's own autograd instead (the reference)."""
+    compact_double_backward=False runs nn.LayerNorm's own autograd instead (the reference). kernels: "native"
+    (PyTorch's) or "triton" (triton_layer_norm: rows split over the whole GPU; CUDA, or the CPU under
+    TRITON_INTERPRET=1). A channels_last input is normalized as its NHWC view with the weight permuted alike: the
+    per-sample statistics do not depend on the layout, and no transposing copy is made."""
 
     compact_double_backward = True
+    kernels = "native"
 
     def forward(self, x):
-        if not (self.compact_double_backward and torch.is_grad_enabled()):  # without autograd: no Python overhead
+        channels_last = is_channels_last(x) and len(self.normalized_shape) == 3
+        custom = self.compact_double_backward and torch.is_grad_enabled()
+        if not (custom or channels_last or self.kernels != "native"):  # no Python overhead on the plain path
             return super().forward(x)
         # CUDA autocast runs layer_norm in fp32 (CPU autocast does not): as it would for F.layer_norm
         if x.device.type == "cuda" and torch.is_autocast_enabled("cuda") and x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()
-        return _LayerNorm.apply(x, self.weight, self.bias, list(self.normalized_shape), self.eps)
+        weight, bias, shape = self.weight, self.bias, list(self.normalized_shape)
+        if channels_last:
+            x = x.permute(0, 2, 3, 1)
+            weight, bias = (None if t is None else t.permute(1, 2, 0) for t in (weight, bias))
+            shape = shape[1:] + shape[:1]
+        kernels = layer_norm_kernels(self.kernels)
+        if custom:
+            y = _LayerNorm.apply(x, weight, bias, shape, self.eps, kernels)
+        elif torch.is_grad_enabled():
+            y = F.layer_norm(x, shape, weight, bias, self.eps)
+        else:
+            y = kernels.forward(x, shape, weight, bias, self.eps)[0]
+        return y.permute(0, 3, 1, 2) if channels_last else y
 
 
 class ConvBlock(nn.Module):
@@ -154,7 +284,7 @@ class ConvBlock(nn.Module):
 
     def __init__(self, in_channels, out_channels, stride, side):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
+        self.conv = Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
         self.norm = LayerNorm([out_channels, side, side])
 
     def forward(self, x):
@@ -266,6 +396,17 @@ class Generator(nn.Module):
         for conv, bn in zip(self.convs, self.bns):
             x = F.relu(bn(conv(x)))
         return torch.tanh(self.conv8(x))
+
+
+def set_kernels(model, conv_gradfix=False, layer_norm="native"):
+    """The model's Conv2d and LayerNorm modules switched to the given kernels (the same math), in place:
+    conv_gradfix, Conv2d.gradfix; layer_norm, LayerNorm.kernels ("native" or "triton")."""
+    for module in model.modules():
+        if isinstance(module, Conv2d):
+            module.gradfix = conv_gradfix
+        elif isinstance(module, LayerNorm):
+            module.kernels = layer_norm
+    return model
 
 
 def class_noise(labels, generator=None):

@@ -6,6 +6,8 @@ switches of the device, and the progress bar on a terminal.
     rt.agree(flags)          # the same decision on every process
 """
 import atexit
+import dataclasses
+import importlib.util
 import os
 import signal
 import sys
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from files import UserError
+from models import set_kernels
 
 DEVICE_HELP = "cuda, cuda:N, cpu, or auto: cuda when present (default: auto)"
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal, resumable; the job scripts resubmit on it
@@ -252,3 +255,96 @@ def autocast(device, enabled):
     """bf16 autocast for forward passes where enabled: convolutions and linears in bf16, the normalizations,
     losses and the weights (fp32 master copies) stay in fp32. bf16 needs no loss scaling."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+SPEED_HELP = ("how the nets run on a CUDA GPU, the same math either way: fast, channels_last memory, the "
+              "penalty's convolutions in ordinary kernels, LayerNorm in Triton kernels and each training step "
+              "replayed as a CUDA graph; plain, PyTorch's own eager kernels; auto, fast on a single CUDA GPU, plain "
+              "on the CPU and under torchrun (default: auto)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Speed:
+    """The speed switches of a run on a CUDA GPU, each the same math as the plain path (models.set_kernels):
+    channels_last: weights and activations NHWC, the layout cuDNN's tensor-core kernels use (no transposes);
+    conv_gradfix: the discriminator's convolutions differentiate into ordinary convolution kernels;
+    triton_layer_norm: LayerNorm's rows split over the whole GPU (triton_layer_norm.py);
+    cuda_graphs: each training step captured once and replayed (GraphedStep), no Python between kernels."""
+
+    channels_last: bool = False
+    conv_gradfix: bool = False
+    triton_layer_norm: bool = False
+    cuda_graphs: bool = False
+
+    @classmethod
+    def choose(cls, name, device, world_size=1):
+        """The switches of --speed NAME on this device: fast where it is measured faster, plain elsewhere."""
+        if name == "plain" or (name == "auto" and (device.type != "cuda" or world_size > 1)):
+            return cls()
+        if device.type != "cuda":
+            raise UserError("--speed fast needs a CUDA GPU; use --speed plain or auto on the CPU")
+        return cls(channels_last=True, conv_gradfix=True, triton_layer_norm=importlib.util.find_spec("triton") is not None,
+                   cuda_graphs=world_size == 1)
+
+    def prepare(self, *models):
+        """The models switched to these kernels and memory layout, in place."""
+        for model in models:
+            set_kernels(model, self.conv_gradfix, "triton" if self.triton_layer_norm else "native")
+            if self.channels_last:
+                model.to(memory_format=torch.channels_last)
+
+    def describe(self):
+        on = [field.name for field in dataclasses.fields(self) if getattr(self, field.name)]
+        return ", ".join(on) if on else "plain"
+
+
+class GraphedStep:
+    """step(**tensors) -> its tensors, a whole training step (forward, backward and optimizer), run eagerly for
+    its first `eager` calls (on a side stream, as capture requires: cuDNN's autotuning, the optimizer's state and
+    the allocator settle there), then captured once as a CUDA graph and replayed: one launch for the step's
+    hundreds of kernels. Each call's tensors are copied into the graph's inputs; the outputs returned are the
+    graph's own, overwritten by the next replay, so read them (in stream order) before that. The step may hold no
+    host sync and no random draw of its own: draw outside and pass the draws in. The optimizer must be
+    capturable (training.adam(..., capturable=True)). Every call is a real step: the eager ones train as the
+    replays do. A step whose capture fails runs eagerly from then on, after one line on stderr."""
+
+    EAGER_CALLS = 3
+
+    def __init__(self, step, eager=EAGER_CALLS):
+        self.step, self.eager = step, eager
+        self.calls, self.graph, self.inputs, self.outputs = 0, None, None, None
+
+    def __call__(self, **inputs):
+        self.calls += 1
+        if self.graph is None and self.calls == self.eager + 1:
+            self._capture(inputs)
+        if self.graph is not None:
+            for name, value in inputs.items():
+                self.inputs[name].copy_(value)
+            self.graph.replay()
+            return self.outputs
+        if self.calls > self.eager:  # the capture failed
+            return self.step(**inputs)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            outputs = self.step(**inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        return outputs
+
+    def _capture(self, inputs):
+        self.inputs = {name: value.clone() for name, value in inputs.items()}
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.outputs = self.step(**self.inputs)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"note: CUDA graph capture failed ({first}); this step runs eagerly", file=sys.stderr)
+            return
+        self.graph = graph
+
+
+def graphed(step, enabled):
+    """step as a GraphedStep where enabled, else step itself."""
+    return GraphedStep(step) if enabled else step

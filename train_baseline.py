@@ -9,6 +9,7 @@ The assignment's recipe is the default: 100 epochs, batch 128, Adam lr 1e-4, lr 
 baseline.ckpt (resumable, every epoch and on a stop signal) and baseline_metrics.jsonl (one line per epoch).
 """
 import argparse
+import functools
 import os
 
 import torch
@@ -19,7 +20,7 @@ from checkpoint import model_record, restore_model, save_model
 from data import augment
 from files import run_main
 from models import Discriminator
-from runtime import Runtime, StopSignal, autocast, setup_speed
+from runtime import GraphedStep, Runtime, Speed, StopSignal, autocast, setup_speed
 from training import (Meter, Run, accuracy, adam, add_data_args, add_recipe_args, add_system_args, check_common_args,
                       load_optimizer, run_config, set_lr, training_loaders)
 
@@ -75,7 +76,10 @@ def train(args, stop):
         model = Discriminator(args.width, args.arch).to(rt.device)
         freeze_critic_head(model)
         bf16 = setup_speed(rt.device, args.precision)
-        optimizer = adam((p for p in model.parameters() if p.requires_grad), args.lr, args.betas, rt.device)
+        speed = Speed.choose(args.speed, rt.device, rt.world_size)
+        speed.prepare(model)
+        optimizer = adam((p for p in model.parameters() if p.requires_grad), args.lr, args.betas, rt.device,
+                         capturable=speed.cuda_graphs)
         meter = Meter(rt.device)  # loss and accuracy over the epoch's training batches
         start_epoch, start_batch = 0, 0
         if run.checkpoint is not None:
@@ -96,13 +100,17 @@ def train(args, stop):
         train_loader, test_loader = training_loaders(args, rt)
         run.begin(f"{'epoch':>5} {'lr':>8} {'loss':>7} {'train acc':>9} {'test acc':>8} {'seconds':>7} {'img/s':>7} "
                   f"{'eta':>7}")
+        steps = {}  # with CUDA graphs, one per learning rate of the schedule (a graph replays the lr it captured)
         for epoch in range(start_epoch, args.epochs):
             set_lr(optimizer, lr_at(epoch, args))
+            step = functools.partial(train_step, model_ddp, optimizer, bf16=bf16)
+            if speed.cuda_graphs:
+                step = steps.setdefault(lr_at(epoch, args), GraphedStep(step))
 
             # Training batches, stopping cleanly on a signal
             for b, images, labels in run.batches(train_loader, epoch, start_batch, args.epochs):
                 x = augment(images, rt.rng(args.seed, epoch, b))
-                loss, acc = train_step(model_ddp, optimizer, x, labels, bf16)
+                loss, acc = step(x=x, labels=labels)
                 meter.add(len(labels), loss=loss, acc=acc)
                 if run.should_stop(meter, epoch, b, len(train_loader)):
                     run.save_and_stop(state(epoch, b + 1))

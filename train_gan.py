@@ -12,12 +12,14 @@ of one fixed noise batch after epoch NNN + 1, one class per column), generator.m
 (every epoch), gan.ckpt (resumable, every epoch and on a stop signal) and gan_metrics.jsonl.
 """
 import argparse
+import functools
 import os
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
+from torch.profiler import record_function
 
 import health
 from checkpoint import model_record, restore_model
@@ -25,7 +27,7 @@ from data import CLASSES, augment
 from files import UserError, check_range, image_bytes, run_main, torch_bytes
 from images import grid_image, to_unit
 from models import MINIBATCH_DIMS, MINIBATCH_KERNELS, NUM_CLASSES, Discriminator, Generator, class_noise
-from runtime import Runtime, StopSignal, autocast, global_batch_norm, setup_speed
+from runtime import GraphedStep, Runtime, Speed, StopSignal, autocast, global_batch_norm, setup_speed
 from training import (Meter, Run, accuracy, adam, add_data_args, add_recipe_args, add_system_args,
                       check_common_args, load_optimizer, run_config, training_loaders)
 
@@ -48,6 +50,11 @@ def parse_args(argv=None):
                    help="train the generator every N-th iteration, the discriminator every iteration; "
                         "--gen-train is the assignment's name for it (default: 1)")
     g.add_argument("--lambda-gp", type=float, default=10.0, help="weight of the gradient penalty (default: 10)")
+    g.add_argument("--gp-every", type=int, default=1, metavar="K",
+                   help="beyond the assignment, a lazy penalty as StyleGAN2 takes R1: the gradient penalty on every "
+                        "K-th discriminator step only, weighted K times, the same penalty on average at about a third "
+                        "of the cost on the other steps; changes the recipe, the gp and grad_norm monitors then "
+                        "average the penalty's steps (default: 1, every step, as the assignment)")
     g = parser.add_argument_group("beyond the assignment (Salimans et al. 2016, Improved Techniques for Training GANs)")
     g.add_argument("--feature-matching", type=float, default=0.0, metavar="W",
                    help="add W times the squared distance between the mean discriminator features of a real batch "
@@ -75,6 +82,7 @@ def parse_args(argv=None):
     check_common_args(args)
     check_range(args, "n_critic", 1, 1000)
     check_range(args, "lambda_gp", 0, 1e6)
+    check_range(args, "gp_every", 1, 1000)
     check_range(args, "feature_matching", 0, 1e6)
     check_range(args, "eval_every", 0, 1_000_000)
     check_range(args, "eval_n", 20, 1_000_000)
@@ -97,7 +105,7 @@ def gradient_penalty(score_hat, x_hat, lambda_gp):
         return lambda_gp * ((norms - 1) ** 2).mean(), norms.detach().mean()
 
 
-def discriminator_loss(disc_ddp, disc, real, real_labels, fake, fake_labels, alpha, lambda_gp):
+def discriminator_loss(disc_ddp, disc, real, real_labels, fake, fake_labels, alpha, lambda_gp, penalty_factor=1):
     """mean(fc1(fake)) - mean(fc1(real)) + CE(fc10(real)) + CE(fc10(fake)) + GP, and the monitored values.
 
     Two passes: real and fake images together through disc_ddp for the critic and class terms, then the
@@ -106,24 +114,31 @@ def discriminator_loss(disc_ddp, disc, real, real_labels, fake, fake_labels, alp
     cost a third of what they would over one batch of all three. LayerNorm keeps samples independent, so the
     loss and gradients are those of one batch.
 
+    penalty_factor: what GP is multiplied by in the loss: 1; K on every K-th iteration of a lazy penalty
+    (--gp-every K); 0 skips the penalty's pass (the other iterations), and gp and grad_norm are not monitored.
+
     disc_ddp is the DistributedDataParallel wrapper of disc under torchrun (else disc itself). The penalty's
     pass goes through the plain module: the one backward of the loss sums both passes' gradients into each
     parameter before DDP's hook all-reduces it, so an update is still one all-reduce of one process's
     gradients, whereas a second forward through the wrapper before one backward is not what DDP supports."""
     n = len(real)
-    # groups=2: with minibatch discrimination, real images are compared with real ones only, fakes with fakes
-    scores, logits = (t.float() for t in disc_ddp(torch.cat([real, fake]), groups=2))
-    real_score, fake_score = scores[:n].mean(), scores[n:].mean()
-    real_ce = F.cross_entropy(logits[:n], real_labels)
-    fake_ce = F.cross_entropy(logits[n:], fake_labels)
-    x_hat = (alpha.view(-1, 1, 1, 1) * real + (1 - alpha.view(-1, 1, 1, 1)) * fake).requires_grad_(True)
-    gp, grad_norm = gradient_penalty(disc(x_hat)[0].float(), x_hat, lambda_gp)
-    loss = fake_score - real_score + real_ce + fake_ce + gp
+    with record_function("discriminator forward (real + fake)"):
+        # groups=2: with minibatch discrimination, real images are compared with real ones only, fakes with fakes
+        scores, logits = (t.float() for t in disc_ddp(torch.cat([real, fake]), groups=2))
+        real_score, fake_score = scores[:n].mean(), scores[n:].mean()
+        real_ce = F.cross_entropy(logits[:n], real_labels)
+        fake_ce = F.cross_entropy(logits[n:], fake_labels)
+    loss = fake_score - real_score + real_ce + fake_ce
     real_acc = (logits[:n].argmax(1) == real_labels).float().mean()
     fake_acc = (logits[n:].argmax(1) == fake_labels).float().mean()
-    monitored = {"gp": gp, "fake_score": fake_score, "real_score": real_score, "real_ce": real_ce,
-                 "fake_ce": fake_ce, "real_acc": real_acc, "fake_acc": fake_acc,
-                 "wasserstein": real_score - fake_score, "grad_norm": grad_norm}
+    monitored = {"fake_score": fake_score, "real_score": real_score, "real_ce": real_ce, "fake_ce": fake_ce,
+                 "real_acc": real_acc, "fake_acc": fake_acc, "wasserstein": real_score - fake_score}
+    if penalty_factor:
+        with record_function("penalty gradient"):
+            x_hat = (alpha.view(-1, 1, 1, 1) * real + (1 - alpha.view(-1, 1, 1, 1)) * fake).requires_grad_(True)
+            gp, monitored["grad_norm"] = gradient_penalty(disc(x_hat)[0].float(), x_hat, lambda_gp)
+        loss = loss + penalty_factor * gp
+        monitored["gp"] = gp
     return loss, {name: value.detach() for name, value in monitored.items()}
 
 
@@ -145,37 +160,97 @@ def generator_loss(disc, fake, labels, real=None, feature_matching=0.0):
     return sum(terms.values()), {name: value.detach() for name, value in terms.items()}
 
 
-def generator_step(gen_ddp, disc, opt_g, n, rng, bf16=False, real=None, feature_matching=0.0):
-    """One generator update on fresh noise with random labels (and, for feature matching, a real batch). The
+def generator_draws(n, rng):
+    """(labels, noise) of a generator step: random labels and their class noise."""
+    labels = torch.randint(0, NUM_CLASSES, (n,), device=rng.device, generator=rng)
+    return labels, class_noise(labels, rng)
+
+
+def generator_update(gen_ddp, disc, opt_g, labels, noise, bf16=False, real=None, feature_matching=0.0):
+    """One generator update on the given noise and labels (and, for feature matching, a real batch). The
     discriminator (the plain module, not its DDP wrapper) is frozen: its parameters get no gradient and stay as
     they are. bf16: autocast the discriminator to bf16 (the generator stays fp32: its gradient has come back
     through both nets). Returns the monitored values: the loss g_loss and its terms."""
-    labels = torch.randint(0, NUM_CLASSES, (n,), device=rng.device, generator=rng)
     disc.requires_grad_(False)
-    fake = gen_ddp(class_noise(labels, rng))
-    with autocast(rng.device, bf16):
-        loss, terms = generator_loss(disc, fake, labels, real, feature_matching)
-    opt_g.zero_grad(set_to_none=True)
-    loss.backward()
-    opt_g.step()
+    with record_function("generator forward + backward"):
+        fake = gen_ddp(noise)
+        with autocast(noise.device, bf16):
+            loss, terms = generator_loss(disc, fake, labels, real, feature_matching)
+        opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+    with record_function("optimizer"):
+        opt_g.step()
     disc.requires_grad_(True)
     return {"g_loss": loss.detach(), **terms}
 
 
-def discriminator_step(disc_ddp, disc, gen_ddp, opt_d, real, real_labels, rng, lambda_gp, bf16=False):
-    """One discriminator update against a fresh fake batch (made without gradients, so G is untouched);
-    returns the monitored values. bf16: autocast the discriminator to bf16."""
-    n = len(real)
+def generator_step(gen_ddp, disc, opt_g, n, rng, bf16=False, real=None, feature_matching=0.0):
+    """generator_update on fresh noise with random labels drawn from rng."""
+    return generator_update(gen_ddp, disc, opt_g, *generator_draws(n, rng), bf16, real, feature_matching)
+
+
+def discriminator_draws(n, rng):
+    """(fake labels, their class noise, the penalty's interpolation weights) of a discriminator step."""
     fake_labels = torch.randint(0, NUM_CLASSES, (n,), device=rng.device, generator=rng)
-    with torch.no_grad():
-        fake = gen_ddp(class_noise(fake_labels, rng))
-    alpha = torch.rand(n, device=rng.device, generator=rng)
-    with autocast(rng.device, bf16):
-        loss, monitored = discriminator_loss(disc_ddp, disc, real, real_labels, fake, fake_labels, alpha, lambda_gp)
-    opt_d.zero_grad(set_to_none=True)
-    loss.backward()
-    opt_d.step()
+    noise = class_noise(fake_labels, rng)
+    return fake_labels, noise, torch.rand(n, device=rng.device, generator=rng)
+
+
+def discriminator_update(disc_ddp, disc, gen_ddp, opt_d, real, real_labels, fake_labels, noise, alpha, lambda_gp,
+                         bf16=False, penalty_factor=1):
+    """One discriminator update against the fake batch of the given noise (made without gradients, so G is
+    untouched); returns the monitored values. bf16: autocast the discriminator to bf16. penalty_factor: see
+    discriminator_loss."""
+    with torch.no_grad(), record_function("generator forward (fake batch)"):
+        fake = gen_ddp(noise)
+    with autocast(real.device, bf16):
+        loss, monitored = discriminator_loss(disc_ddp, disc, real, real_labels, fake, fake_labels, alpha, lambda_gp,
+                                             penalty_factor)
+    with record_function("discriminator backward"):
+        opt_d.zero_grad(set_to_none=True)
+        loss.backward()
+    with record_function("optimizer"):
+        opt_d.step()
     return monitored
+
+
+def discriminator_step(disc_ddp, disc, gen_ddp, opt_d, real, real_labels, rng, lambda_gp, bf16=False,
+                       penalty_factor=1):
+    """discriminator_update against a fresh fake batch drawn from rng."""
+    return discriminator_update(disc_ddp, disc, gen_ddp, opt_d, real, real_labels, *discriminator_draws(len(real), rng),
+                                lambda_gp, bf16, penalty_factor)
+
+
+def training_steps(gen_ddp, disc_ddp, gen, disc, opt_g, opt_d, args, bf16, cuda_graphs):
+    """(generator(n, rng, real), discriminator(real, labels, rng, penalty_factor)): one iteration's two updates as
+    train() runs them, each drawing its random inputs from rng first. cuda_graphs: each update (and the
+    discriminator's with and without the penalty) a runtime.GraphedStep, the draws made outside the graph in the
+    eager order, so that both paths train on the same numbers; the optimizers must be capturable."""
+    fm = args.feature_matching
+    if not cuda_graphs:  # the module's functions looked up at each call (the tests patch them)
+        return (lambda n, rng, real: generator_step(gen_ddp, disc, opt_g, n, rng, bf16, real, fm),
+                lambda real, labels, rng, factor: discriminator_step(disc_ddp, disc, gen_ddp, opt_d, real, labels, rng,
+                                                                     args.lambda_gp, bf16, factor))
+    g_graph = GraphedStep(functools.partial(generator_update, gen_ddp, disc, opt_g, bf16=bf16, feature_matching=fm))
+    d_graphs = {}
+
+    def generator(n, rng, real):
+        labels, noise = generator_draws(n, rng)
+        return g_graph(labels=labels, noise=noise, **({"real": real} if fm else {}))
+
+    def discriminator(real, labels, rng, factor):
+        if factor not in d_graphs:
+            d_graphs[factor] = GraphedStep(functools.partial(discriminator_update, disc_ddp, disc, gen_ddp, opt_d,
+                                                             lambda_gp=args.lambda_gp, bf16=bf16,
+                                                             penalty_factor=factor))
+        fake_labels, noise, alpha = discriminator_draws(len(real), rng)
+        return d_graphs[factor](real=real, real_labels=labels, fake_labels=fake_labels, noise=noise, alpha=alpha)
+    return generator, discriminator
+
+
+def penalty_factor(batch, gp_every):
+    """The penalty's factor in the loss at this batch: gp_every on every gp_every-th batch, else 0 (not computed)."""
+    return gp_every if batch % gp_every == 0 else 0
 
 
 def fixed_noise(seed):
@@ -249,8 +324,10 @@ def train(args, stop):
         disc = Discriminator(args.width, args.arch,
                              minibatch_kernels=MINIBATCH_KERNELS if args.minibatch_discrimination else 0).to(rt.device)
         bf16 = setup_speed(rt.device, args.precision)
-        opt_g = adam(gen.parameters(), args.lr, args.betas, rt.device)
-        opt_d = adam(disc.parameters(), args.lr, args.betas, rt.device)
+        speed = Speed.choose(args.speed, rt.device, rt.world_size)
+        speed.prepare(gen, disc)
+        opt_g = adam(gen.parameters(), args.lr, args.betas, rt.device, capturable=speed.cuda_graphs)
+        opt_d = adam(disc.parameters(), args.lr, args.betas, rt.device, capturable=speed.cuda_graphs)
         noise = fixed_noise(args.seed)
         meter = Meter(rt.device)  # the monitored values and the generator's loss, over the epoch and per window
         start_epoch, start_batch = 0, 0
@@ -265,6 +342,10 @@ def train(args, stop):
             run.print(f"resuming {run.ckpt_path} at epoch {start_epoch + 1}, batch {start_batch}")
         noise = noise.to(rt.device)
         gen_ddp, disc_ddp = distribute(gen, disc, rt)
+        generator, discriminator = training_steps(gen_ddp, disc_ddp, gen, disc, opt_g, opt_d, args, bf16,
+                                                  speed.cuda_graphs)
+        if args.speed == "fast" and rt.world_size > 1:
+            run.print("note: --speed fast runs without CUDA graphs under torchrun (DDP's hooks run between kernels)")
 
         def state(epoch, batch):
             """What the checkpoint holds after `batch` batches of epoch `epoch` (0-based)."""
@@ -287,10 +368,8 @@ def train(args, stop):
                 real = augment(images, rng)
                 if b % args.n_critic == 0:
                     fm_real = augment(images, rng) if args.feature_matching else None
-                    meter.add(**generator_step(gen_ddp, disc, opt_g, len(real), rng, bf16, fm_real,
-                                               args.feature_matching))
-                meter.add(**discriminator_step(disc_ddp, disc, gen_ddp, opt_d, real, labels, rng, args.lambda_gp,
-                                               bf16))
+                    meter.add(**generator(len(real), rng, fm_real))
+                meter.add(**discriminator(real, labels, rng, penalty_factor(b, args.gp_every)))
                 if run.should_stop(meter, epoch, b, len(train_loader)):
                     run.save_and_stop(state(epoch, b + 1))
                 run.log_window(meter, epoch, b)

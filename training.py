@@ -33,7 +33,7 @@ from data import CLASSES, Loader, load_split, to_float
 from files import (UserError, append_metrics, atomic_write, check_range, read_metrics, rewrite_metrics,
                    torch_bytes, write_error, write_together)
 from models import ARCHS, DEFAULT_WIDTH
-from runtime import DEVICE_HELP, EXIT_STOPPED, progress_bar
+from runtime import DEVICE_HELP, EXIT_STOPPED, SPEED_HELP, progress_bar
 
 LOG_EVERY = 50  # batches between running means in the progress bar and the metrics file (each a host sync)
 AGREE_EVERY = 10  # batches between the processes' agreement on stopping, under torchrun (each a host sync)
@@ -91,12 +91,13 @@ def add_system_args(parser):
                         "discriminator's convolutions and linears to bf16 on CUDA GPUs of compute capability 8.0 "
                         "or newer (faster; fp32 weights; not yet checked against fp32 on a full schedule) "
                         "(default: fp32)")
+    g.add_argument("--speed", choices=("auto", "fast", "plain"), default="auto", help=SPEED_HELP)
 
 
 # Flags that may differ when a run is resumed: where things are, how long to train, and how to run it. All
 # others are the run's configuration, saved in its checkpoint, and a resume that changes one is refused.
 MAY_CHANGE_ON_RESUME = {"data_dir", "out_dir", "resume", "limit_test", "lock_wait", "device", "precision",
-                        "tensorboard"}
+                        "tensorboard", "speed"}
 
 
 def run_config(args, may_change=frozenset()):
@@ -124,9 +125,10 @@ def check_common_args(args):
 # ---------------------------------------------------------------------------------------------------------
 # Optimizer, data and evaluation
 
-def adam(params, lr, betas, device):
-    """Adam; on CUDA its fused kernel (one launch for all parameters, the same update)."""
-    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), fused=fused_adam(device))
+def adam(params, lr, betas, device, capturable=False):
+    """Adam; on CUDA its fused kernel (one launch for all parameters, the same update). capturable: its state on
+    the GPU, so that a CUDA graph can replay its step (runtime.GraphedStep)."""
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), fused=fused_adam(device), capturable=capturable)
 
 
 def fused_adam(device):
@@ -137,9 +139,9 @@ def load_optimizer(optimizer, state, device):
     """Restore a saved optimizer; the fused kernel follows the device this run is on, not the saved state
     (a checkpoint written on the CPU resumes fused on a GPU, and the other way round). The flag is set in the
     saved groups before loading: load_state_dict moves Adam's `step` to the parameter's device only for a
-    fused group, and the fused kernel wants all its tensors on one device."""
-    fused = fused_adam(device)
-    optimizer.load_state_dict({**state, "param_groups": [{**group, "fused": fused} for group in state["param_groups"]]})
+    fused group, and the fused kernel wants all its tensors on one device. capturable, too, follows this run."""
+    kernel = {"fused": fused_adam(device), "capturable": optimizer.defaults.get("capturable", False)}
+    optimizer.load_state_dict({**state, "param_groups": [{**group, **kernel} for group in state["param_groups"]]})
 
 
 def set_lr(optimizer, lr):

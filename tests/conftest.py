@@ -25,6 +25,10 @@ from data import CLASSES  # noqa: E402
 # subprocesses.
 torch.set_num_threads(1)
 os.environ["OMP_NUM_THREADS"] = "1"
+# Without a GPU, Triton's interpreter runs triton_layer_norm's kernels on the CPU; it is chosen when the kernels
+# are defined, so before anything imports them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 LOW, HIGH = 40, 215
 

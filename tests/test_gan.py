@@ -69,6 +69,43 @@ def test_discriminator_loss_has_the_five_terms():
         torch.testing.assert_close(g, e)
 
 
+def test_a_lazy_penalty_is_weighted_k_times_every_k_th_step_and_skipped_between():
+    """--gp-every K: the penalty factor is K on batches 0, K, 2K, ... and 0 between; factor K adds K times the
+    penalty, factor 0 leaves it out (no penalty pass, no gp or grad_norm monitored); the rest of the loss and its
+    monitored values are the same."""
+    assert [train_gan.penalty_factor(b, 3) for b in range(7)] == [3, 0, 0, 3, 0, 0, 3]
+    assert [train_gan.penalty_factor(b, 1) for b in range(3)] == [1, 1, 1]
+    disc = tiny_nets()[1].double()
+    torch.manual_seed(1)
+    real, fake = torch.rand(4, 3, 32, 32).double() * 2 - 1, torch.rand(4, 3, 32, 32).double() * 2 - 1
+    y_real, y_fake, alpha = torch.tensor([0, 1, 2, 3]), torch.tensor([9, 8, 7, 6]), torch.rand(4).double()
+    results = {k: train_gan.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0, k) for k in (0, 1, 4)}
+    (plain, without), (one, every), (four, lazy) = results[0], results[1], results[4]
+    assert set(without) == set(train_gan.MONITORED) - {"gp", "grad_norm"}
+    assert set(every) == set(lazy) == set(train_gan.MONITORED)
+    assert lazy["gp"].item() == pytest.approx(every["gp"].item())  # monitored unweighted: comparable across K
+    assert one.item() == pytest.approx(plain.item() + every["gp"].item())
+    assert four.item() == pytest.approx(plain.item() + 4 * every["gp"].item())
+
+
+def test_cli_gp_every_trains_and_rejects_zero(tiny_image_folder, tmp_path):
+    out = tmp_path / "run"
+    result = run_script("train_gan.py", *gan_args(tiny_image_folder, out, "--epochs", 1, "--gp-every", 4))
+    assert result.returncode == 0, result.stderr
+    record = [r for r in read_metrics(out / "gan_metrics.jsonl")[0] if r["type"] == "epoch"][0]
+    assert record["gp"] > 0 and record["grad_norm"] > 0  # the penalty's batches, averaged
+    result = run_script("train_gan.py", *gan_args(tiny_image_folder, tmp_path / "zero", "--gp-every", 0))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --gp-every")
+
+
+def test_cli_speed_fast_on_the_cpu_is_one_line(tiny_image_folder, tmp_path):
+    result = run_script("train_gan.py", *gan_args(tiny_image_folder, tmp_path / "run", "--speed", "fast"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --speed fast needs a CUDA GPU; use --speed plain or auto on the CPU"]
+
+
 def test_generator_loss_has_the_two_terms():
     gen, disc = tiny_nets()
     z, labels = torch.randn(6, NOISE_DIM), torch.tensor([0, 1, 2, 3, 4, 5])

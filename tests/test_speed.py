@@ -107,9 +107,13 @@ def test_bench_on_cpu_prints_a_table_and_json():
                                 "--warmup", "1", "--rounds", "2")
     assert "baseline img/s" in stdout and "old-ops" in stdout and "operations per iteration, gan fp32" in stdout
     assert results["device"] == "cpu" and results["width"] == 8
+    assert results["paths"] == ["fp32", "gradfix", "old-ops", "one-batch"]  # the CPU's: no CUDA-only path
     assert results["baseline_fp32"] > 0 and results["gan_fp32"] > 0
-    assert results["baseline_old_ops"] > 0 and results["gan_fewer_ops_speedup"] > 0
+    assert results["baseline_old_ops"] > 0 and results["gan_old_ops_vs_fp32"] > 0
+    assert results["gan_one_batch_vs_fp32"] == pytest.approx(results["gan_one_batch"] / results["gan_fp32"])
     assert results["ops"]["gan_fp32"]["total"] < results["ops"]["gan_old_ops"]["total"]
+    # The penalty's first-order pass computes no weight gradient with gradfix: fewer operations, not more
+    assert results["ops"]["gan_gradfix"]["discriminator step"] < results["ops"]["gan_fp32"]["discriminator step"]
     # A GAN iteration costs several baseline steps (G and D forward and backward, D on three batches with a
     # double backward).
     assert results["gan_fp32"] < results["baseline_fp32"]
@@ -119,8 +123,8 @@ def test_bench_on_cpu_prints_a_table_and_json():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_bench_on_cuda_times_both_paths():
     _, results = run_bench("--device", "cuda", "--steps", "5", "--warmup", "2")
-    for key in ("baseline_plain", "gan_plain", "baseline_fp32", "gan_fp32", "baseline_bf16_speedup",
-                "gan_bf16_speedup"):
+    for key in ("baseline_plain", "gan_plain", "baseline_fp32", "gan_fp32", "baseline_bf16_vs_fp32",
+                "gan_bf16_vs_fp32"):
         assert results[key] > 0
 
 
@@ -155,3 +159,30 @@ def test_operations_per_iteration_meet_the_targets(build, target):
     assert new["augmentation"] <= 50
     if "discriminator step" in new:
         assert new["discriminator step"] <= before["discriminator step"] - 300  # the penalty's LayerNorms
+
+
+def test_bench_profile_on_cpu_prints_the_phases_and_writes_a_chrome_trace(tmp_path):
+    stdout, results = run_bench("--device", "cpu", "--width", "8", "--batch-size", "8", "--steps", "1", "--warmup",
+                                "1", "--rounds", "1", "--paths", "fp32", "--profile", "--profile-steps", "1",
+                                "--trace-dir", str(tmp_path))
+    profiled = results["profile"]["gan_fp32"]
+    # Every phase of the GAN iteration is a range of its own
+    for phase in ("augmentation", "generator step", "discriminator forward (real + fake)", "penalty gradient",
+                  "discriminator backward", "optimizer"):
+        assert profiled["phases_ms"][phase] > 0, phase
+        assert phase in stdout
+    assert profiled["phases_ms"]["discriminator step"] > profiled["phases_ms"]["penalty gradient"]
+    assert 0 < profiled["top"][0]["share"] <= 1 and profiled["top"][0]["calls"] >= 1
+    assert any(c["op"] == "aten::convolution" and "[8, 3, 32, 32]" in c["shapes"] for c in profiled["convolutions"])
+    with open(profiled["trace"]) as f:
+        trace = json.load(f)
+    assert any(event.get("name") == "penalty gradient" for event in trace["traceEvents"])
+    assert sorted(os.listdir(tmp_path)) == ["baseline_fp32.json", "gan_fp32.json"]
+
+
+def test_bench_refuses_a_path_this_device_does_not_run():
+    result = subprocess.run([sys.executable, os.path.join(REPO, "bench.py"), "--device", "cpu", "--paths", "fp32,fast"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --paths: 'fast' is not a path on this device; choose from fp32, gradfix, old-ops, one-batch"]

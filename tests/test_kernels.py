@@ -1,0 +1,283 @@
+"""The speed paths' kernels against PyTorch's own, on the CPU (small sizes; Triton's interpreter) and on a GPU
+(the GAN's sizes; marker gpu): the convolution whose backward is ordinary convolutions (models.Conv2d with
+gradfix), LayerNorm in Triton kernels (triton_layer_norm), LayerNorm on channels_last activations, the whole
+discriminator loss with every switch on, and on a GPU a few GAN iterations replayed from CUDA graphs against the
+same iterations run eagerly.
+
+Tolerances: float64 to 1e-10; float32 on the CPU to 1e-5 of each tensor's largest value; on CUDA, TF32 is off in
+these tests (the paths use different convolution algorithms and layouts, whose TF32 roundings differ), and values
+agree to 1e-4 (forward) and 1e-3 (gradients, summed over 128 samples in another order; 5e-3 for a whole
+discriminator's weight gradients, measured 1.7e-3 for conv1's on an H200).
+"""
+import importlib.util
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.autograd import gradcheck, gradgradcheck
+
+import models
+import train_gan
+from models import Discriminator, Generator, LayerNorm
+from files import UserError
+from runtime import Speed
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")])]
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Rows cut into several chunks (one of them partial) and row groups of 3, as large rows are on a GPU."""
+    import triton_layer_norm
+    monkeypatch.setattr(triton_layer_norm, "CHUNK", 16)
+    monkeypatch.setattr(triton_layer_norm, "ROW_GROUP", 3)
+    return triton_layer_norm
+
+
+def assert_close(actual, expected, rtol, name=""):
+    scale = expected.abs().max().item() or 1.0
+    error = (actual - expected).abs().max().item()
+    assert error <= rtol * scale, f"{name}: largest difference {error:.3g}, {error / scale:.3g} of the largest value"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The convolution whose backward is ordinary convolutions
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_gradfix_passes_gradcheck_and_gradgradcheck(stride):
+    g = torch.Generator().manual_seed(stride)
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64, generator=g).requires_grad_()
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, generator=g).requires_grad_()
+    b = torch.randn(4, dtype=torch.float64, generator=g).requires_grad_()
+    conv = lambda x, w, b: models._Conv2d.apply(x, w, b, stride, 1)
+    assert gradcheck(conv, (x, w, b))
+    assert gradgradcheck(conv, (x, w, b))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_gradfix_penalty_gradients_equal_autograds(stride):
+    """A penalty on the input gradient, differentiated: the same numbers as autograd's own conv2d, and the
+    first-order pass computes no weight gradient."""
+    g = torch.Generator().manual_seed(10 + stride)
+    x0 = torch.randn(3, 4, 8, 8, dtype=torch.float64, generator=g)
+    w0 = torch.randn(5, 4, 3, 3, dtype=torch.float64, generator=g)
+    b0 = torch.randn(5, dtype=torch.float64, generator=g)
+    results = []
+    for conv in (lambda x, w, b: F.conv2d(x, w, b, stride, 1), lambda x, w, b: models._Conv2d.apply(x, w, b, stride, 1)):
+        x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+        y = torch.tanh(conv(x, w, b))
+        gx, = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        assert w.grad is None
+        (gx.square().sum() + y.sum()).backward()
+        results.append((gx.detach(), x.grad, w.grad, b.grad))
+    for name, ours, theirs in zip(("gx", "x.grad", "w.grad", "b.grad"), results[1], results[0]):
+        assert_close(ours, theirs, 1e-10, name)
+
+
+def test_conv_gradfix_computes_no_weight_gradient_in_the_first_order_pass(monkeypatch):
+    calls = []
+    monkeypatch.setattr(models._ConvWeightGrad, "forward", staticmethod(lambda *a: calls.append(1)))
+    conv = models.Conv2d(3, 4, 3, padding=1)
+    conv.gradfix = True
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    torch.autograd.grad(conv(x).square().sum(), x, create_graph=True)
+    assert calls == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LayerNorm in Triton kernels, and on channels_last activations
+
+def layer_norm_inputs(device, n, shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # A large mean next to a small spread: the statistics' combination must not cancel
+    x = (torch.randn(n, *shape, dtype=dtype, generator=g) * 0.5 + 3).to(device)
+    w = torch.randn(shape, dtype=dtype, generator=g).to(device)
+    b = torch.randn(shape, dtype=dtype, generator=g).to(device)
+    return x, w, b
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_layer_norm_forward_and_backward_equal_native(device, small_chunks):
+    """Values, statistics and the three gradients, against native_layer_norm and its backward."""
+    n, shape = (5, [3, 5, 4]) if device == "cpu" else (128, [196, 32, 32])
+    x, w, b = layer_norm_inputs(device, n, shape, torch.float32)
+    if device == "cuda":
+        small_chunks.CHUNK, small_chunks.ROW_GROUP = 4096, 16  # the sizes the GPU runs
+    ours = small_chunks.forward(x, shape, w, b, 1e-5)
+    theirs = torch.native_layer_norm(x, shape, w, b, 1e-5)
+    for name, a, e in zip(("y", "mean", "rstd"), ours, theirs):
+        assert a.shape == e.shape
+        assert_close(a, e, 1e-5, name)
+    g = torch.randn_like(x)
+    for mask in ([True, True, True], [True, False, False], [False, True, True]):
+        ours_grads = small_chunks.backward(g, x, shape, theirs[1], theirs[2], w, b, mask)
+        their_grads = torch.ops.aten.native_layer_norm_backward(g, x, shape, theirs[1], theirs[2], w, b, mask)
+        for name, a, e, wanted in zip(("gx", "gw", "gb"), ours_grads, their_grads, mask):
+            assert (a is None) == (not wanted), name
+            if wanted:
+                assert_close(a, e, 1e-4 if device == "cuda" else 1e-5, name)
+
+
+def test_triton_layer_norm_passes_gradcheck_and_gradgradcheck(small_chunks):
+    x, w, b = (t.requires_grad_() for t in layer_norm_inputs("cpu", 2, [2, 3, 3], torch.float64, seed=1))
+    norm = lambda x, w, b: models._LayerNorm.apply(x, w, b, [2, 3, 3], 1e-5, small_chunks)
+    assert gradcheck(norm, (x, w, b))
+    assert gradgradcheck(norm, (x, w, b))
+
+
+@pytest.mark.parametrize("kernels", ["native", "triton"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_layer_norm_on_channels_last_equals_nn_layer_norm(device, kernels, small_chunks):
+    """models.LayerNorm on a channels_last activation: nn.LayerNorm's value, input gradient and double backward,
+    its output channels_last too (the NHWC view normalized, no transposing copy)."""
+    n, shape = (4, [3, 4, 4]) if device == "cpu" else (128, [196, 16, 16])
+    x0, _, _ = layer_norm_inputs(device, n, shape, torch.float32)
+    reference = nn.LayerNorm(shape).to(device)
+    with torch.no_grad():
+        reference.weight.normal_()
+        reference.bias.normal_()
+    ours = LayerNorm(shape).to(device)
+    ours.load_state_dict(reference.state_dict())
+    ours.kernels = kernels
+    results = []
+    for norm, layout in ((reference, torch.contiguous_format), (ours, torch.channels_last)):
+        x = x0.clone(memory_format=layout).requires_grad_()
+        y = norm(x)
+        gx, = torch.autograd.grad((y * y.detach().sin()).sum(), x, create_graph=True)
+        (gx.square().sum() + y.square().sum()).backward()
+        results.append((y, gx, x.grad, norm.weight.grad, norm.bias.grad))
+    assert results[1][0].is_contiguous(memory_format=torch.channels_last)
+    tolerance = 1e-3 if device == "cuda" else 1e-4
+    for name, a, e in zip(("y", "gx", "x.grad", "weight.grad", "bias.grad"), results[1], results[0]):
+        assert_close(a, e, tolerance, name)
+    with torch.no_grad():
+        assert_close(ours(x0.contiguous(memory_format=torch.channels_last)), reference(x0), tolerance, "no-grad")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole discriminator loss with every switch on
+
+def fast_twin(disc, speed):
+    twin = Discriminator(disc.width).to(next(disc.parameters()).device)
+    twin.load_state_dict(disc.state_dict())
+    speed.prepare(twin)
+    return twin
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_discriminator_loss_and_gradients_with_every_switch_equal_the_plain_ones(device, small_chunks):
+    width, n = (8, 4) if device == "cpu" else (196, 128)
+    if device == "cuda":
+        small_chunks.CHUNK, small_chunks.ROW_GROUP = 4096, 16
+    torch.manual_seed(0)
+    disc = Discriminator(width).to(device)
+    fast = fast_twin(disc, Speed(channels_last=True, conv_gradfix=True, triton_layer_norm=True))
+    g = torch.Generator().manual_seed(1)
+    real, fake = (torch.rand(n, 3, 32, 32, generator=g).to(device) * 2 - 1 for _ in range(2))
+    real_labels, fake_labels = (torch.randint(0, 10, (n,), generator=g).to(device) for _ in range(2))
+    alpha = torch.rand(n, generator=g).to(device)
+    losses = []
+    for model in (disc, fast):
+        loss, monitored = train_gan.discriminator_loss(model, model, real, real_labels, fake, fake_labels, alpha, 10.0)
+        loss.backward()
+        losses.append((loss.detach(), monitored))
+    assert_close(losses[1][0], losses[0][0], 1e-4, "loss")
+    for name in losses[0][1]:
+        assert_close(losses[1][1][name], losses[0][1][name], 1e-4, name)
+    tolerance, errors = 5e-3 if device == "cuda" else 1e-4, []
+    for (name, p), q in zip(disc.named_parameters(), fast.parameters()):
+        error = (q.grad - p.grad).abs().max().item() / p.grad.abs().max().item()
+        if error > tolerance:
+            errors.append(f"{name} {error:.3g}")
+    assert not errors, "gradients differing by more than {tolerance} of their largest value: " + ", ".join(errors)
+
+
+def test_speed_auto_is_fast_on_one_gpu_and_plain_elsewhere():
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    fast = Speed.choose("fast", cuda)
+    assert fast.channels_last and fast.conv_gradfix and fast.cuda_graphs and fast.triton_layer_norm
+    assert Speed.choose("auto", cuda) == fast
+    assert Speed.choose("auto", cpu) == Speed.choose("plain", cuda) == Speed.choose("auto", cuda, world_size=2) == Speed()
+    # Under torchrun DDP's hooks run between the kernels: everything but the graphs
+    assert Speed.choose("fast", cuda, world_size=2) == Speed(channels_last=True, conv_gradfix=True,
+                                                             triton_layer_norm=True)
+    with pytest.raises(UserError, match="--speed fast needs a CUDA GPU"):
+        Speed.choose("fast", cpu)
+
+
+
+
+def test_gradfix_under_bf16_autocast_computes_what_autocast_conv2d_does():
+    """bf16 autocast casts conv2d's input, weight and bias; the gradfix convolution sees the cast tensors too, so the
+    loss and the weights' (fp32) gradients are those of the plain module under autocast."""
+    torch.manual_seed(0)
+    plain = Discriminator(8)
+    fast = fast_twin(plain, Speed(conv_gradfix=True))
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    results = []
+    for model in (plain, fast):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            score, logits = model(x)
+        (score.float().sum() + logits.float().square().sum()).backward()
+        results.append(logits.float())
+    assert_close(results[1], results[0], 1e-6, "logits")
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
+        if p.grad is not None:
+            assert q.grad.dtype == torch.float32
+            assert_close(q.grad, p.grad, 1e-2, name)  # bf16 products summed in another order
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CUDA graphs: the same kernels captured and replayed (GPU only)
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("gp_every", [1, 2])
+def test_graphed_gan_iterations_equal_the_eager_ones(gp_every):
+    """8 iterations (3 eager, the capture, 4 replays) of both updates at width 64 with the fast kernels, captured
+    and not, from the same weights and the same draws: every monitored value and every weight and buffer after them
+    agree. (Against the plain kernels Adam's first steps, which move each weight by about lr whatever the size of
+    its gradient, turn rounding differences in near-zero gradients into visible ones: the kernels are compared on
+    one step above.)"""
+    device = torch.device("cuda")
+    runs = []
+    for graphs in (False, True):
+        speed = Speed(channels_last=True, conv_gradfix=True, triton_layer_norm=True, cuda_graphs=graphs)
+        torch.manual_seed(0)
+        gen, disc = Generator(64).to(device), Discriminator(64).to(device)
+        speed.prepare(gen, disc)
+        opt_g, opt_d = (torch.optim.Adam(m.parameters(), lr=1e-4, betas=(0.0, 0.9), fused=True, capturable=graphs)
+                        for m in (gen, disc))
+        recipe = type("Recipe", (), {"feature_matching": 0.0, "lambda_gp": 10.0})
+        generator, discriminator = train_gan.training_steps(gen, disc, gen, disc, opt_g, opt_d, recipe, False, graphs)
+        images = torch.rand(32, 3, 32, 32, generator=torch.Generator().manual_seed(5)).to(device) * 2 - 1
+        labels = torch.arange(32, device=device) % 10
+        monitored = []
+        for b in range(8):
+            rng = torch.Generator(device).manual_seed(b)
+            values = {**generator(32, rng, None),
+                      **discriminator(images, labels, rng, train_gan.penalty_factor(b, gp_every))}
+            monitored.append({k: v.item() for k, v in values.items()})
+        runs.append((monitored, [t.detach().clone() for t in (*gen.parameters(), *disc.parameters(), *gen.buffers())]))
+    (eager, eager_tensors), (graphed, graphed_tensors) = runs
+    assert [sorted(m) for m in eager] == [sorted(m) for m in graphed]
+    assert ("gp" in eager[1]) == (gp_every == 1)
+    for b, (e, g) in enumerate(zip(eager, graphed)):
+        for name in e:
+            assert g[name] == pytest.approx(e[name], rel=1e-5, abs=1e-6), f"iteration {b}: {name}"
+    for i, (e, g) in enumerate(zip(eager_tensors, graphed_tensors)):
+        if e.is_floating_point():
+            assert_close(g, e, 1e-5, f"tensor {i}")
+        else:
+            assert torch.equal(g, e)

@@ -1,0 +1,179 @@
+"""LayerNorm over whole samples as Triton kernels: the forward and the backward of native_layer_norm, for rows of
+hundreds of thousands of values.
+
+PyTorch's own kernels give each row (here: each sample, C*H*W values) one thread block. A GAN batch has 128 rows
+of up to 200,704 values, so a few blocks stream the whole tensor and the GPU's memory bandwidth is mostly idle.
+Here every row is cut into chunks: a kernel writes per-chunk partial sums, a few small torch operations combine
+them into each row's statistics, and a second kernel does the elementwise work in one pass. The column sums of
+the weight and bias gradients are taken over groups of rows the same way.
+
+    y, mean, rstd = forward(x, shape, weight, bias, eps)                      # as torch.native_layer_norm
+    gx, gw, gb = backward(g, x, shape, mean, rstd, weight, bias, mask)      # as aten.native_layer_norm_backward
+
+x and g are contiguous; a channels_last activation is passed as its NHWC view (models.LayerNorm does that), whose
+per-sample statistics are the same. Sums are taken in float32 (float64 for float64 inputs, which the gradient
+checks use). With TRITON_INTERPRET=1 set before this module is imported, the kernels run on the CPU (the tests).
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+CHUNK = 4096  # values of one row a program reduces or writes
+ROW_GROUP = 16  # rows a program sums for the weight and bias gradients
+
+
+@triton.jit
+def _chunk_moments(x_ptr, part_ptr, d, chunks, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """part[row, chunk] = (sum, sum of squared deviations from the chunk's own mean) of one chunk of one row."""
+    row, chunk = tl.program_id(0), tl.program_id(1)
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < d
+    x = tl.load(x_ptr + row.to(tl.int64) * d + cols, mask=inside, other=0.0).to(ACC)
+    count = tl.minimum(d - chunk * BLOCK, BLOCK)
+    total = tl.sum(x, axis=0)
+    dev = tl.where(inside, x - total / count, 0.0)
+    out = part_ptr + (row * chunks + chunk) * 2
+    tl.store(out, total)
+    tl.store(out + 1, tl.sum(dev * dev, axis=0))
+
+
+@triton.jit
+def _normalize(x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, y_ptr, d, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+               BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """y = (x - mean) * rstd * w + b over one chunk of one row."""
+    row, chunk = tl.program_id(0), tl.program_id(1)
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < d
+    at = row.to(tl.int64) * d + cols
+    x = tl.load(x_ptr + at, mask=inside, other=0.0).to(ACC)
+    y = (x - tl.load(mean_ptr + row)) * tl.load(rstd_ptr + row)
+    if HAS_W:
+        y = y * tl.load(w_ptr + cols, mask=inside, other=0.0).to(ACC)
+    if HAS_B:
+        y = y + tl.load(b_ptr + cols, mask=inside, other=0.0).to(ACC)
+    tl.store(y_ptr + at, y.to(y_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _chunk_grad_sums(g_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, part_ptr, d, chunks, HAS_W: tl.constexpr,
+                     BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """part[row, chunk] = (sum of gh, sum of gh * xh) over one chunk, gh = g * w and xh the normalized x."""
+    row, chunk = tl.program_id(0), tl.program_id(1)
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < d
+    at = row.to(tl.int64) * d + cols
+    gh = tl.load(g_ptr + at, mask=inside, other=0.0).to(ACC)
+    if HAS_W:
+        gh = gh * tl.load(w_ptr + cols, mask=inside, other=0.0).to(ACC)
+    xh = (tl.load(x_ptr + at, mask=inside, other=0.0).to(ACC) - tl.load(mean_ptr + row)) * tl.load(rstd_ptr + row)
+    out = part_ptr + (row * chunks + chunk) * 2
+    tl.store(out, tl.sum(gh, axis=0))
+    tl.store(out + 1, tl.sum(gh * xh, axis=0))
+
+
+@triton.jit
+def _input_grad(g_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, a_ptr, c_ptr, gx_ptr, d, HAS_W: tl.constexpr,
+                BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """gx = rstd * (gh - a - xh * c), a and c the row's means of gh and gh * xh."""
+    row, chunk = tl.program_id(0), tl.program_id(1)
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < d
+    at = row.to(tl.int64) * d + cols
+    gh = tl.load(g_ptr + at, mask=inside, other=0.0).to(ACC)
+    if HAS_W:
+        gh = gh * tl.load(w_ptr + cols, mask=inside, other=0.0).to(ACC)
+    rstd = tl.load(rstd_ptr + row)
+    xh = (tl.load(x_ptr + at, mask=inside, other=0.0).to(ACC) - tl.load(mean_ptr + row)) * rstd
+    gx = rstd * (gh - tl.load(a_ptr + row) - xh * tl.load(c_ptr + row))
+    tl.store(gx_ptr + at, gx.to(gx_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _column_sums(g_ptr, x_ptr, mean_ptr, rstd_ptr, gw_ptr, gb_ptr, n, d, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                 ACC: tl.constexpr):
+    """gw[group, cols] = sum of g * xh and gb[group, cols] = sum of g over one group of ROWS rows."""
+    chunk, group = tl.program_id(0), tl.program_id(1)
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < d
+    sum_gxh = tl.zeros([BLOCK], dtype=ACC)
+    sum_g = tl.zeros([BLOCK], dtype=ACC)
+    for i in range(ROWS):
+        row = group * ROWS + i
+        valid = inside & (row < n)
+        safe_row = tl.minimum(row, n - 1)
+        at = safe_row.to(tl.int64) * d + cols
+        g = tl.load(g_ptr + at, mask=valid, other=0.0).to(ACC)
+        xh = (tl.load(x_ptr + at, mask=valid, other=0.0).to(ACC) - tl.load(mean_ptr + safe_row)) \
+            * tl.load(rstd_ptr + safe_row)
+        sum_gxh += g * xh
+        sum_g += g
+    tl.store(gw_ptr + group * d + cols, sum_gxh, mask=inside)
+    tl.store(gb_ptr + group * d + cols, sum_g, mask=inside)
+
+
+def _acc_dtype(x):
+    return (torch.float64, tl.float64) if x.dtype == torch.float64 else (torch.float32, tl.float32)
+
+
+def _layout(x, shape):
+    """(rows, values per row, block, chunks) of x normalized over its last len(shape) dims."""
+    d = math.prod(shape)
+    block = min(CHUNK, triton.next_power_of_2(d))
+    return x.numel() // d, d, block, triton.cdiv(d, block)
+
+
+def _stats_shape(x, shape):
+    return x.shape[:x.dim() - len(shape)] + (1,) * len(shape)
+
+
+def forward(x, shape, weight, bias, eps):
+    """(y, mean, rstd) as torch.native_layer_norm(x, shape, weight, bias, eps); x contiguous."""
+    x, weight, bias = (None if t is None else t.contiguous() for t in (x, weight, bias))
+    n, d, block, chunks = _layout(x, shape)
+    acc, acc_tl = _acc_dtype(x)
+    part = torch.empty(n, chunks, 2, device=x.device, dtype=acc)
+    _chunk_moments[(n, chunks)](x, part, d, chunks, BLOCK=block, ACC=acc_tl)
+    # Chan's combination of the chunks' means and squared deviations: no cancellation for large means
+    # Values per chunk: block, and what is left in the last (made on the device: a CUDA graph may capture this)
+    counts = (d - block * torch.arange(chunks, device=x.device, dtype=acc)).clamp_(max=block)
+    sums, squares = part.unbind(2)
+    mean = sums.sum(1, keepdim=True) / d
+    m2 = squares.sum(1) + (counts * (sums / counts - mean) ** 2).sum(1)
+    mean, rstd = mean.view(n), torch.rsqrt(m2 / d + eps)
+    y = torch.empty_like(x)
+    _normalize[(n, chunks)](x, weight if weight is not None else x, bias if bias is not None else x, mean, rstd, y,
+                            d, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=block, ACC=acc_tl)
+    stats = _stats_shape(x, shape)
+    return y, mean.view(stats), rstd.view(stats)
+
+
+def backward(g, x, shape, mean, rstd, weight, bias, mask):
+    """(gx, gw, gb) as aten.native_layer_norm_backward: the gradients that mask asks for, else None."""
+    n, d, block, chunks = _layout(x, shape)
+    acc, acc_tl = _acc_dtype(x)
+    g, x = g.contiguous(), x.contiguous()
+    weight = None if weight is None else weight.contiguous()
+    mean, rstd = mean.reshape(n), rstd.reshape(n)
+    w = weight if weight is not None else x
+    gx = gw = gb = None
+    if mask[0]:
+        part = torch.empty(n, chunks, 2, device=x.device, dtype=acc)
+        _chunk_grad_sums[(n, chunks)](g, x, w, mean, rstd, part, d, chunks, HAS_W=weight is not None, BLOCK=block,
+                                      ACC=acc_tl)
+        a, c = (part.sum(1) / d).unbind(1)
+        gx = torch.empty_like(x)
+        _input_grad[(n, chunks)](g, x, w, mean, rstd, a.contiguous(), c.contiguous(), gx, d,
+                                 HAS_W=weight is not None, BLOCK=block, ACC=acc_tl)
+    if (mask[1] and weight is not None) or (mask[2] and bias is not None):
+        groups, col_block = triton.cdiv(n, ROW_GROUP), min(1024, block)
+        sums_gw = torch.empty(groups, d, device=x.device, dtype=acc)
+        sums_gb = torch.empty(groups, d, device=x.device, dtype=acc)
+        _column_sums[(triton.cdiv(d, col_block), groups)](g, x, mean, rstd, sums_gw, sums_gb, n, d, ROWS=ROW_GROUP,
+                                                          BLOCK=col_block, ACC=acc_tl)
+        if mask[1] and weight is not None:
+            gw = sums_gw.sum(0).view(weight.shape).to(weight.dtype)
+        if mask[2] and bias is not None:
+            gb = sums_gb.sum(0).view(bias.shape).to(bias.dtype)
+    return gx, gw, gb
