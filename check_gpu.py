@@ -126,7 +126,8 @@ class Check:
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=err, start_new_session=True)
             print(f"  {record['step']}: started", flush=True)
-            stopped = self.wait(process)
+            # A scheduler signals every process of the job: the step may have ended on the signal before this did
+            stopped = self.wait(process) or (process.returncode not in ok and self.stop.received is not None)
             out.seek(0)
             err.seek(0)
             stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")

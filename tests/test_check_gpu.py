@@ -126,9 +126,9 @@ class Lines:
         return self.lines
 
 
-@pytest.mark.parametrize("step, signum", [("bench.py", signal.SIGINT), ("baseline fp32", signal.SIGUSR1),
-                                          ("gan fp32", signal.SIGTERM), ("GPU tests", signal.SIGTERM)])
-def test_a_stop_in_each_step_ends_it_keeps_what_ran_and_skips_the_rest(data_dir, tmp_path, step, signum):
+@pytest.mark.parametrize("step, name", [("bench.py", "SIGINT"), ("baseline fp32", "SIGUSR1"), ("gan fp32", "SIGTERM"),
+                                        ("GPU tests", "SIGTERM")])
+def test_a_stop_in_each_step_ends_it_keeps_what_ran_and_skips_the_rest(data_dir, tmp_path, step, name):
     """The GPU tests here: one that starts a process and waits; the stop reaches that process too."""
     out, at, sleeper = tmp_path / "check", STEPS.index(step), tmp_path / "sleeper.pid"
     (tmp_path / "test_sleeper.py").write_text(SLEEPER.format(pid=sleeper))
@@ -144,7 +144,7 @@ def test_a_stop_in_each_step_ends_it_keeps_what_ran_and_skips_the_rest(data_dir,
         partial = json.loads((out / "check.json").read_text())
         assert [r["status"] for r in records(partial)] == ["passed"] * at + ["not run yet"] * (len(STEPS) - at)
         assert (out / "check.md").read_text().count("not run yet") == len(STEPS) - at
-        process.send_signal(signum)
+        process.send_signal(getattr(signal, name))
         assert process.wait(timeout=60) == 75, (tmp_path / "stderr").read_text()[-3000:]
     finally:
         if process.poll() is None:
@@ -154,7 +154,6 @@ def test_a_stop_in_each_step_ends_it_keeps_what_ran_and_skips_the_rest(data_dir,
     table = (out / "check.md").read_text()
     skipped = STEPS[at + 1:]
     assert [r["status"] for r in records(report)] == ["passed"] * at + ["stopped"] + ["skipped"] * len(skipped)
-    name = signal.Signals(signum).name
     assert report["stopped"]["by"] == name and report["stopped"]["cut_short"] == step
     assert report["stopped"]["skipped"] == skipped
     summary = (f"stopped by {name} after {report['stopped']['after_s']:.0f} s: {step} cut short; skipped "
@@ -168,10 +167,42 @@ def test_a_stop_in_each_step_ends_it_keeps_what_ran_and_skips_the_rest(data_dir,
     # The stopped step's log is written; its scratch folder (a trainer's) is gone
     assert sorted(os.listdir(out)) == sorted(["check.json", "check.md", *LOGS[:at + 1]])
     assert (out / LOGS[at]).read_text().startswith("$ ")
-    if signum == signal.SIGINT:
+    if name == "SIGINT":
         assert "Ctrl-C: stopping the check" in (tmp_path / "stderr").read_text()
     if step == "GPU tests":
         assert ended(int(sleeper.read_text())), "the process the GPU tests started outlived the stop"
+
+
+def children(pid):
+    """The processes whose parent is pid, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):  # not a process, or one that ended meanwhile
+            continue
+        if parent == pid:
+            found.append(int(entry))
+    return found
+
+
+def test_a_signal_to_every_process_of_the_job_is_a_stop_not_a_failure(data_dir, tmp_path):
+    """A scheduler's SIGTERM reaches the step's process too, which may end on it before check_gpu.py sees its own."""
+    out = tmp_path / "check"
+    process = subprocess.Popen(command(data_dir, out), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               cwd=tmp_path)
+    try:
+        Lines(process.stdout).wait_for("  bench.py: started")
+        step, = children(process.pid)
+        os.kill(step, signal.SIGTERM)
+        os.kill(process.pid, signal.SIGTERM)
+        assert process.wait(timeout=60) == 75
+    finally:
+        if process.poll() is None:
+            process.kill()
+    report = json.loads((out / "check.json").read_text())
+    assert [r["status"] for r in records(report)] == ["stopped", "skipped", "skipped", "skipped"]
 
 
 def test_the_budget_stops_the_step_it_runs_out_in_and_skips_the_rest(data_dir, tmp_path):
