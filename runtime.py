@@ -194,6 +194,8 @@ class StopSignal:
     SIGTERM), so the run still saves and exits 75."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
+    # What a first Ctrl-C prints (check_gpu.py's subclass says what a stop means there)
+    CTRL_C = b"\nCtrl-C: saving a checkpoint after this batch; press Ctrl-C again to stop at once\n"
 
     def __init__(self):
         self.received = None  # the name of the first stop signal
@@ -218,7 +220,7 @@ class StopSignal:
             self._interrupted = True
             # os.write, not print: a handler may run in the middle of another print.
             try:
-                os.write(2, b"\nCtrl-C: saving a checkpoint after this batch; press Ctrl-C again to stop at once\n")
+                os.write(2, self.CTRL_C)
             except OSError:  # the terminal is gone: the stop goes on without the message
                 pass
 
