@@ -186,6 +186,11 @@ class _LayerNormGrad(torch.autograd.Function):
         batch_dims = tuple(range(x.dim() - len(shape)))
         # Under CPU autocast x may be bf16 (mean and rstd are fp32): this backward computes in fp32
         x_in, x = x, x.to(mean.dtype)
+        cast = lambda t, like: None if t is None else t.to(like.dtype)
+        if hasattr(ctx.kernels, "double_backward"):  # the same formulas below, fused into three kernels
+            dg, dx, dw = ctx.kernels.double_backward(a, a_w, a_b, g, x, gx, shape, mean, rstd, weight,
+                                                     ctx.needs_input_grad[:3])
+            return cast(dg, g), cast(dx, x_in), cast(dw, weight), None, None, None, None, None, None
         project = lambda v: ctx.kernels.backward(  # rstd * P(v)
             v.to(x.dtype).contiguous(), x, shape, mean, rstd, None, None, [True, False, False])[0]
         # -xh * rstd: the factors rstd and the signs below come out of it without further passes
@@ -213,7 +218,6 @@ class _LayerNormGrad(torch.autograd.Function):
             dg = dg + xh_w if dg is not None else xh_w
         if a_b is not None:
             dg = dg + a_b if dg is not None else a_b.expand_as(g)
-        cast = lambda t, like: None if t is None else t.to(like.dtype)
         return cast(dg, g), cast(dx, x_in), cast(dw, weight), None, None, None, None, None, None
 
 

@@ -9,6 +9,7 @@ the weight and bias gradients are taken over groups of rows the same way.
 
     y, mean, rstd = forward(x, shape, weight, bias, eps)                      # as torch.native_layer_norm
     gx, gw, gb = backward(g, x, shape, mean, rstd, weight, bias, mask)      # as aten.native_layer_norm_backward
+    dg, dx, dw = double_backward(a, a_w, a_b, g, x, gx, shape, mean, rstd, weight, need)   # backward's derivative
 
 x and g are contiguous; a channels_last activation is passed as its NHWC view (models.LayerNorm does that), whose
 per-sample statistics are the same. Sums are taken in float32 (float64 for float64 inputs, which the gradient
@@ -177,3 +178,132 @@ def backward(g, x, shape, mean, rstd, weight, bias, mask):
         if mask[2] and bias is not None:
             gb = sums_gb.sum(0).view(bias.shape).to(bias.dtype)
     return gx, gw, gb
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The derivative of the backward (the gradient penalty's double backward), in three passes instead of about 20:
+# with xh the normalized x, gh = g * w, <.> a row's mean and a, a_w the gradients arriving for gx and gw:
+#   q  = rstd * (a - <a> - xh <a xh>)                         dg = q * w + xh * a_w (+ a_b)      dw = sum of g * q
+#   u  = -rstd <gh xh> a - rstd <a xh> gh + g a_w             dx = rstd * (u - <u> - xh <u xh>) - rstd <a gx> xh
+
+@triton.jit
+def _chunk_double_sums(a_ptr, g_ptr, x_ptr, gx_ptr, w_ptr, aw_ptr, mean_ptr, rstd_ptr, part_ptr, d, chunks,
+                       HAS_A: tl.constexpr, HAS_W: tl.constexpr, HAS_AW: tl.constexpr, BLOCK: tl.constexpr,
+                       ACC: tl.constexpr):
+    """part[row, chunk] = sums over one chunk of a, a xh, gh, gh xh, a gx, g a_w, g a_w xh (0 where absent)."""
+    row, chunk = tl.program_id(0), tl.program_id(1)
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < d
+    at = row.to(tl.int64) * d + cols
+    xh = (tl.load(x_ptr + at, mask=inside, other=0.0).to(ACC) - tl.load(mean_ptr + row)) * tl.load(rstd_ptr + row)
+    g = tl.load(g_ptr + at, mask=inside, other=0.0).to(ACC)
+    out = part_ptr + (row * chunks + chunk) * 7
+    if HAS_A:
+        a = tl.load(a_ptr + at, mask=inside, other=0.0).to(ACC)
+        gh = g
+        if HAS_W:
+            gh = g * tl.load(w_ptr + cols, mask=inside, other=0.0).to(ACC)
+        tl.store(out, tl.sum(a, axis=0))
+        tl.store(out + 1, tl.sum(a * xh, axis=0))
+        tl.store(out + 2, tl.sum(gh, axis=0))
+        tl.store(out + 3, tl.sum(gh * xh, axis=0))
+        tl.store(out + 4, tl.sum(a * tl.load(gx_ptr + at, mask=inside, other=0.0).to(ACC), axis=0))
+    if HAS_AW:
+        gaw = g * tl.load(aw_ptr + cols, mask=inside, other=0.0).to(ACC)
+        tl.store(out + 5, tl.sum(gaw, axis=0))
+        tl.store(out + 6, tl.sum(gaw * xh, axis=0))
+
+
+@triton.jit
+def _double_grads(a_ptr, g_ptr, x_ptr, w_ptr, aw_ptr, ab_ptr, mean_ptr, rstd_ptr, row_ptr, dx_ptr, dg_ptr, d,
+                  HAS_A: tl.constexpr, HAS_W: tl.constexpr, HAS_AW: tl.constexpr, HAS_AB: tl.constexpr,
+                  WANT_DX: tl.constexpr, WANT_DG: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """dx and dg over one chunk of one row; row_ptr holds the row's <a>, <a xh>, s1, s2, <u>, <u xh>, <a gx>."""
+    row, chunk = tl.program_id(0), tl.program_id(1)
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < d
+    at = row.to(tl.int64) * d + cols
+    rstd = tl.load(rstd_ptr + row)
+    xh = (tl.load(x_ptr + at, mask=inside, other=0.0).to(ACC) - tl.load(mean_ptr + row)) * rstd
+    g = tl.load(g_ptr + at, mask=inside, other=0.0).to(ACC)
+    stats = row_ptr + row * 7
+    w = tl.full([BLOCK], 1.0, ACC)
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(ACC)
+    u = tl.zeros([BLOCK], dtype=ACC)
+    dg = tl.zeros([BLOCK], dtype=ACC)
+    if HAS_A:
+        a = tl.load(a_ptr + at, mask=inside, other=0.0).to(ACC)
+        dg = rstd * (a - tl.load(stats) - xh * tl.load(stats + 1)) * w
+        u = tl.load(stats + 2) * a + tl.load(stats + 3) * g * w
+    if HAS_AW:
+        a_w = tl.load(aw_ptr + cols, mask=inside, other=0.0).to(ACC)
+        u += g * a_w
+        dg += xh * a_w
+    if HAS_AB:
+        dg += tl.load(ab_ptr + cols, mask=inside, other=0.0).to(ACC)
+    if WANT_DX:
+        dx = rstd * (u - tl.load(stats + 4) - xh * tl.load(stats + 5) - xh * tl.load(stats + 6))
+        tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=inside)
+    if WANT_DG:
+        tl.store(dg_ptr + at, dg.to(dg_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _column_double_sums(a_ptr, g_ptr, x_ptr, mean_ptr, rstd_ptr, row_ptr, dw_ptr, n, d, ROWS: tl.constexpr,
+                        BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """dw[group, cols] = sum of g * q over one group of rows, q = rstd * (a - <a> - xh <a xh>)."""
+    chunk, group = tl.program_id(0), tl.program_id(1)
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < d
+    total = tl.zeros([BLOCK], dtype=ACC)
+    for i in range(ROWS):
+        row = group * ROWS + i
+        valid = inside & (row < n)
+        safe_row = tl.minimum(row, n - 1)
+        at = safe_row.to(tl.int64) * d + cols
+        rstd = tl.load(rstd_ptr + safe_row)
+        xh = (tl.load(x_ptr + at, mask=valid, other=0.0).to(ACC) - tl.load(mean_ptr + safe_row)) * rstd
+        a = tl.load(a_ptr + at, mask=valid, other=0.0).to(ACC)
+        g = tl.load(g_ptr + at, mask=valid, other=0.0).to(ACC)
+        q = rstd * (a - tl.load(row_ptr + safe_row * 7) - xh * tl.load(row_ptr + safe_row * 7 + 1))
+        total += g * q
+    tl.store(dw_ptr + group * d + cols, total, mask=inside)
+
+
+def double_backward(a, a_w, a_b, g, x, gx, shape, mean, rstd, weight, need):
+    """(dg, dx, dw): the derivative of backward's (gx, gw, gb) taken along (a, a_w, a_b) (each may be None), with
+    respect to g, x and weight, for those that need asks for (else None). weight may be None."""
+    n, d, block, chunks = _layout(x, shape)
+    acc, acc_tl = _acc_dtype(x)
+    a, g, x, gx = (None if t is None else t.contiguous() for t in (a, g, x, gx))
+    weight, a_w, a_b = (None if t is None else t.contiguous() for t in (weight, a_w, a_b))
+    mean, rstd = mean.reshape(n).to(acc), rstd.reshape(n).to(acc)
+    any_ptr = x  # stands for an absent tensor: its kernel branch is compiled out
+    part = torch.zeros(n, chunks, 7, device=x.device, dtype=acc)
+    _chunk_double_sums[(n, chunks)](any_ptr if a is None else a, g, x, any_ptr if gx is None else gx,
+                                    any_ptr if weight is None else weight, any_ptr if a_w is None else a_w, mean, rstd,
+                                    part, d, chunks, HAS_A=a is not None, HAS_W=weight is not None,
+                                    HAS_AW=a_w is not None, BLOCK=block, ACC=acc_tl)
+    s_a, s_axh, s_gh, s_ghxh, s_agx, s_gaw, s_gawxh = (part.sum(1) / d).unbind(1)
+    s1, s2 = -rstd * s_ghxh, -rstd * s_axh
+    # Each row's scalars for the elementwise pass: <a>, <a xh>, s1, s2, <u>, <u xh>, <a gx>
+    u_mean = s1 * s_a + s2 * s_gh + s_gaw
+    u_xh = s1 * s_axh + s2 * s_ghxh + s_gawxh
+    rows = torch.stack([s_a, s_axh, s1, s2, u_mean, u_xh, s_agx], 1).contiguous()
+    dx = torch.empty_like(x) if need[1] else None
+    dg = torch.empty_like(g) if need[0] else None
+    _double_grads[(n, chunks)](any_ptr if a is None else a, g, x, any_ptr if weight is None else weight,
+                               any_ptr if a_w is None else a_w, any_ptr if a_b is None else a_b, mean, rstd, rows,
+                               any_ptr if dx is None else dx, any_ptr if dg is None else dg, d,
+                               HAS_A=a is not None, HAS_W=weight is not None, HAS_AW=a_w is not None,
+                               HAS_AB=a_b is not None, WANT_DX=dx is not None, WANT_DG=dg is not None, BLOCK=block,
+                               ACC=acc_tl)
+    dw = None
+    if need[2] and weight is not None and a is not None:
+        groups, col_block = triton.cdiv(n, ROW_GROUP), min(1024, block)
+        sums = torch.empty(groups, d, device=x.device, dtype=acc)
+        _column_double_sums[(triton.cdiv(d, col_block), groups)](a, g, x, mean, rstd, rows, sums, n, d, ROWS=ROW_GROUP,
+                                                                 BLOCK=col_block, ACC=acc_tl)
+        dw = sums.sum(0).view(weight.shape).to(weight.dtype)
+    return dg, dx, dw
