@@ -345,7 +345,8 @@ def train(args, stop):
         generator, discriminator = training_steps(gen_ddp, disc_ddp, gen, disc, opt_g, opt_d, args, bf16,
                                                   speed.cuda_graphs)
         if args.speed == "fast" and rt.world_size > 1:
-            run.print("note: --speed fast runs without CUDA graphs under torchrun (DDP's hooks run between kernels)")
+            run.print("note: under torchrun --speed fast runs without CUDA graphs and Triton kernels (DDP's hooks run "
+                      "between the kernels): channels_last and the penalty's convolutions only")
 
         def state(epoch, batch):
             """What the checkpoint holds after `batch` batches of epoch `epoch` (0-based)."""

@@ -139,9 +139,16 @@ def load_optimizer(optimizer, state, device):
     """Restore a saved optimizer; the fused kernel follows the device this run is on, not the saved state
     (a checkpoint written on the CPU resumes fused on a GPU, and the other way round). The flag is set in the
     saved groups before loading: load_state_dict moves Adam's `step` to the parameter's device only for a
-    fused group, and the fused kernel wants all its tensors on one device. capturable, too, follows this run."""
+    fused group, and the fused kernel wants all its tensors on one device. capturable, too, follows this run, and the
+    moments take their parameter's memory layout."""
     kernel = {"fused": fused_adam(device), "capturable": optimizer.defaults.get("capturable", False)}
     optimizer.load_state_dict({**state, "param_groups": [{**group, **kernel} for group in state["param_groups"]]})
+    # The moments in their parameter's memory layout: CUDA's fused Adam refuses a channels_last weight (--speed
+    # fast) with moments saved from a run without it, as a checkpoint of the CPU or of --speed plain has them
+    for param, param_state in optimizer.state.items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                param_state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def set_lr(optimizer, lr):

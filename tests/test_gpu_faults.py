@@ -139,3 +139,26 @@ def test_inception_features_cached_under_other_numerics_are_not_reused(tmp_path,
     assert other.reference.bar is not None  # computed again
     assert other.options["input2_cache_name"] != first.options["input2_cache_name"]
 
+
+
+def test_a_plain_checkpoint_resumes_with_moments_laid_out_as_channels_last_weights(monkeypatch):
+    """--speed fast keeps conv weights channels_last; CUDA's fused Adam refuses moments in another layout (seen on an
+    H200 resuming a CPU checkpoint). The meta device stands in for the GPU."""
+    from models import Discriminator
+    torch.manual_seed(0)
+    plain = Discriminator(8)
+    optimizer = torch.optim.Adam(plain.parameters(), lr=1e-3)
+    plain(torch.randn(2, 3, 32, 32))[0].sum().backward()
+    optimizer.step()
+    monkeypatch.setattr(training, "fused_adam", lambda device: True)
+    fast = Discriminator(8).to(META, memory_format=torch.channels_last)
+    resumed = torch.optim.Adam(fast.parameters(), lr=1e-3, capturable=True)
+    training.load_optimizer(resumed, optimizer.state_dict(), META)
+    conv = fast.blocks[1].conv.weight
+    assert not conv.is_contiguous() and conv.is_contiguous(memory_format=torch.channels_last)
+    assert conv in resumed.state
+    for p in resumed.state:
+        for name in ("exp_avg", "exp_avg_sq"):
+            moment = resumed.state[p][name]
+            assert (moment.device, moment.stride()) == (p.device, p.stride()), name
+    assert all(group["capturable"] is True for group in resumed.param_groups)

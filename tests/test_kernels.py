@@ -239,15 +239,13 @@ def test_discriminator_loss_and_gradients_with_every_switch_are_as_accurate_as_t
     assert not worse, "less accurate than the plain path: " + ", ".join(worse)
 
 
-def test_speed_auto_is_fast_on_one_gpu_and_plain_elsewhere():
+def test_speed_fast_switches_everything_on_one_gpu_and_auto_stays_plain():
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     fast = Speed.choose("fast", cuda)
     assert fast.channels_last and fast.conv_gradfix and fast.cuda_graphs and fast.triton_layer_norm
-    assert Speed.choose("auto", cuda) == fast
-    assert Speed.choose("auto", cpu) == Speed.choose("plain", cuda) == Speed.choose("auto", cuda, world_size=2) == Speed()
-    # Under torchrun DDP's hooks run between the kernels: everything but the graphs
-    assert Speed.choose("fast", cuda, world_size=2) == Speed(channels_last=True, conv_gradfix=True,
-                                                             triton_layer_norm=True)
+    assert Speed.choose("auto", cuda) == Speed.choose("auto", cpu) == Speed.choose("plain", cuda) == Speed()
+    # Under torchrun DDP's hooks run between the kernels: no graphs, and without them no Triton kernels
+    assert Speed.choose("fast", cuda, world_size=2) == Speed(channels_last=True, conv_gradfix=True)
     with pytest.raises(UserError, match="--speed fast needs a CUDA GPU"):
         Speed.choose("fast", cpu)
 
@@ -280,12 +278,14 @@ def test_gradfix_under_bf16_autocast_computes_what_autocast_conv2d_does():
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("gp_every", [1, 2])
-def test_graphed_gan_iterations_equal_the_eager_ones(gp_every):
+def test_graphed_gan_iterations_equal_the_eager_ones(gp_every, monkeypatch):
     """8 iterations (3 eager, the capture, 4 replays) of both updates at width 64 with the fast kernels, captured
     and not, from the same weights and the same draws: every monitored value and every weight and buffer after them
     agree. (Against the plain kernels Adam's first steps, which move each weight by about lr whatever the size of
     its gradient, turn rounding differences in near-zero gradients into visible ones: the kernels are compared on
-    one step above.)"""
+    one step above.) cuDNN's deterministic algorithms: others sum with atomics, in another order each run, and
+    Adam's first steps would turn that into visible differences too (seen on an H200: 4e-5 in fake_score)."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     device = torch.device("cuda")
     runs = []
     for graphs in (False, True):
