@@ -74,7 +74,7 @@ def parse_args(argv=None):
                         help="training images per epoch of the timed runs (default: 5120, 40 batches)")
     parser.add_argument("--limit-test", type=int, default=1000, metavar="N", help="test images (default: 1000)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per timed run, the last one timed (default: 2)")
-    parser.add_argument("--bench-steps", type=int, default=30, help="bench.py's --steps (default: 30)")
+    parser.add_argument("--bench-steps", type=int, default=20, help="bench.py's --steps (default: 20)")
     parser.add_argument("--bench-warmup", type=int, default=5, help="bench.py's --warmup (default: 5)")
     parser.add_argument("--bench-rounds", type=int, default=2, help="bench.py's --rounds (default: 2)")
     parser.add_argument("--budget", type=float, metavar="SECONDS",
