@@ -26,12 +26,38 @@ ROW_GROUP = 16  # rows a program sums for the weight and bias gradients
 
 
 @triton.jit
-def _chunk_moments(x_ptr, part_ptr, d, chunks, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """part[row, chunk] = (sum, sum of squared deviations from the chunk's own mean) of one chunk of one row."""
+def _row_chunk(d, BLOCK: tl.constexpr):
+    """(row, chunk, cols, inside, at): this program's chunk of its row; at, the chunk's offsets in the tensor."""
     row, chunk = tl.program_id(0), tl.program_id(1)
     cols = chunk * BLOCK + tl.arange(0, BLOCK)
-    inside = cols < d
-    x = tl.load(x_ptr + row.to(tl.int64) * d + cols, mask=inside, other=0.0).to(ACC)
+    return row, chunk, cols, cols < d, row.to(tl.int64) * d + cols
+
+
+@triton.jit
+def _group_row(group, i, n, d, cols, inside, ROWS: tl.constexpr):
+    """(row, valid, at) of the i-th row of a group of ROWS rows: past the last row, valid is all false and row
+    the last one (its loads are masked)."""
+    row = group * ROWS + i
+    last = tl.minimum(row, n - 1)
+    return last, inside & (row < n), last.to(tl.int64) * d + cols
+
+
+@triton.jit
+def _load(ptr, offsets, inside, ACC: tl.constexpr):
+    return tl.load(ptr + offsets, mask=inside, other=0.0).to(ACC)
+
+
+@triton.jit
+def _normalized(x_ptr, mean_ptr, rstd_ptr, row, at, inside, ACC: tl.constexpr):
+    """xh = (x - mean) * rstd over the chunk."""
+    return (_load(x_ptr, at, inside, ACC) - tl.load(mean_ptr + row)) * tl.load(rstd_ptr + row)
+
+
+@triton.jit
+def _chunk_moments(x_ptr, part_ptr, d, chunks, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """part[row, chunk] = (sum, sum of squared deviations from the chunk's own mean) of one chunk of one row."""
+    row, chunk, cols, inside, at = _row_chunk(d, BLOCK)
+    x = _load(x_ptr, at, inside, ACC)
     count = tl.minimum(d - chunk * BLOCK, BLOCK)
     total = tl.sum(x, axis=0)
     dev = tl.where(inside, x - total / count, 0.0)
@@ -44,16 +70,13 @@ def _chunk_moments(x_ptr, part_ptr, d, chunks, BLOCK: tl.constexpr, ACC: tl.cons
 def _normalize(x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, y_ptr, d, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                BLOCK: tl.constexpr, ACC: tl.constexpr):
     """y = (x - mean) * rstd * w + b over one chunk of one row."""
-    row, chunk = tl.program_id(0), tl.program_id(1)
-    cols = chunk * BLOCK + tl.arange(0, BLOCK)
-    inside = cols < d
-    at = row.to(tl.int64) * d + cols
-    x = tl.load(x_ptr + at, mask=inside, other=0.0).to(ACC)
+    row, chunk, cols, inside, at = _row_chunk(d, BLOCK)
+    x = _load(x_ptr, at, inside, ACC)
     y = (x - tl.load(mean_ptr + row)) * tl.load(rstd_ptr + row)
     if HAS_W:
-        y = y * tl.load(w_ptr + cols, mask=inside, other=0.0).to(ACC)
+        y = y * _load(w_ptr, cols, inside, ACC)
     if HAS_B:
-        y = y + tl.load(b_ptr + cols, mask=inside, other=0.0).to(ACC)
+        y = y + _load(b_ptr, cols, inside, ACC)
     tl.store(y_ptr + at, y.to(y_ptr.dtype.element_ty), mask=inside)
 
 
@@ -61,14 +84,11 @@ def _normalize(x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, y_ptr, d, HAS_W: tl.cons
 def _chunk_grad_sums(g_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, part_ptr, d, chunks, HAS_W: tl.constexpr,
                      BLOCK: tl.constexpr, ACC: tl.constexpr):
     """part[row, chunk] = (sum of gh, sum of gh * xh) over one chunk, gh = g * w and xh the normalized x."""
-    row, chunk = tl.program_id(0), tl.program_id(1)
-    cols = chunk * BLOCK + tl.arange(0, BLOCK)
-    inside = cols < d
-    at = row.to(tl.int64) * d + cols
-    gh = tl.load(g_ptr + at, mask=inside, other=0.0).to(ACC)
+    row, chunk, cols, inside, at = _row_chunk(d, BLOCK)
+    gh = _load(g_ptr, at, inside, ACC)
     if HAS_W:
-        gh = gh * tl.load(w_ptr + cols, mask=inside, other=0.0).to(ACC)
-    xh = (tl.load(x_ptr + at, mask=inside, other=0.0).to(ACC) - tl.load(mean_ptr + row)) * tl.load(rstd_ptr + row)
+        gh = gh * _load(w_ptr, cols, inside, ACC)
+    xh = _normalized(x_ptr, mean_ptr, rstd_ptr, row, at, inside, ACC)
     out = part_ptr + (row * chunks + chunk) * 2
     tl.store(out, tl.sum(gh, axis=0))
     tl.store(out + 1, tl.sum(gh * xh, axis=0))
@@ -78,15 +98,12 @@ def _chunk_grad_sums(g_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, part_ptr, d, chunk
 def _input_grad(g_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, a_ptr, c_ptr, gx_ptr, d, HAS_W: tl.constexpr,
                 BLOCK: tl.constexpr, ACC: tl.constexpr):
     """gx = rstd * (gh - a - xh * c), a and c the row's means of gh and gh * xh."""
-    row, chunk = tl.program_id(0), tl.program_id(1)
-    cols = chunk * BLOCK + tl.arange(0, BLOCK)
-    inside = cols < d
-    at = row.to(tl.int64) * d + cols
-    gh = tl.load(g_ptr + at, mask=inside, other=0.0).to(ACC)
+    row, chunk, cols, inside, at = _row_chunk(d, BLOCK)
+    gh = _load(g_ptr, at, inside, ACC)
     if HAS_W:
-        gh = gh * tl.load(w_ptr + cols, mask=inside, other=0.0).to(ACC)
+        gh = gh * _load(w_ptr, cols, inside, ACC)
     rstd = tl.load(rstd_ptr + row)
-    xh = (tl.load(x_ptr + at, mask=inside, other=0.0).to(ACC) - tl.load(mean_ptr + row)) * rstd
+    xh = _normalized(x_ptr, mean_ptr, rstd_ptr, row, at, inside, ACC)
     gx = rstd * (gh - tl.load(a_ptr + row) - xh * tl.load(c_ptr + row))
     tl.store(gx_ptr + at, gx.to(gx_ptr.dtype.element_ty), mask=inside)
 
@@ -95,19 +112,15 @@ def _input_grad(g_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, a_ptr, c_ptr, gx_ptr, d
 def _column_sums(g_ptr, x_ptr, mean_ptr, rstd_ptr, gw_ptr, gb_ptr, n, d, ROWS: tl.constexpr, BLOCK: tl.constexpr,
                  ACC: tl.constexpr):
     """gw[group, cols] = sum of g * xh and gb[group, cols] = sum of g over one group of ROWS rows."""
-    chunk, group = tl.program_id(0), tl.program_id(1)
-    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    group = tl.program_id(1)
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = cols < d
     sum_gxh = tl.zeros([BLOCK], dtype=ACC)
     sum_g = tl.zeros([BLOCK], dtype=ACC)
     for i in range(ROWS):
-        row = group * ROWS + i
-        valid = inside & (row < n)
-        safe_row = tl.minimum(row, n - 1)
-        at = safe_row.to(tl.int64) * d + cols
-        g = tl.load(g_ptr + at, mask=valid, other=0.0).to(ACC)
-        xh = (tl.load(x_ptr + at, mask=valid, other=0.0).to(ACC) - tl.load(mean_ptr + safe_row)) \
-            * tl.load(rstd_ptr + safe_row)
+        row, valid, at = _group_row(group, i, n, d, cols, inside, ROWS)
+        g = _load(g_ptr, at, valid, ACC)
+        xh = _normalized(x_ptr, mean_ptr, rstd_ptr, row, at, valid, ACC)
         sum_gxh += g * xh
         sum_g += g
     tl.store(gw_ptr + group * d + cols, sum_gxh, mask=inside)
@@ -191,25 +204,22 @@ def _chunk_double_sums(a_ptr, g_ptr, x_ptr, gx_ptr, w_ptr, aw_ptr, mean_ptr, rst
                        HAS_A: tl.constexpr, HAS_W: tl.constexpr, HAS_AW: tl.constexpr, BLOCK: tl.constexpr,
                        ACC: tl.constexpr):
     """part[row, chunk] = sums over one chunk of a, a xh, gh, gh xh, a gx, g a_w, g a_w xh (0 where absent)."""
-    row, chunk = tl.program_id(0), tl.program_id(1)
-    cols = chunk * BLOCK + tl.arange(0, BLOCK)
-    inside = cols < d
-    at = row.to(tl.int64) * d + cols
-    xh = (tl.load(x_ptr + at, mask=inside, other=0.0).to(ACC) - tl.load(mean_ptr + row)) * tl.load(rstd_ptr + row)
-    g = tl.load(g_ptr + at, mask=inside, other=0.0).to(ACC)
+    row, chunk, cols, inside, at = _row_chunk(d, BLOCK)
+    xh = _normalized(x_ptr, mean_ptr, rstd_ptr, row, at, inside, ACC)
+    g = _load(g_ptr, at, inside, ACC)
     out = part_ptr + (row * chunks + chunk) * 7
     if HAS_A:
-        a = tl.load(a_ptr + at, mask=inside, other=0.0).to(ACC)
+        a = _load(a_ptr, at, inside, ACC)
         gh = g
         if HAS_W:
-            gh = g * tl.load(w_ptr + cols, mask=inside, other=0.0).to(ACC)
+            gh = g * _load(w_ptr, cols, inside, ACC)
         tl.store(out, tl.sum(a, axis=0))
         tl.store(out + 1, tl.sum(a * xh, axis=0))
         tl.store(out + 2, tl.sum(gh, axis=0))
         tl.store(out + 3, tl.sum(gh * xh, axis=0))
-        tl.store(out + 4, tl.sum(a * tl.load(gx_ptr + at, mask=inside, other=0.0).to(ACC), axis=0))
+        tl.store(out + 4, tl.sum(a * _load(gx_ptr, at, inside, ACC), axis=0))
     if HAS_AW:
-        gaw = g * tl.load(aw_ptr + cols, mask=inside, other=0.0).to(ACC)
+        gaw = g * _load(aw_ptr, cols, inside, ACC)
         tl.store(out + 5, tl.sum(gaw, axis=0))
         tl.store(out + 6, tl.sum(gaw * xh, axis=0))
 
@@ -219,29 +229,26 @@ def _double_grads(a_ptr, g_ptr, x_ptr, w_ptr, aw_ptr, ab_ptr, mean_ptr, rstd_ptr
                   HAS_A: tl.constexpr, HAS_W: tl.constexpr, HAS_AW: tl.constexpr, HAS_AB: tl.constexpr,
                   WANT_DX: tl.constexpr, WANT_DG: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     """dx and dg over one chunk of one row; row_ptr holds the row's <a>, <a xh>, s1, s2, <u>, <u xh>, <a gx>."""
-    row, chunk = tl.program_id(0), tl.program_id(1)
-    cols = chunk * BLOCK + tl.arange(0, BLOCK)
-    inside = cols < d
-    at = row.to(tl.int64) * d + cols
+    row, chunk, cols, inside, at = _row_chunk(d, BLOCK)
     rstd = tl.load(rstd_ptr + row)
-    xh = (tl.load(x_ptr + at, mask=inside, other=0.0).to(ACC) - tl.load(mean_ptr + row)) * rstd
-    g = tl.load(g_ptr + at, mask=inside, other=0.0).to(ACC)
+    xh = _normalized(x_ptr, mean_ptr, rstd_ptr, row, at, inside, ACC)
+    g = _load(g_ptr, at, inside, ACC)
     stats = row_ptr + row * 7
     w = tl.full([BLOCK], 1.0, ACC)
     if HAS_W:
-        w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(ACC)
+        w = _load(w_ptr, cols, inside, ACC)
     u = tl.zeros([BLOCK], dtype=ACC)
     dg = tl.zeros([BLOCK], dtype=ACC)
     if HAS_A:
-        a = tl.load(a_ptr + at, mask=inside, other=0.0).to(ACC)
+        a = _load(a_ptr, at, inside, ACC)
         dg = rstd * (a - tl.load(stats) - xh * tl.load(stats + 1)) * w
         u = tl.load(stats + 2) * a + tl.load(stats + 3) * g * w
     if HAS_AW:
-        a_w = tl.load(aw_ptr + cols, mask=inside, other=0.0).to(ACC)
+        a_w = _load(aw_ptr, cols, inside, ACC)
         u += g * a_w
         dg += xh * a_w
     if HAS_AB:
-        dg += tl.load(ab_ptr + cols, mask=inside, other=0.0).to(ACC)
+        dg += _load(ab_ptr, cols, inside, ACC)
     if WANT_DX:
         dx = rstd * (u - tl.load(stats + 4) - xh * tl.load(stats + 5) - xh * tl.load(stats + 6))
         tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=inside)
@@ -253,20 +260,17 @@ def _double_grads(a_ptr, g_ptr, x_ptr, w_ptr, aw_ptr, ab_ptr, mean_ptr, rstd_ptr
 def _column_double_sums(a_ptr, g_ptr, x_ptr, mean_ptr, rstd_ptr, row_ptr, dw_ptr, n, d, ROWS: tl.constexpr,
                         BLOCK: tl.constexpr, ACC: tl.constexpr):
     """dw[group, cols] = sum of g * q over one group of rows, q = rstd * (a - <a> - xh <a xh>)."""
-    chunk, group = tl.program_id(0), tl.program_id(1)
-    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    group = tl.program_id(1)
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = cols < d
     total = tl.zeros([BLOCK], dtype=ACC)
     for i in range(ROWS):
-        row = group * ROWS + i
-        valid = inside & (row < n)
-        safe_row = tl.minimum(row, n - 1)
-        at = safe_row.to(tl.int64) * d + cols
-        rstd = tl.load(rstd_ptr + safe_row)
-        xh = (tl.load(x_ptr + at, mask=valid, other=0.0).to(ACC) - tl.load(mean_ptr + safe_row)) * rstd
-        a = tl.load(a_ptr + at, mask=valid, other=0.0).to(ACC)
-        g = tl.load(g_ptr + at, mask=valid, other=0.0).to(ACC)
-        q = rstd * (a - tl.load(row_ptr + safe_row * 7) - xh * tl.load(row_ptr + safe_row * 7 + 1))
+        row, valid, at = _group_row(group, i, n, d, cols, inside, ROWS)
+        rstd = tl.load(rstd_ptr + row)
+        xh = _normalized(x_ptr, mean_ptr, rstd_ptr, row, at, valid, ACC)
+        a = _load(a_ptr, at, valid, ACC)
+        g = _load(g_ptr, at, valid, ACC)
+        q = rstd * (a - tl.load(row_ptr + row * 7) - xh * tl.load(row_ptr + row * 7 + 1))
         total += g * q
     tl.store(dw_ptr + group * d + cols, total, mask=inside)
 
