@@ -9,7 +9,6 @@ The assignment's recipe is the default: 100 epochs, batch 128, Adam lr 1e-4, lr 
 baseline.ckpt (resumable, every epoch and on a stop signal) and baseline_metrics.jsonl (one line per epoch).
 """
 import argparse
-import functools
 import os
 
 import torch
@@ -100,12 +99,13 @@ def train(args, stop):
         train_loader, test_loader = training_loaders(args, rt)
         run.begin(f"{'epoch':>5} {'lr':>8} {'loss':>7} {'train acc':>9} {'test acc':>8} {'seconds':>7} {'img/s':>7} "
                   f"{'eta':>7}")
-        steps = {}  # with CUDA graphs, one per learning rate of the schedule (a graph replays the lr it captured)
+        def eager_step(x, labels):
+            return train_step(model_ddp, optimizer, x, labels, bf16)
+
+        graphs = {}  # with CUDA graphs, one per learning rate of the schedule (a graph replays the lr it captured)
         for epoch in range(start_epoch, args.epochs):
             set_lr(optimizer, lr_at(epoch, args))
-            step = functools.partial(train_step, model_ddp, optimizer, bf16=bf16)
-            if speed.cuda_graphs:
-                step = steps.setdefault(lr_at(epoch, args), GraphedStep(step))
+            step = graphs.setdefault(lr_at(epoch, args), GraphedStep(eager_step)) if speed.cuda_graphs else eager_step
 
             # Training batches, stopping cleanly on a signal
             for b, images, labels in run.batches(train_loader, epoch, start_batch, args.epochs):
