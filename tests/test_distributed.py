@@ -60,9 +60,10 @@ def test_two_processes_end_with_identical_parameters(tmp_path):
     assert not torch.equal(rank0["gen.fc1.weight"], start["gen.fc1.weight"]), "the generator did not train"
 
 
-def discriminator_gradients(rank, world_size, port, out_dir, bf16):
+def discriminator_gradients(rank, world_size, port, out_dir, bf16, shares=None):
     """Worker: the discriminator loss's gradients on this rank's half of one batch (all of it in one process),
-    through DistributedDataParallel as the trainer runs it."""
+    through DistributedDataParallel as the trainer runs it. shares=2 in one process: the rank's half alone."""
+    shares = shares or world_size
     if world_size > 1:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -74,26 +75,34 @@ def discriminator_gradients(rank, world_size, port, out_dir, bf16):
     real, fake = torch.rand(8, 3, 32, 32, generator=data) * 2 - 1, torch.rand(8, 3, 32, 32, generator=data) * 2 - 1
     y_real, y_fake = torch.randint(0, 10, (8,), generator=data), torch.randint(0, 10, (8,), generator=data)
     alpha = torch.rand(8, generator=data)
-    share = slice(rank, None, world_size)
+    share = slice(rank, None, shares)
     with train_gan.autocast(rt.device, bf16):
         loss, _ = train_gan.discriminator_loss(disc_ddp, disc, real[share], y_real[share], fake[share],
                                                y_fake[share], alpha[share], 10.0)
     loss.backward()
-    torch.save({n: p.grad for n, p in disc.named_parameters()}, os.path.join(out_dir, f"grads{world_size}_{rank}.pt"))
+    torch.save({n: p.grad for n, p in disc.named_parameters()},
+               os.path.join(out_dir, f"grads{world_size}_{rank}_of{shares}.pt"))
 
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_two_processes_get_the_gradients_of_one_process_on_the_whole_batch(tmp_path, bf16):
     """The penalty's pass through the plain module beside the DDP pass: still one all-reduce per update,
-    with the gradients one process computes on the whole batch."""
-    discriminator_gradients(0, 1, None, str(tmp_path), bf16)
+    with the gradients one process computes on the whole batch (fp32), or, in bf16, the mean of those one process
+    computes on each half: bf16 rounds each half's activations on their own, and on a CPU with native bf16
+    instructions the whole batch's weight gradients of the 8x8 convolutions differed from the halves' by up to
+    35% of their norm (oneDNN's kernels for the two batch sizes), which says nothing of DDP."""
+    for half in (0, 1) if bf16 else (0,):
+        discriminator_gradients(half, 1, None, str(tmp_path), bf16, shares=2 if bf16 else 1)
     mp.spawn(discriminator_gradients, args=(2, free_port(), str(tmp_path), bf16), nprocs=2, join=True)
-    one = torch.load(tmp_path / "grads1_0.pt", weights_only=True)
-    rank0, rank1 = (torch.load(tmp_path / f"grads2_{r}.pt", weights_only=True) for r in (0, 1))
-    tolerance = 3e-2 if bf16 else 1e-5  # bf16 rounds each half's activations on their own
+    if bf16:
+        halves = [torch.load(tmp_path / f"grads1_{h}_of2.pt", weights_only=True) for h in (0, 1)]
+        one = {name: (halves[0][name] + halves[1][name]) / 2 for name in halves[0]}
+    else:
+        one = torch.load(tmp_path / "grads1_0_of1.pt", weights_only=True)
+    rank0, rank1 = (torch.load(tmp_path / f"grads2_{r}_of2.pt", weights_only=True) for r in (0, 1))
     for name, grad in one.items():
         assert torch.equal(rank0[name], rank1[name]), name
-        assert (rank0[name] - grad).norm() <= tolerance * grad.norm() + 1e-7, name
+        assert (rank0[name] - grad).norm() <= 1e-5 * grad.norm() + 1e-7, name
 
 
 def torchrun(script, *args):

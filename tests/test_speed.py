@@ -155,7 +155,7 @@ def test_operations_per_iteration_meet_the_targets(build, target):
 def test_bench_profile_on_cpu_prints_the_phases_and_writes_a_chrome_trace(tmp_path):
     stdout, results = run_bench("--device", "cpu", "--width", "8", "--batch-size", "8", "--steps", "1", "--warmup",
                                 "1", "--rounds", "1", "--paths", "fp32", "--profile", "--profile-steps", "1",
-                                "--trace-dir", str(tmp_path))
+                                "--profile-top", "100", "--trace-dir", str(tmp_path))
     profiled = results["profile"]["gan_fp32"]
     # Every phase of the GAN iteration is a range of its own
     for phase in ("augmentation", "generator step", "discriminator forward (real + fake)", "penalty gradient",

@@ -111,7 +111,7 @@ OTHER_VALUE = {
     "betas": ["--betas", "0.5", "0.99"], "seed": ["--seed", "3"], "limit_train": ["--limit-train", "100"],
     "epochs": ["--epochs", "7"], "n_critic": ["--n-critic", "5"], "lambda_gp": ["--lambda-gp", "5"],
     "arch": ["--arch", "deep"], "feature_matching": ["--feature-matching", "0.5"],
-    "minibatch_discrimination": ["--minibatch-discrimination"],
+    "minibatch_discrimination": ["--minibatch-discrimination"], "gp_every": ["--gp-every", "2"],
 }
 TRAINERS = {"baseline": train_baseline, "gan": train_gan}
 
