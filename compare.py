@@ -26,7 +26,7 @@ matplotlib.use("Agg")  # batch jobs have no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from files import UserError, read_metrics, run_main, write_together  # noqa: E402
+from files import UserError, output_folder, read_metrics, run_main, write_together  # noqa: E402
 
 JOBS = {"baseline": "baseline_metrics.jsonl", "gan": "gan_metrics.jsonl"}
 # The generator's measures: (key in evaluate.py's records, column, format)
@@ -231,7 +231,9 @@ def plot(all_curves):
 
 
 def run(args):
+    out = args.output_dir or args.runs
     configs = seed_folders(args.runs)
+    output_folder(out, "--output-dir", create=False)
     problems, rows, all_curves = [], [], {}
     for name, seeds in configs.items():
         row, curves = compare_config(args.runs, name, seeds, problems)
@@ -242,7 +244,6 @@ def run(args):
         found = f"; {len(problems)} problem(s), the first: {problems[0]}" if problems else ""
         raise UserError(f"no finished run under {args.runs}: expected {args.runs}/<config>/seed-K/ holding "
                         f"{' or '.join(JOBS.values())}{found}")
-    out = args.output_dir or args.runs
     report = {"runs": args.runs, "configurations": rows, "left_out": problems}
     paths = [os.path.join(out, f"compare.{ext}") for ext in ("md", "json", "png")]
     table = markdown(rows, problems, args.runs)

@@ -5,7 +5,7 @@
   the exit status stays the script's own.
 - atomic_write: every file the scripts write goes through it (temporary name, fsync, rename); a write that
   fails for lack of space, quota or permission removes its temporary file, leaves the old file as it was, and
-  becomes a UserError.
+  becomes a UserError. output_folder and output_file check an output flag's path before any work.
 - Metrics files (JSON Lines): appends that start on a fresh line, and reading that skips damaged lines.
 """
 import errno
@@ -111,6 +111,45 @@ def run_main(main):
         sys.stdout.flush()
         sys.stdout, sys.stderr = streams
         signal.signal(signal.SIGTERM, previous)
+
+
+def _file_in_the_way(path):
+    """The part of path (path itself or a folder above it) that exists and is not a folder, or None."""
+    part = os.path.normpath(path)
+    while part and not os.path.exists(part):
+        above = os.path.dirname(part)
+        if above == part:
+            return None
+        part = above
+    return part if part and not os.path.isdir(part) else None
+
+
+def output_folder(path, flag, named=None, create=True):
+    """Create the folder an output flag names (and those above it), or with create=False only check that it
+    can be; a one-line UserError when it cannot be: a file of that name, a file where a folder above it should
+    be, no permission. named: the flag's value when it names a file in that folder."""
+    named = named or path
+    blocker = _file_in_the_way(path)
+    if blocker == os.path.normpath(named):
+        raise UserError(f"{flag} {named} is a file, not a folder; choose another {flag}")
+    if blocker is not None:
+        raise UserError(f"{flag} {named}: {blocker} is a file, not a folder; choose another {flag}")
+    if create:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{flag} {named}: cannot create {path} ({e.strerror}); choose another {flag}") from None
+
+
+def output_file(path, flag, folder_must_exist=False):
+    """Check, before any work, that the file an output flag names can be written: not a folder, and no file
+    where its folder should be (the write makes the folder, unless folder_must_exist)."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder; name a file")
+    folder = os.path.dirname(path) or "."
+    output_folder(folder, flag, named=path, create=False)
+    if folder_must_exist and not os.path.isdir(folder):
+        raise UserError(f"the folder of {flag} {path} does not exist")
 
 
 def check_range(args, name, low, high=math.inf, low_open=False):

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import health
 from checkpoint import load_checkpoint
 from data import CLASSES, Loader, load_split, to_float
-from files import (UserError, append_metrics, atomic_write, check_range, read_metrics, rewrite_metrics,
+from files import (UserError, append_metrics, atomic_write, check_range, output_folder, read_metrics, rewrite_metrics,
                    torch_bytes, write_error, write_together)
 from models import ARCHS, DEFAULT_WIDTH
 from runtime import DEVICE_HELP, EXIT_STOPPED, progress_bar
@@ -475,10 +475,7 @@ class Run:
         self.close()
 
     def _claim_out_dir(self, lock_wait):
-        try:
-            os.makedirs(self.out_dir, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot write to --out-dir {self.out_dir}: {e.strerror}; choose a writable folder")
+        output_folder(self.out_dir, "--out-dir")
         self.lock = OutDirLock(os.path.join(self.out_dir, f"{self.job}.lock"))
         if not self.lock.acquire(lock_wait, self.script, give_up=lambda: self.stop.received is not None):
             self.exit_stopped("while waiting for another run to release the folder")
