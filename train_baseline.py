@@ -111,10 +111,10 @@ def train(args, stop):
 
             # Evaluate, log, save (the log line first: a resumed run drops lines its checkpoint has not reached)
             train_means = meter.means()
-            record = {"epoch": epoch + 1, "lr": lr_at(epoch, args), "train_loss": train_means["loss"],
+            record = {"type": "epoch", "epoch": epoch + 1, "lr": lr_at(epoch, args), "train_loss": train_means["loss"],
                       "train_acc": train_means["acc"], "test_acc": accuracy(model, test_loader),
                       "seconds": seconds, "images_per_s": images_per_s,
-                      "eta_s": run.eta(epoch, args.epochs, len(train_loader))}
+                      **run.pace(epoch, args.epochs, len(train_loader))}
             run.log(record)
             meter.reset()
             start_batch = 0

@@ -302,7 +302,7 @@ def train(args, stop):
             samples = fixed_samples(gen, noise)  # the epoch's grid; how much each class's samples vary
             record = {"type": "epoch", "epoch": epoch + 1, "test_acc": accuracy(disc, test_loader),
                       "seconds": seconds, "images_per_s": images_per_s,
-                      "eta_s": run.eta(epoch, args.epochs, len(train_loader)), "lr": args.lr, **means,
+                      **run.pace(epoch, args.epochs, len(train_loader)), "lr": args.lr, **means,
                       "noise_spread_per_class": health.noise_spread(samples, noise[:, :NUM_CLASSES].argmax(1))}
             run.log(record)
             if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):

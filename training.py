@@ -608,14 +608,16 @@ class Run:
         seconds = max(self._epoch_time, 1e-9)
         return seconds, self._batches_run * self._batch_size / seconds
 
-    def eta(self, epoch, epochs, batches_per_epoch):
-        """Seconds the epochs after `epoch` (0-based) of `epochs` will take at this process's measured pace: the
-        training time per batch over its epochs so far (a resumed run's first, partial epoch counts for its batches),
-        times the batches still to run. Call once per epoch, after epoch_speed()."""
+    def pace(self, epoch, epochs, batches_per_epoch):
+        """The epoch record's {"seconds_per_epoch", "eta_s"}: this process's measured training time per batch
+        over its epochs so far (a resumed run's first, partial epoch counts for its batches) times the batches of
+        an epoch, and that times the epochs after `epoch` (0-based) of `epochs`: the seconds the rest will take.
+        jobs/lib.sh multiplies seconds_per_epoch by the epochs its job asks for. Call once per epoch, after
+        epoch_speed()."""
         self._timed_seconds += self._epoch_time
         self._timed_batches += self._batches_run
-        pace = self._timed_seconds / max(self._timed_batches, 1)
-        return round(pace * batches_per_epoch * (epochs - epoch - 1), 1)
+        per_epoch = self._timed_seconds / max(self._timed_batches, 1) * batches_per_epoch
+        return {"seconds_per_epoch": round(per_epoch, 2), "eta_s": round(per_epoch * (epochs - epoch - 1), 1)}
 
     @staticmethod
     def duration(seconds):

@@ -626,10 +626,11 @@ def write_epochs(path, *records):
 
 
 @pytest.mark.parametrize("last, says", [({"seconds": 30.0}, "2 min to go at the measured pace (epoch 3 of 7 done)"),
-                                        ({"seconds": 30.0, "eta_s": 4000.4},
+                                        ({"seconds": 30.0, "seconds_per_epoch": 1000.1, "eta_s": 0.0},
                                          "1 h 06 min to go at the measured pace (epoch 3 of 7 done)")])
 def test_the_chain_state_says_how_long_the_rest_takes(fakes, last, says):
-    """From the last epoch record: the trainer's eta_s, else its seconds times the epochs left (7 - 3)."""
+    """From the last epoch record: the measured seconds per epoch (an older file's seconds of that epoch) times the
+    epochs left of the job's EPOCHS (7 - 3), whatever the trainer's own eta_s says."""
     write_epochs(fakes / "run" / "trainer_metrics.jsonl", {"type": "epoch", "epoch": 2, "seconds": 99.0},
                  {"type": "monitor", "epoch": 3, "seconds": 1.0}, {"type": "epoch", "epoch": 3, **last})
     assert run_driver(fakes, "slurm", 75).returncode == 0
@@ -646,6 +647,37 @@ def test_the_pipeline_prints_how_long_the_rest_takes_once_an_epoch_has_run(fakes
     assert "baseline: 30 min of training left (epoch 10 of 100 done)" in result.stdout
     assert "gan: 2 h 30 min of training left (epoch 50 of 200 done)" in result.stdout
     assert "the whole: about 2 h 30 min" in result.stdout
+
+
+def test_a_rerun_plans_both_trainers_from_their_real_records(fakes, data_dir):
+    """The trainers' own metrics files (not records written by hand): the baseline's epochs are counted too, and a
+    finished 2-epoch GAN asked for 400 has 398 epochs to go, not the 0 s of its last eta_s."""
+    import train_baseline
+    import train_gan
+
+    run = fakes / "runs" / "p"
+    tiny = ["--data-dir", str(data_dir), "--width", "8", "--device", "cpu", "--limit-train", "64", "--limit-test",
+            "20", "--batch-size", "32", "--no-tensorboard"]
+    train_baseline.main([*tiny, "--out-dir", str(run / "baseline"), "--epochs", "1"])
+    train_gan.main([*tiny, "--out-dir", str(run / "gan"), "--epochs", "2"])
+    expected = {}
+    for job, done, total in (("baseline", 1, 300), ("gan", 2, 400)):
+        last = [json.loads(line) for line in open(run / job / f"{job}_metrics.jsonl")][-1]
+        seconds = int(last["seconds_per_epoch"] * (total - done) + 0.5)
+        assert seconds > 0
+        expected[job] = seconds
+    result = run_pipeline(fakes, "slurm", BASELINE_EPOCHS="300", GAN_EPOCHS="400")
+    assert result.returncode == 0, result.stderr
+    for job, done, total in (("baseline", 1, 300), ("gan", 2, 400)):
+        line = f"  {job}: {duration(expected[job])} of training left (epoch {done} of {total} done)"
+        assert line in result.stdout.splitlines(), result.stdout
+
+
+def duration(seconds):
+    """jobs/lib.sh's job_duration."""
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    return f"{seconds // 60} min" if seconds >= 60 else f"{seconds} s"
 
 
 # ---------------------------------------------------------------------------------------------------------
