@@ -21,7 +21,7 @@ from files import run_main
 from models import Discriminator
 from runtime import Runtime, StopSignal, autocast, setup_speed
 from training import (Meter, Run, accuracy, adam, add_data_args, add_recipe_args, add_system_args, check_common_args,
-                      load_optimizer, run_config, set_lr, training_loaders)
+                      check_configurations, load_optimizer, run_config, set_lr, training_loaders)
 
 
 def parse_args(argv=None):
@@ -31,6 +31,8 @@ def parse_args(argv=None):
                     epochs_note="the lr drops to 1/10 at half of them and to 1/100 at three quarters")
     add_system_args(parser)
     args = parser.parse_args(argv)
+    if args.check_flags is not None:
+        check_configurations(parse_args, argv, args.check_flags)
     check_common_args(args)
     return args
 

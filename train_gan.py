@@ -27,7 +27,7 @@ from images import grid_image, to_unit
 from models import MINIBATCH_DIMS, MINIBATCH_KERNELS, NUM_CLASSES, Discriminator, Generator, class_noise
 from runtime import Runtime, StopSignal, autocast, global_batch_norm, setup_speed
 from training import (Meter, Run, accuracy, adam, add_data_args, add_recipe_args, add_system_args,
-                      check_common_args, load_optimizer, run_config, training_loaders)
+                      check_common_args, check_configurations, load_optimizer, run_config, training_loaders)
 
 # The discriminator step's monitored values, each a mean over the batch: gradient penalty, critic scores of
 # fake and real images, class cross entropy of real and fake images, the accuracy on the real and on the fake
@@ -72,6 +72,8 @@ def parse_args(argv=None):
                    help="InceptionV3's weights for IS/FID/KID on a node without internet (see evaluate.py)")
     add_system_args(parser)
     args = parser.parse_args(argv)
+    if args.check_flags is not None:
+        check_configurations(parse_args, argv, args.check_flags)
     check_common_args(args)
     check_range(args, "n_critic", 1, 1000)
     check_range(args, "lambda_gp", 0, 1e6)

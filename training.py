@@ -16,10 +16,13 @@ A trainer's loop, in this module's terms:
             seconds, images_per_s = run.epoch_speed()
             run.log({...}); run.image("samples", png, epoch + 1); run.save(state(epoch + 1, 0))
 """
+import contextlib
 import errno
+import io
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -91,12 +94,16 @@ def add_system_args(parser):
                         "discriminator's convolutions and linears to bf16 on CUDA GPUs of compute capability 8.0 "
                         "or newer (faster; fp32 weights; not yet checked against fp32 on a full schedule) "
                         "(default: fp32)")
+    g.add_argument("--check-flags", metavar="FILE",
+                   help="train nothing: check configurations, one a line of FILE (- for standard input), each line's "
+                        "flags added after this command line's as a job would pass them; prints ok or the error for "
+                        "each line, exit status 2 if any fails (jobs/sweep.sh checks its configurations so)")
 
 
 # Flags that may differ when a run is resumed: where things are, how long to train, and how to run it. All
 # others are the run's configuration, saved in its checkpoint, and a resume that changes one is refused.
 MAY_CHANGE_ON_RESUME = {"data_dir", "out_dir", "resume", "limit_test", "lock_wait", "device", "precision",
-                        "tensorboard"}
+                        "tensorboard", "check_flags"}
 
 
 def run_config(args, may_change=frozenset()):
@@ -119,6 +126,41 @@ def check_common_args(args):
     check_range(args, "limit_test", 1)
     check_range(args, "lock_wait", 0, 7 * 24 * 3600)
     check_range(args, "seed", 0, 2 ** 63 - 1)
+
+
+def check_configurations(parse_args, argv, source):
+    """--check-flags FILE: parse each line of FILE (split on spaces and tabs only, as a job's shell splits
+    $EXTRA_ARGS: a carriage return stays in its word) after argv's other flags, as the trainer would before training; print ok or the one-line error per line, then
+    exit (status 2 if any failed). Nothing is read or written but FILE."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, word in enumerate(argv):
+        if word == "--check-flags":
+            del argv[i:i + 2]
+            break
+        if word.startswith("--check-flags="):
+            del argv[i]
+            break
+    try:
+        with (contextlib.nullcontext(sys.stdin) if source == "-" else open(source)) as f:
+            lines = f.read().split("\n")
+    except OSError as e:
+        raise UserError(f"--check-flags {source}: {e.strerror}")
+    failed = 0
+    if lines and not lines[-1]:
+        lines.pop()  # the newline that ends the last line
+    for line in lines:
+        errors = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(errors):
+                parse_args(argv + [word for word in line.replace("\t", " ").split(" ") if word])
+            verdict = "ok"
+        except SystemExit:  # argparse's usage and error lines: the error is the last one
+            verdict = "error: " + errors.getvalue().strip().splitlines()[-1].split(" error: ", 1)[-1]
+        except UserError as e:
+            verdict = f"error: {e}"
+        failed += verdict != "ok"
+        print(verdict)
+    raise SystemExit(2 if failed else 0)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -147,8 +147,9 @@ esac
 # The trainers' contract in miniature: exit STATUS at once, or with "sleep" wait for SIGUSR1 or SIGTERM,
 # append its name to $FAKES/signal and exit STATUS after STOP_DELAY seconds (the rest of a batch); stopping
 # with 75 writes to the checkpoint PROGRESS (unless NO_PROGRESS is set). Arguments are recorded in
-# $FAKES/args (and appended to $FAKES/calls), the environment in $FAKES/env.
+# $FAKES/args (and appended to $FAKES/calls), the environment in $FAKES/env. --check-flags finds every line ok.
 FAKE_TRAINER = """#!/bin/bash
+case " $* " in *" --check-flags "*) while IFS= read -r line; do echo ok; done; exit 0 ;; esac
 printf '%q ' "$(basename "$0")" "$@" > "$FAKES/args"
 cat "$FAKES/args" >> "$FAKES/calls"; echo >> "$FAKES/calls"
 env > "$FAKES/env"
@@ -766,6 +767,55 @@ def test_a_sweep_refuses_a_bad_table_before_submitting(fakes, args, message):
     assert result.returncode == 2 and submitted(fakes) == []
     (line,) = result.stderr.splitlines()
     assert line.startswith("error: ") and message in line
+
+
+def test_a_configs_file_written_on_windows_reads_as_the_same_table(fakes):
+    """CR LF line ends: the CR reached the trainers' flags (invalid choice: 'deep\\r' on every node)."""
+    (fakes / "unix.txt").write_text("w196  --width 196\ndeep --arch deep  # 10 convs\nfm --feature-matching 0.1 |\n")
+    (fakes / "windows.txt").write_bytes((fakes / "unix.txt").read_bytes().replace(b"\n", b"\r\n"))
+    tables = []
+    for name in ("unix.txt", "windows.txt"):
+        assert run_sweep(fakes, "slurm", "--configs", str(fakes / name), SEEDS="1").returncode == 0
+        tables.append([(fakes / "runs" / "s" / f"{run}.sweep").read_bytes() for run in ("baseline", "gan")])
+    assert tables[0] == tables[1] and b"\r" not in b"".join(tables[1])
+
+
+def real_python(fakes):
+    """The fakes without their python: the trainers' --check-flags runs for real."""
+    (fakes / "bin" / "python").unlink()
+    return fakes
+
+
+@pytest.mark.parametrize("config, says", [
+    ("bad=--widht 8", "configuration bad: train_baseline.py would refuse it on every node: unrecognized arguments: "
+                      "--widht 8; fix its flags"),
+    ("bad=--arch deep | --width 0", "configuration bad: train_baseline.py would refuse it on every node: --width "
+                                    "must be in [1, 2048], got 0; fix its flags"),
+    ("bad=--arch deep\r", "configuration bad: its flags hold a carriage return; remove it")])
+def test_a_configuration_the_trainers_refuse_is_refused_before_anything_is_queued(fakes, config, says):
+    result = run_sweep(real_python(fakes), "slurm", "--config", "good=--width 8 --n-critic 2 | --width 8",
+                       "--config", config)
+    assert result.returncode == 2 and submitted(fakes) == []
+    assert result.stderr.splitlines() == [f"error: {says}"]
+
+
+def test_the_pipeline_refuses_flags_a_trainer_does_not_have_before_anything_is_queued(fakes):
+    result = run_pipeline(real_python(fakes), "slurm", GAN_ARGS="--seed 1 --gen-trian 2")
+    assert result.returncode == 2 and submitted(fakes) == []
+    assert result.stderr.splitlines() == ["error: GAN_ARGS: train_gan.py would refuse it on every node: unrecognized "
+                                          "arguments: --gen-trian 2; fix its flags"]
+
+
+def test_a_python_that_cannot_run_the_trainers_is_one_line(fakes):
+    """The login node's python without the jobs' packages: nothing is queued unchecked."""
+    (fakes / "bin" / "python").write_text("#!/bin/bash\necho \"ModuleNotFoundError: No module named 'torch'\" >&2\n"
+                                          "exit 1\n")
+    result = run_sweep(fakes, "slurm", "--config", "w8=--width 8")
+    assert result.returncode == 2 and submitted(fakes) == []
+    assert result.stderr.splitlines() == [
+        "error: cannot check the trainers' flags with 'python train_baseline.py --check-flags' (ModuleNotFoundError: "
+        "No module named 'torch'); run this where python has the jobs' packages (activate their environment, or load "
+        "their modules)"]
 
 
 def test_a_sweep_reads_a_configs_file(fakes):
