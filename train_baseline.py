@@ -37,8 +37,9 @@ def parse_args(argv=None):
     return args
 
 
-# Every flag but these and training.MAY_CHANGE_ON_RESUME is checked against the checkpoint on --resume. Not
-# --epochs: the lr drops are placed by it, so a resumed run with another --epochs would follow another schedule.
+# Every flag but these and training.MAY_CHANGE_ON_RESUME (--lr among them: the schedule then scales from the new
+# value) is checked against the checkpoint on --resume. Not --epochs: the lr drops are placed by it, so a resumed
+# run with another --epochs would follow another schedule.
 MAY_CHANGE_ON_RESUME = set()
 
 

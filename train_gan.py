@@ -84,8 +84,11 @@ def parse_args(argv=None):
 
 
 # Every flag but these and training.MAY_CHANGE_ON_RESUME is checked against the checkpoint on --resume.
-# --epochs may grow: nothing in the GAN's schedule depends on it; measuring does not change the training.
-MAY_CHANGE_ON_RESUME = {"epochs", "eval_every", "eval_n", "eval_classifier", "inception_weights"}
+# --epochs may grow: nothing in the GAN's schedule depends on it; measuring does not change the training. The
+# losses' weights and the critic's pace are TUNABLE as --lr is: a resume may change them (what the warnings
+# advise), and the run records each change.
+TUNABLE = {"lambda_gp", "n_critic", "feature_matching"}
+MAY_CHANGE_ON_RESUME = {"epochs", "eval_every", "eval_n", "eval_classifier", "inception_weights"} | TUNABLE
 
 
 def gradient_penalty(score_hat, x_hat, lambda_gp):
@@ -241,7 +244,7 @@ def train(args, stop):
     # Processes, the output folder (locked for this run) and the checkpoint to resume from, if any
     rt = Runtime(args.device)
     check_batch(args, rt)
-    with Run("gan", "train_gan.py", args, rt, stop, run_config(args, MAY_CHANGE_ON_RESUME)) as run:
+    with Run("gan", "train_gan.py", args, rt, stop, run_config(args, MAY_CHANGE_ON_RESUME), TUNABLE) as run:
         if run.finished(args.epochs):
             return
 
@@ -304,7 +307,8 @@ def train(args, stop):
             samples = fixed_samples(gen, noise)  # the epoch's grid; how much each class's samples vary
             record = {"type": "epoch", "epoch": epoch + 1, "test_acc": accuracy(disc, test_loader),
                       "seconds": seconds, "images_per_s": images_per_s,
-                      **run.pace(epoch, args.epochs, len(train_loader)), "lr": args.lr, **means,
+                      **run.pace(epoch, args.epochs, len(train_loader)), "lr": args.lr, "lambda_gp": args.lambda_gp,
+                      **means,
                       "noise_spread_per_class": health.noise_spread(samples, noise[:, :NUM_CLASSES].argmax(1))}
             run.log(record)
             if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):

@@ -100,10 +100,14 @@ def add_system_args(parser):
                         "each line, exit status 2 if any fails (jobs/sweep.sh checks its configurations so)")
 
 
-# Flags that may differ when a run is resumed: where things are, how long to train, and how to run it. All
+# Settings of the optimization a resume may change, as is common mid-run (a lower --lr after a NaN loss or a
+# warning); each change is recorded in the metrics, the checkpoint's history and the events. The trainers add
+# their own.
+TUNABLE = {"lr"}
+# Flags that may differ when a run is resumed: where things are, how to run it, and the TUNABLE settings. All
 # others are the run's configuration, saved in its checkpoint, and a resume that changes one is refused.
 MAY_CHANGE_ON_RESUME = {"data_dir", "out_dir", "resume", "limit_test", "lock_wait", "device", "precision",
-                        "tensorboard", "check_flags"}
+                        "tensorboard", "check_flags"} | TUNABLE
 
 
 def run_config(args, may_change=frozenset()):
@@ -177,11 +181,12 @@ def fused_adam(device):
 
 def load_optimizer(optimizer, state, device):
     """Restore a saved optimizer; the fused kernel follows the device this run is on, not the saved state
-    (a checkpoint written on the CPU resumes fused on a GPU, and the other way round). The flag is set in the
-    saved groups before loading: load_state_dict moves Adam's `step` to the parameter's device only for a
-    fused group, and the fused kernel wants all its tensors on one device."""
-    fused = fused_adam(device)
-    optimizer.load_state_dict({**state, "param_groups": [{**group, "fused": fused} for group in state["param_groups"]]})
+    (a checkpoint written on the CPU resumes fused on a GPU, and the other way round), and so does the learning
+    rate this run built it with (--lr may change on resume). The flags are set in the saved groups before
+    loading: load_state_dict moves Adam's `step` to the parameter's device only for a fused group, and the fused
+    kernel wants all its tensors on one device."""
+    now = {"fused": fused_adam(device), "lr": optimizer.param_groups[0]["lr"]}
+    optimizer.load_state_dict({**state, "param_groups": [{**group, **now} for group in state["param_groups"]]})
 
 
 def set_lr(optimizer, lr):
@@ -490,8 +495,9 @@ class Run:
     decision that leads to a write or a stop (a non-finite loss, a stop signal) is agreed by all processes
     first."""
 
-    def __init__(self, job, script, args, rt, stop, config):
+    def __init__(self, job, script, args, rt, stop, config, tunable=()):
         self.job, self.script, self.rt, self.stop, self.config = job, script, rt, stop, config
+        self.settings = {k: getattr(args, k) for k in sorted(TUNABLE | set(tunable))}  # this run's, may change
         self.out_dir = args.out_dir
         self.ckpt_path = os.path.join(args.out_dir, f"{job}.ckpt")
         self.metrics_path = os.path.join(args.out_dir, f"{job}_metrics.jsonl")
@@ -504,6 +510,11 @@ class Run:
         rt.rank0_first(lambda: self._claim_out_dir(args.lock_wait), others_too=False)
         try:
             self.checkpoint = load_checkpoint(self.ckpt_path, job, config, args.resume)
+            # The settings' changes so far, and those this run makes (recorded when it trains: begin())
+            self.history = list(self.checkpoint.get("history", [])) if self.checkpoint else []
+            saved = self.checkpoint["config"] if self.checkpoint else {}
+            self.changes = [(k, saved[k], v) for k, v in self.settings.items() if k in saved and saved[k] != v]
+            self.change_lines = []
             if rt.is_rank0:
                 self._trim_metrics()
         except BaseException:
@@ -537,7 +548,8 @@ class Run:
             return
         records, skipped = read_metrics(self.metrics_path)
         reached = (self.checkpoint["epoch"], self.checkpoint["batch"]) if self.checkpoint else (0, 0)
-        kept = [r for r in records if record_position(r) <= reached]
+        # A change record at the checkpoint's position counts once the checkpoint has it in its history
+        kept = [r for r in records if record_position(r) <= reached and (r.get("type") != "change" or r in self.history)]
         if len(kept) != len(records) or skipped:
             rewrite_metrics(self.metrics_path, kept)
         for kind, history in self._history.items():
@@ -601,13 +613,16 @@ class Run:
     def _writer(self):
         """The event writer of rank 0 (None with --no-tensorboard), made at the first event, so that a run that
         ends before logging anything (a NaN loss) changes no file; it first drops the events past the
-        checkpoint's step from the files already there."""
+        checkpoint's step from the files already there. This process's changes of settings go in first, at its
+        first step: a process that dies before its first checkpoint loses them with its other events."""
         if self.events is None and self._tensorboard and self.rt.is_rank0:
             from events import Events  # TensorBoard's modules, only where they are used
 
             ckpt = self.checkpoint
             reached = ckpt["epoch"] * self._per_epoch + ckpt["batch"] if ckpt else -1
-            self.events = Events(self.events_dir, reached, self.config, ["epoch/test_acc"])
+            self.events = Events(self.events_dir, reached, {**self.config, **self.settings}, ["epoch/test_acc"])
+            if self.changes:
+                self.events.text("run/changes", "\n\n".join(self.change_lines), reached + 1)
         return self.events
 
     def save(self, state, also=None):
@@ -615,7 +630,8 @@ class Run:
         written together by rank 0: a write that fails (a full disk) changes none of them."""
         if self.rt.is_rank0:
             self.check_lock()
-            checkpoint = torch_bytes({"job": self.job, "config": self.config, **state})
+            checkpoint = torch_bytes({"job": self.job, "config": {**self.config, **self.settings},
+                                      "history": self.history, **state})
             if self.events is not None:
                 self.events.flush()  # the events up to the checkpoint, on disk before it
             write_together([*(also() if also else []), (self.ckpt_path, checkpoint)], ready=self.check_lock)
@@ -691,17 +707,35 @@ class Run:
 
     def require_finite(self, finite, epoch, batch):
         if not finite:
-            kept = (f"the last good checkpoint {self.ckpt_path} is kept" if os.path.exists(self.ckpt_path)
-                    else "nothing was saved")
-            raise UserError(f"a loss became NaN or infinite in epoch {epoch + 1} by batch {batch + 1}; {kept}; "
-                            "lower --lr and run again with --resume")
+            lower = f"--lr {self.settings['lr'] / 2:g}"
+            if os.path.exists(self.ckpt_path):
+                advice = (f"the last good checkpoint {self.ckpt_path} is kept; to go on from it at half the learning "
+                          f"rate, run the same command with --resume {lower}")
+            else:
+                advice = f"nothing was saved; run the same command with {lower} (half the learning rate)"
+            raise UserError(f"a loss became NaN or infinite in epoch {epoch + 1} by batch {batch + 1}; {advice}")
 
     def begin(self, table_header):
-        """Before the first batch: stop if a signal came during start-up (the checkpoint untouched), else print
-        the header of the per-epoch table."""
+        """Before the first batch: stop if a signal came during start-up (the checkpoint untouched), else record
+        the settings this resume changes and print the header of the per-epoch table."""
         if self.stop_requested():
             self.exit_stopped("before training")
+        for setting, old, new in self.changes:
+            self.record_change(setting, old, new)
         self.print(table_header)
+
+    def record_change(self, setting, old, new):
+        """A setting changed on resume: a note in the log, a "change" record in the metrics and in the history
+        the next checkpoint keeps, and a text in the events, at the checkpoint's position."""
+        epoch, batch = self.checkpoint["epoch"], self.checkpoint["batch"]
+        flag = "--" + setting.replace("_", "-")
+        record = {"type": "change", "epoch": epoch + 1, "batch": batch, "setting": setting, "from": old, "to": new}
+        self.history.append(record)
+        self.change_lines.append(f"{flag} changes from {old:g} to {new:g} at epoch {epoch + 1}, batch {batch}")
+        self.print(f"note: {self.change_lines[-1]}; recorded in {self.metrics_path} and the checkpoint's history")
+        if self.rt.is_rank0:
+            self.check_lock()
+            append_metrics(self.metrics_path, record)
 
     def stop_requested(self):
         """A stop signal reached any process (agreed; between epochs and before the first)."""
@@ -720,8 +754,8 @@ class Run:
 def record_position(record):
     """(epochs done, batches into the next epoch) of the training position a metrics record was written at:
     an epoch record after epoch E is (E, 0); a monitor record at batch B of epoch E is (E - 1, B), and so is a
-    warning it raised."""
-    if record.get("type") == "monitor" or (record.get("type") == "warning" and "batch" in record):
+    warning it raised and a setting changed there."""
+    if "batch" in record:
         return record.get("epoch", 0) - 1, record.get("batch", 0)
     return record.get("epoch", 0), 0
 
