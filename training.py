@@ -21,6 +21,7 @@ import errno
 import io
 import json
 import os
+import shlex
 import socket
 import sys
 import threading
@@ -32,7 +33,7 @@ import torch.distributed as dist
 
 import health
 from checkpoint import load_checkpoint
-from data import CLASSES, Loader, load_split, to_float
+from data import Loader, load_split, to_float
 from files import (UserError, append_metrics, atomic_write, check_range, output_folder, read_metrics, rewrite_metrics,
                    torch_bytes, write_error, write_together)
 from models import ARCHS, DEFAULT_WIDTH
@@ -229,15 +230,18 @@ class Meter:
         meter.add(n, loss=loss, acc=acc)     # values are means over n images (or n=1 per batch)
         meter.means()                        # {"loss": ..., "acc": ...} over the epoch so far
         meter.take_window()                  # the means since the last take_window, then a new window
+        meter.reset()                        # a new epoch; the window goes on across it
     """
 
     def __init__(self, device):
         self.device = device
-        self.reset()
-
-    def reset(self):
         # The values of one add() call are summed as one stacked tensor: {names: (sums, count)}
         self.total, self.window = {}, {}
+
+    def reset(self):
+        """A new epoch: its sums start over. The window does not: windows of LOG_EVERY batches run on across
+        epochs, so that an epoch of fewer batches (a smoke run, a small own dataset) still gets them."""
+        self.total = {}
 
     def add(self, n=1, **values):
         names = tuple(values)
@@ -496,7 +500,7 @@ class Run:
     first."""
 
     def __init__(self, job, script, args, rt, stop, config, tunable=()):
-        self.job, self.script, self.rt, self.stop, self.config = job, script, rt, stop, config
+        self.job, self.script, self.args, self.rt, self.stop, self.config = job, script, args, rt, stop, config
         self.settings = {k: getattr(args, k) for k in sorted(TUNABLE | set(tunable))}  # this run's, may change
         self.out_dir = args.out_dir
         self.ckpt_path = os.path.join(args.out_dir, f"{job}.ckpt")
@@ -506,6 +510,7 @@ class Run:
         self._timed_seconds, self._timed_batches = 0.0, 0  # of the epochs timed so far in this process, for eta()
         self.events_dir = os.path.join(args.out_dir, "tb", job)
         self._tensorboard, self.events, self._per_epoch = getattr(args, "tensorboard", True), None, None
+        self._last_step = 0  # of the events written
         self._history = {kind: [] for kind in ("monitor", "epoch", "eval")}  # what the health rules read
         rt.rank0_first(lambda: self._claim_out_dir(args.lock_wait), others_too=False)
         try:
@@ -524,8 +529,12 @@ class Run:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        try:
+            if exc_type is None and self.events is not None:  # every epoch done (a finished run starts no events)
+                self.events.finish(self._last_step)
+        finally:
+            self.close()
 
     def _claim_out_dir(self, lock_wait):
         output_folder(self.out_dir, "--out-dir")
@@ -576,7 +585,7 @@ class Run:
         append_metrics(self.metrics_path, record)
         kind = record.get("type", "epoch")
         if self._writer() is not None:
-            self.events.scalars(scalar_tags(kind, record), self.step(record))
+            self.events.scalars(self.events.tags(kind, record), self.step(record))
         history = self._history.get(kind)
         if history is not None:
             history.append(record)
@@ -594,8 +603,9 @@ class Run:
             self.events.text(f"warnings/{rule}", message, self.step(at))
 
     def log_window(self, meter, epoch, batch):
-        """Every LOG_EVERY batches: the window's running means in the progress bar, the metrics and the events."""
-        if (batch + 1) % LOG_EVERY == 0:
+        """Every LOG_EVERY batches since the run began (across epochs): the window's running means in the progress
+        bar, the metrics and the events."""
+        if (epoch * self._per_epoch + batch + 1) % LOG_EVERY == 0:
             window = meter.take_window()
             self.show(window)
             self.log({"type": "monitor", "epoch": epoch + 1, "batch": batch + 1, **window})
@@ -608,22 +618,43 @@ class Run:
     def step(self, record):
         """The events' step of a record: training batches since the run began."""
         done, batch = record_position(record)
+        self._last_step = max(self._last_step, done * self._per_epoch + batch)
         return done * self._per_epoch + batch
 
     def _writer(self):
         """The event writer of rank 0 (None with --no-tensorboard), made at the first event, so that a run that
         ends before logging anything (a NaN loss) changes no file; it first drops the events past the
-        checkpoint's step from the files already there. This process's changes of settings go in first, at its
-        first step: a process that dies before its first checkpoint loses them with its other events."""
+        checkpoint's step from the files already there. How this process runs, and the settings it changes, go in
+        first, at its first step: a process that dies before its first checkpoint loses them with its other
+        events."""
         if self.events is None and self._tensorboard and self.rt.is_rank0:
-            from events import Events  # TensorBoard's modules, only where they are used
+            from events import GAN_LAYOUT, Events  # TensorBoard's modules, only where they are used
 
             ckpt = self.checkpoint
             reached = ckpt["epoch"] * self._per_epoch + ckpt["batch"] if ckpt else -1
-            self.events = Events(self.events_dir, reached, {**self.config, **self.settings}, ["epoch/test_acc"])
+            self.events = Events(self.events_dir, reached, {**self.config, **self.settings},
+                                 GAN_LAYOUT if self.job == "gan" else None)
+            self.events.text("run/configuration", self.configuration(), reached + 1)
             if self.changes:
                 self.events.text("run/changes", "\n\n".join(self.change_lines), reached + 1)
         return self.events
+
+    def configuration(self):
+        """How this process runs, as Markdown: its command line, data, device, precision and schedule."""
+        args, rt, ckpt = self.args, self.rt, self.checkpoint
+        device = str(rt.device)
+        if rt.device.type == "cuda":
+            device += f" ({torch.cuda.get_device_name(rt.device)})"
+        images = f", {args.limit_train} training images" if args.limit_train else ""
+        start = f"resumed at epoch {ckpt['epoch'] + 1}, batch {ckpt['batch']}" if ckpt else "a fresh run"
+        return "\n".join([
+            "    " + shlex.join(["python", *sys.argv]), "",
+            f"- data: {os.path.abspath(args.data_dir)}{images}",
+            f"- device: {device}, {rt.world_size} process(es), precision {args.precision}",
+            f"- epochs: {args.epochs}, {self._per_epoch} batches of {args.batch_size} per epoch",
+            f"- out-dir: {os.path.abspath(args.out_dir)}",
+            f"- start: {start}, {time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()}, "
+            f"torch {torch.__version__}"])
 
     def save(self, state, also=None):
         """The checkpoint, with the job and its configuration, and the files (path, bytes) that also() lists,
@@ -758,16 +789,3 @@ def record_position(record):
     if "batch" in record:
         return record.get("epoch", 0) - 1, record.get("batch", 0)
     return record.get("epoch", 0), 0
-
-
-def scalar_tags(kind, record):
-    """The record's numbers as TensorBoard scalars, tagged <kind>/<key>; a per-class list as one per class."""
-    tags = {}
-    for key, value in record.items():
-        if key in ("type", "epoch", "batch"):
-            continue
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            tags[f"{kind}/{key}"] = value
-        elif isinstance(value, list) and len(value) == len(CLASSES):
-            tags.update({f"{kind}/{key}/{name}": v for name, v in zip(CLASSES, value) if isinstance(v, (int, float))})
-    return tags
