@@ -507,7 +507,7 @@ class Run:
         self.metrics_path = os.path.join(args.out_dir, f"{job}_metrics.jsonl")
         self.lock, self._bar = None, None
         self._epoch_time, self._batches_run, self._batch_size = 0.0, 0, 0
-        self._timed_seconds, self._timed_batches = 0.0, 0  # of the epochs timed so far in this process, for eta()
+        self._timed_seconds, self._timed_batches = 0.0, 0  # of the epochs timed so far in this process, for pace()
         self.events_dir = os.path.join(args.out_dir, "tb", job)
         self._tensorboard, self.events, self._per_epoch = getattr(args, "tensorboard", True), None, None
         self._last_step = 0  # of the events written
