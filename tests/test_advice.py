@@ -1,12 +1,14 @@
 """Every piece of advice the trainers print, run as printed: the NaN stop's command (a real process whose loss
 turns NaN while the learning rate is too high), each health warning's flags on a --resume (and the new run it
 names for the flag a resume may not change), the refusal of a resume with another configuration ("pass --betas
-0.5 0.9", "leave out --limit-train"), and the one-line errors that name a flag to use. A changed setting is
-recorded once: a note, a "change" record in the metrics, the checkpoint's history.
+0.5 0.9", "leave out --limit-train"), the one-line errors that name a flag to use, and the lock of a run that is
+gone. A changed setting is recorded once: a note, a "change" record in the metrics, the checkpoint's history.
 
 Advice printed elsewhere is run by other tests: a stopped run's "run the same command with --resume"
-(test_reliability, test_baseline), the jobs' "continue with" commands (test_slurm), prepare.py's mirrors and a
-damaged copy fetched again (test_prepare), a folder taken over by another run (test_faults)."""
+(test_reliability, test_baseline), a full disk's "--resume once there is room" (test_reliability), the jobs'
+"continue with" commands (test_slurm), a damaged CIFAR-10 batch's "delete ... to fetch it again" and prepare.py's
+mirrors (test_prepare), an output path through a file (test_output_paths)."""
+import json
 import os
 import re
 import subprocess
@@ -236,3 +238,23 @@ def test_an_error_naming_a_flag_to_use_trains_with_it(data_dir, tmp_path, capsys
     assert followed
     trainer.main(command + followed.group(1).split())
     assert os.listdir(tmp_path)
+
+
+def test_a_lock_of_a_run_that_is_gone_is_cleared_as_the_error_says(data_dir, tmp_path, capsys):
+    """A lock left by a run on another node (a crash there), met without waiting: deleting the file, as the
+    error says, frees the folder."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "gan.lock").write_text(json.dumps({"host": "node-elsewhere", "pid": 4242, "since": "2030-01-01 00:00:00",
+                                              "id": "0" * 32, "beat": 3}))
+    command = ["--data-dir", str(data_dir), "--out-dir", str(out), *TINY, "--limit-train", "64", "--epochs", "1"]
+    with pytest.raises(SystemExit):
+        train_gan.main([*command, "--lock-wait", "0"])
+    err = capsys.readouterr().err
+    lock = re.fullmatch(r"error: another train_gan.py run is using \S+ \(node-elsewhere, pid 4242, since "
+                        r"2030-01-01 00:00:00\): wait for it to end, choose another --out-dir, or delete (\S+) if that "
+                        r"run is gone\n", err)
+    assert lock, err
+    os.remove(lock.group(1))
+    train_gan.main(command)
+    assert (out / "gan.ckpt").exists() and not (out / "gan.lock").exists()

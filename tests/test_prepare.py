@@ -8,6 +8,8 @@ import http.server
 import io
 import os
 import pickle
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 from torch_fidelity import feature_extractor_inceptionv3 as inception
+from torchvision.datasets import CIFAR10
 
 import data
 import evaluate
@@ -290,3 +293,27 @@ def test_a_visible_gpu_is_checked_against_the_build(monkeypatch, capability, sup
         assert gpu[1] == "GPU cuda:0: GPU-X, compute capability 9.0, supported"
     else:
         assert gpu[1].startswith("GPU cuda:0 (GPU-X, compute capability 6.0) is not supported by this PyTorch")
+
+
+def test_a_damaged_batch_the_trainers_meet_is_fetched_again_once_deleted_as_they_say(tmp_path, mirror, monkeypatch):
+    """The trainers' own download (torchvision's, pointed at the mirror with its checksums) after following
+    their error's advice: delete the folder, run again."""
+    prepare.main([str(a) for a in run_prepare_args(tmp_path, mirror)] + ["--inception-weights", str(tmp_path / "w")])
+    batches = tmp_path / "data" / "cifar-10-batches-py"
+    md5 = {name: hashlib.md5((batches / name).read_bytes()).hexdigest() for name in prepare.CIFAR_MD5}
+    monkeypatch.setattr(CIFAR10, "url", f"{mirror['url']}/cifar.tar.gz")
+    monkeypatch.setattr(CIFAR10, "tgz_md5", mirror["md5"])
+    monkeypatch.setattr(CIFAR10, "train_list", [[name, md5[name]] for name, _ in CIFAR10.train_list])
+    monkeypatch.setattr(CIFAR10, "test_list", [[name, md5[name]] for name, _ in CIFAR10.test_list])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5[CIFAR10.meta["filename"]]})
+    good = data.load_split(tmp_path / "data", "train")
+    (batches / "data_batch_2").write_bytes((batches / "data_batch_2").read_bytes()[:100])
+    with pytest.raises(prepare.UserError) as error:
+        data.load_split(tmp_path / "data", "train")
+    advice = re.fullmatch(r".*; delete (\S+) to fetch it again", str(error.value))
+    assert advice, error.value
+    shutil.rmtree(advice.group(1))
+    mirror["requests"].clear()
+    again = data.load_split(tmp_path / "data", "train")
+    assert "/cifar.tar.gz" in mirror["requests"]
+    assert torch.equal(again[0], good[0]) and torch.equal(again[1], good[1])
