@@ -135,8 +135,9 @@ def check_common_args(args):
 
 def check_configurations(parse_args, argv, source):
     """--check-flags FILE: parse each line of FILE (split on spaces and tabs only, as a job's shell splits
-    $EXTRA_ARGS: a carriage return stays in its word) after argv's other flags, as the trainer would before training; print ok or the one-line error per line, then
-    exit (status 2 if any failed). Nothing is read or written but FILE."""
+    $EXTRA_ARGS: a carriage return stays in its word) after argv's other flags, as the trainer would before
+    training; print ok or the one-line error per line, then exit (status 2 if any failed). Nothing is read or
+    written but FILE."""
     argv = list(sys.argv[1:] if argv is None else argv)
     for i, word in enumerate(argv):
         if word == "--check-flags":
@@ -150,9 +151,9 @@ def check_configurations(parse_args, argv, source):
             lines = f.read().split("\n")
     except OSError as e:
         raise UserError(f"--check-flags {source}: {e.strerror}")
-    failed = 0
     if lines and not lines[-1]:
         lines.pop()  # the newline that ends the last line
+    failed = 0
     for line in lines:
         errors = io.StringIO()
         try:
@@ -516,7 +517,7 @@ class Run:
         try:
             self.checkpoint = load_checkpoint(self.ckpt_path, job, config, args.resume)
             # The settings' changes so far, and those this run makes (recorded when it trains: begin())
-            self.history = list(self.checkpoint.get("history", [])) if self.checkpoint else []
+            self.change_history = list(self.checkpoint.get("history", [])) if self.checkpoint else []
             saved = self.checkpoint["config"] if self.checkpoint else {}
             self.changes = [(k, saved[k], v) for k, v in self.settings.items() if k in saved and saved[k] != v]
             self.change_lines = []
@@ -558,7 +559,8 @@ class Run:
         records, skipped = read_metrics(self.metrics_path)
         reached = (self.checkpoint["epoch"], self.checkpoint["batch"]) if self.checkpoint else (0, 0)
         # A change record at the checkpoint's position counts once the checkpoint has it in its history
-        kept = [r for r in records if record_position(r) <= reached and (r.get("type") != "change" or r in self.history)]
+        kept = [r for r in records if record_position(r) <= reached
+                and (r.get("type") != "change" or r in self.change_history)]
         if len(kept) != len(records) or skipped:
             rewrite_metrics(self.metrics_path, kept)
         for kind, history in self._history.items():
@@ -662,7 +664,7 @@ class Run:
         if self.rt.is_rank0:
             self.check_lock()
             checkpoint = torch_bytes({"job": self.job, "config": {**self.config, **self.settings},
-                                      "history": self.history, **state})
+                                      "history": self.change_history, **state})
             if self.events is not None:
                 self.events.flush()  # the events up to the checkpoint, on disk before it
             write_together([*(also() if also else []), (self.ckpt_path, checkpoint)], ready=self.check_lock)
@@ -761,7 +763,7 @@ class Run:
         epoch, batch = self.checkpoint["epoch"], self.checkpoint["batch"]
         flag = "--" + setting.replace("_", "-")
         record = {"type": "change", "epoch": epoch + 1, "batch": batch, "setting": setting, "from": old, "to": new}
-        self.history.append(record)
+        self.change_history.append(record)
         self.change_lines.append(f"{flag} changes from {old:g} to {new:g} at epoch {epoch + 1}, batch {batch}")
         self.print(f"note: {self.change_lines[-1]}; recorded in {self.metrics_path} and the checkpoint's history")
         if self.rt.is_rank0:

@@ -154,7 +154,8 @@ def test_a_kill_between_the_events_and_the_checkpoint_shows_no_step_twice(data_d
     assert steps(watching, "accuracy/test_acc") == [8, 16]
     server.Reload()
     assert [e.step for e in server.Tensors("accuracy/test_acc")] == [8, 16]
-    assert [e.value for e in watching.Scalars("accuracy/test_acc")] == [e.value for e in tb.Scalars("accuracy/test_acc")]
+    assert [e.value for e in watching.Scalars("accuracy/test_acc")] == \
+        [e.value for e in tb.Scalars("accuracy/test_acc")]
 
 
 def test_events_past_the_checkpoint_are_dropped_from_the_files(tmp_path):
