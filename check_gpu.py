@@ -44,7 +44,7 @@ import time
 
 import torch
 
-from files import atomic_write, check_range, read_metrics, run_main, write_together
+from files import atomic_write, check_range, output_folder, read_metrics, run_main, write_together
 from runtime import DEVICE_HELP, EXIT_STOPPED, StopSignal, bf16_capable, pick_device
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -274,7 +274,7 @@ def run(args, stop):
     check_range(args, "budget", 0, low_open=True)
     device = pick_device(args.device)
     args.device = str(device)
-    os.makedirs(args.out_dir, exist_ok=True)
+    output_folder(args.out_dir, "--out-dir")
     cuda = device.type == "cuda"
     precisions = ["fp32"] + (["bf16"] if bf16_capable(device) else [])
     report = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,

@@ -111,6 +111,22 @@ def load_checkpoint(path, job, config, resume):
         saved = saved_config[key]
         if saved != value:
             flag = "--" + key.replace("_", "-")
-            raise UserError(f"{path} was trained with {flag} {saved}, this run asks for {value}; "
-                            f"pass {flag} {saved} to resume it, or choose another --out-dir")
+            raise UserError(f"{path} was trained with {as_flag(flag, saved) or 'no ' + flag}, this run asks for "
+                            f"{as_flag(flag, value) or 'no ' + flag}; {as_advice(flag, saved)} to resume it, or choose "
+                            "another --out-dir")
     return ckpt
+
+
+def as_flag(flag, value):
+    """The words that give a flag this value on a command line ("--betas 0.0 0.9", "--minibatch-discrimination"),
+    or "" for a value that comes from leaving the flag out (None, False)."""
+    if value is None or value is False:
+        return ""
+    if value is True:
+        return flag
+    return " ".join([flag, *map(str, value if isinstance(value, (list, tuple)) else [value])])
+
+
+def as_advice(flag, value):
+    words = as_flag(flag, value)
+    return f"pass {words}" if words else f"leave out {flag}"

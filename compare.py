@@ -11,7 +11,9 @@ classifier FD, whichever were computed) come from evaluate.py's eval.json there 
 else from the eval record that train_gan.py --eval-every wrote after its last epoch. The std is the sample std
 (n - 1); n is the number of seeds with a value. A run that has reached fewer epochs than the others of its
 configuration is still running or was stopped: it is listed as unfinished and left out, as are missing and damaged
-files; the rest is still compared.
+files and a measure that is NaN or infinite (a diverged seed: the others' values still fill its cell); the rest is
+still compared. A folder name that is not UTF-8 (an old zip's Latin-1 "café") is shown with \\x escapes; compare.json
+is strict JSON.
 """
 import argparse
 import io
@@ -26,7 +28,7 @@ matplotlib.use("Agg")  # batch jobs have no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from files import UserError, read_metrics, run_main, write_together  # noqa: E402
+from files import UserError, output_folder, read_metrics, run_main, write_together  # noqa: E402
 
 JOBS = {"baseline": "baseline_metrics.jsonl", "gan": "gan_metrics.jsonl"}
 # The generator's measures: (key in evaluate.py's records, column, format)
@@ -72,19 +74,29 @@ def find_file(folder, name):
     return found[0] if found else None
 
 
+def printable(name):
+    """A file name as UTF-8 text can hold it: the bytes of a name that is not UTF-8 (a Latin-1 "café" from an
+    old zip, which Python reads as lone surrogates) as \\xe9 escapes; a UTF-8 name as it is."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def finite_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def epoch_curve(records):
     """[(epoch, test accuracy)] of a trainer's epoch records, in epoch order."""
     curve = {}
     for r in records:
-        if (r.get("type", "epoch") == "epoch" and isinstance(r.get("epoch"), int)
-                and isinstance(r.get("test_acc"), (int, float))):
+        if r.get("type", "epoch") == "epoch" and isinstance(r.get("epoch"), int) and finite_number(r.get("test_acc")):
             curve[r["epoch"]] = float(r["test_acc"])
     return sorted(curve.items())
 
 
 def generator_measures(folder, gan_records, last_epoch):
-    """(measures {key: value}, where they come from) from eval.json, else from the eval record at last_epoch;
-    ({}, None) when there are none."""
+    """(measures {key: value}, where they come from, the measures that are no finite number as "FID nan") from
+    eval.json, else from the eval record at last_epoch; ({}, None, []) when there are none. A NaN or infinite
+    measure (a diverged run) is left out of its column, which the other seeds' values still fill."""
     path = find_file(folder, "eval.json")
     if path is not None:
         with open(path) as f:
@@ -95,10 +107,12 @@ def generator_measures(folder, gan_records, last_epoch):
     else:
         evals = [r for r in gan_records if r.get("type") == "eval" and r.get("epoch") == last_epoch]
         if not evals:
-            return {}, None
+            return {}, None, []
         record, source = evals[-1], f"eval record of epoch {last_epoch}, {evals[-1].get('n', '?')} samples"
-    measures = {key: float(record[key]) for key, _, _ in MEASURES if isinstance(record.get(key), (int, float))}
-    return measures, source if measures else None
+    measures = {key: float(record[key]) for key, _, _ in MEASURES if finite_number(record.get(key))}
+    not_finite = [f"{title} {record[key]}" for key, title, _ in MEASURES
+                  if isinstance(record.get(key), float) and not math.isfinite(record[key])]
+    return measures, source, not_finite
 
 
 def read_seed(folder, problems, show):
@@ -128,7 +142,10 @@ def read_seed(folder, problems, show):
     if run:
         try:
             last = run["gan"][-1][0] if "gan" in run else None
-            run["measures"], run["measures_from"] = generator_measures(folder, gan_records, last)
+            run["measures"], source, not_finite = generator_measures(folder, gan_records, last)
+            run["measures_from"] = source if run["measures"] else None
+            if not_finite:
+                problems.append(f"{show(folder)}: {', '.join(not_finite)} ({source}), left out of those columns")
         except (OSError, ValueError) as e:  # a damaged eval.json: the accuracies still count
             problems.append(f"{show(folder)}: generator measures left out ({e})")
     elif not found:
@@ -152,9 +169,9 @@ def mean_std(values):
 def compare_config(root, name, seeds, problems):
     """The row of one configuration: per job the final test accuracy over the seeds that reached its most epochs,
     and the generator's measures over the seeds whose GAN did."""
-    show = lambda path: os.path.relpath(path, root)  # noqa: E731
+    show = lambda path: printable(os.path.relpath(path, root))  # noqa: E731
     runs = {seed: read_seed(folder, problems, show) for seed, folder in seeds}
-    row, kept = {"config": name, "seeds": [seed for seed, _ in seeds]}, {}
+    row, kept = {"config": printable(name), "seeds": [seed for seed, _ in seeds]}, {}
     for job in JOBS:
         reached = {seed: run[job][-1][0] for seed, run in runs.items() if job in run}
         epochs = max(reached.values(), default=None)
@@ -231,25 +248,28 @@ def plot(all_curves):
 
 
 def run(args):
+    out, runs = args.output_dir or args.runs, printable(args.runs)
     configs = seed_folders(args.runs)
+    output_folder(out, "--output-dir", create=False)
     problems, rows, all_curves = [], [], {}
     for name, seeds in configs.items():
         row, curves = compare_config(args.runs, name, seeds, problems)
         if row["baseline"]["test_acc"] or row["gan"]["test_acc"]:
             rows.append(row)
-            all_curves[name] = curves
+            all_curves[row["config"]] = curves
     if not rows:
         found = f"; {len(problems)} problem(s), the first: {problems[0]}" if problems else ""
-        raise UserError(f"no finished run under {args.runs}: expected {args.runs}/<config>/seed-K/ holding "
+        raise UserError(f"no finished run under {runs}: expected {runs}/<config>/seed-K/ holding "
                         f"{' or '.join(JOBS.values())}{found}")
-    out = args.output_dir or args.runs
-    report = {"runs": args.runs, "configurations": rows, "left_out": problems}
+    report = {"runs": runs, "configurations": rows, "left_out": problems}
     paths = [os.path.join(out, f"compare.{ext}") for ext in ("md", "json", "png")]
-    table = markdown(rows, problems, args.runs)
-    write_together([(paths[0], table.encode()), (paths[1], (json.dumps(report, indent=2) + "\n").encode()),
-                    (paths[2], plot(all_curves))], hint="choose another --output-dir")
+    table = markdown(rows, problems, runs)
+    # Strict JSON: no NaN or Infinity (left out above), which strict readers refuse
+    content = json.dumps(report, indent=2, allow_nan=False) + "\n"
+    write_together([(paths[0], table.encode()), (paths[1], content.encode()), (paths[2], plot(all_curves))],
+                   hint="choose another --output-dir")
     print(table, end="")
-    print(f"wrote {', '.join(paths)}")
+    print(f"wrote {', '.join(printable(path) for path in paths)}")
 
 
 def main(argv=None):

@@ -34,7 +34,7 @@ from checkpoint import load_model
 from data import CLASSES, load_split, to_float
 from images import to_unit
 from models import NUM_CLASSES, class_noise
-from files import UserError, atomic_write, run_main
+from files import UserError, atomic_write, output_file, run_main
 from runtime import DEVICE_HELP, Runtime, progress_bar
 
 INCEPTION = "inception-v3-compat"  # torch-fidelity's port of the TensorFlow InceptionV3 the papers used
@@ -356,8 +356,7 @@ def write_json(record, path):
 
 
 def run(args):
-    if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-        raise UserError(f"the folder of --output {args.output} does not exist")
+    output_file(args.output, "--output", folder_must_exist=True)
     device = Runtime(args.device).device
     generator = load_model(args.generator, "generator", device)
     evaluator = build_evaluator(args.data_dir, device, args.n, args.seed, args.classifier, args.inception_weights,

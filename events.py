@@ -5,6 +5,11 @@ curves. A run killed after writing events but before its checkpoint would show t
 resumes: trim() first removes the events past the checkpoint from the files already there (any reader,
 started later, then sees each step once), and the new writer starts with a SessionLog.START at the next step
 (purge_step), which a TensorBoard that already read the orphans obeys by dropping them.
+
+The view, as a GAN user reads it: scalars grouped by what one looks for (tags(): health, losses, accuracy,
+speed, settings, eval, and the per-class lists in per_class), the GAN's Custom Scalars layout (those groups in
+that order, a class per line in one chart), the hparams table (each run's configuration; its status "success"
+only once the run has finished) and each start's configuration as text.
 """
 import contextlib
 import glob
@@ -17,16 +22,76 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.plugins.custom_scalar.metadata import CONFIG_SUMMARY_TAG
+from tensorboard.plugins.hparams import api_pb2, metadata as hparams_metadata, plugin_data_pb2
 from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
 from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import hparams
 
+from data import CLASSES
 from files import atomic_write, write_error
 
 FLUSH_SECS = 30  # a watching TensorBoard lags the run by at most this; every checkpoint flushes too
-HPARAMS_TAG = "_hparams_/session_start_info"  # the hparams plugin's tag of a run's configuration
+HPARAMS_TAG = hparams_metadata.SESSION_START_INFO_TAG  # the hparams plugin's tag of a run's configuration
+END_TAG = hparams_metadata.SESSION_END_INFO_TAG  # ... and of its end status
 HINT = "choose another --out-dir, or pass --no-tensorboard"
+
+# The Scalars tab's groups (a tag's group is the part before its first /), by what a user looks for. The values
+# of the monitor windows (every training.LOG_EVERY batches) come from those; their epoch means stay in the metrics
+# file. A key named nowhere keeps its record's kind as its group.
+GROUPS = {
+    "health": ("wasserstein", "grad_norm"),
+    "losses": ("gp", "real_score", "fake_score", "real_ce", "fake_ce", "g_loss", "g_critic", "g_ce", "g_fm", "loss",
+               "train_loss"),
+    "accuracy": ("real_acc", "fake_acc", "test_acc", "acc", "train_acc"),
+    "speed": ("images_per_s", "seconds", "seconds_per_epoch", "eta_s", "eval_seconds"),
+    "settings": ("lr", "lambda_gp"),
+    "eval": ("is_mean", "is_std", "fid", "kid_mean", "kid_std", "class_acc", "classifier_fd", "reference_is_mean"),
+}
+GROUP_OF = {key: group for group, keys in GROUPS.items() for key in keys}
+WINDOWED = {"gp", "real_score", "fake_score", "real_ce", "fake_ce", "g_loss", "g_critic", "g_ce", "g_fm", "loss",
+            "real_acc", "fake_acc", "acc", "wasserstein", "grad_norm"}
+
+# The GAN's Custom Scalars tab: the groups in the order a GAN user reads them, related curves in one chart. Tags
+# are matched in every run of the logdir: the baseline's test accuracy joins the accuracy chart.
+GAN_LAYOUT = {
+    "health": {
+        "Wasserstein estimate (real - fake score): positive, falling slowly": ["Multiline", [r"^health/wasserstein$"]],
+        "critic's gradient norm at the interpolates: held near 1": ["Multiline", [r"^health/grad_norm$"]],
+        "fixed-noise samples' spread, one line per class: 0 if the noise is ignored":
+            ["Multiline", [r"^per_class/noise_spread/"]],
+    },
+    "losses": {
+        "critic scores of real and fake images": ["Multiline", [r"^losses/(real|fake)_score$"]],
+        "class cross entropy of real and fake images, and the generator's": ["Multiline",
+                                                                             [r"^losses/(real_ce|fake_ce|g_ce)$"]],
+        "generator loss and its terms": ["Multiline", [r"^losses/g_(loss|critic|fm)$"]],
+        "gradient penalty": ["Multiline", [r"^losses/gp$"]],
+    },
+    "accuracy": {"classifier on real and fake batches, and the test set": ["Multiline", [r"^accuracy/"]]},
+    "speed": {"images/s": ["Multiline", [r"^speed/images_per_s$"]],
+              "seconds left at the measured pace": ["Multiline", [r"^speed/eta_s$"]]},
+    "eval": {"FID": ["Multiline", [r"^eval/fid$"]], "Inception Score": ["Multiline", [r"^eval/is_mean$"]],
+             "class accuracy": ["Multiline", [r"^eval/class_acc$"]],
+             "samples' spread relative to real images, one line per class": ["Multiline",
+                                                                             [r"^per_class/spread_ratio/"]]},
+}
+
+
+def tags(kind, record):
+    """A metrics record's numbers as scalar tags <group>/<key>; a per-class list as per_class/<name>/<class>, one
+    curve per class (noise_spread_per_class: per_class/noise_spread/cat). An epoch record's means of the window
+    values are left out."""
+    found = {}
+    for key, value in record.items():
+        if key in ("type", "epoch", "batch", "n", "seed") or (kind == "epoch" and key in WINDOWED):
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            found[f"{GROUP_OF.get(key, kind)}/{key}"] = value
+        elif isinstance(value, list) and len(value) == len(CLASSES):
+            name = key.removesuffix("_per_class")
+            found.update({f"per_class/{name}/{c}": v for c, v in zip(CLASSES, value) if isinstance(v, (int, float))})
+    return found
 
 
 def quiet_writer_thread(args, default=threading.excepthook):
@@ -45,10 +110,11 @@ def event_files(folder):
 
 
 def trim(folder, last_step):
-    """Drop the events past last_step (-1: all of them) from the event files in folder, rewriting each
-    changed file atomically and removing those left without data. Returns whether the run's configuration
-    (hparams) is still there."""
-    has_hparams = False
+    """Drop the events past last_step (-1: all of them) from the event files in folder, and the run's end status
+    (a finished run trained further is running again), rewriting each changed file atomically and removing
+    those left without data. Returns the tags of the summaries written once per run that are still there (the
+    configuration for hparams, the Custom Scalars layout)."""
+    once = set()
     for path in event_files(folder):
         with open(path, "rb") as f:
             before = f.read()
@@ -56,15 +122,16 @@ def trim(folder, last_step):
         writer = RecordWriter(kept)
         for raw in RawEventFileLoader(path).Load():
             event = Event.FromString(raw)
-            if event.HasField("file_version") or event.step <= last_step:
+            found = {v.tag for v in event.summary.value}
+            if event.HasField("file_version") or (event.step <= last_step and END_TAG not in found):
                 writer.write(raw)
                 data = data or not event.HasField("file_version")
-                has_hparams = has_hparams or any(v.tag == HPARAMS_TAG for v in event.summary.value)
+                once |= found & {HPARAMS_TAG, CONFIG_SUMMARY_TAG}
         if not data:
             os.remove(path)
         elif kept.getvalue() != before:  # events dropped, or a record cut short by a kill
             atomic_write(path, kept.getvalue(), HINT)
-    return has_hparams
+    return once
 
 
 def after_existing(folder, patience=2.0):
@@ -76,26 +143,24 @@ def after_existing(folder, patience=2.0):
         time.sleep(0.05)
 
 
-def plain(value):
-    """A configuration value as the hparams plugin takes it: a number, a string or a bool."""
-    return value if isinstance(value, (bool, int, float, str)) else str(value)
-
-
 class Events:
     """The event writer of one process of a run (rank 0). resumed_at: the step the checkpoint has reached, or
-    -1 for a fresh run (whose folder then holds no events of an earlier, unsaved attempt)."""
+    -1 for a fresh run (whose folder then holds no events of an earlier, unsaved attempt). config: the run's
+    settings for the hparams table; layout: a Custom Scalars layout (GAN_LAYOUT). Both are written once per run."""
 
-    def __init__(self, folder, resumed_at, config, metrics):
+    def __init__(self, folder, resumed_at, config, layout=None):
         self.folder = folder
         with self.writing():
             os.makedirs(folder, exist_ok=True)
-            has_hparams = trim(folder, resumed_at)
+            once = trim(folder, resumed_at)
             after_existing(folder)
             # A SessionLog.START at the first step, a fresh run's too: TensorBoard's server takes a run's first
             # START for its beginning and purges at the later ones only.
             self.writer = SummaryWriter(folder, purge_step=resumed_at + 1, flush_secs=FLUSH_SECS)
-            if not has_hparams:
-                self.hparams(config, metrics)
+            if HPARAMS_TAG not in once:
+                self.hparams(config)
+            if layout and CONFIG_SUMMARY_TAG not in once:
+                self.writer.add_custom_scalars(layout)
 
     @contextlib.contextmanager
     def writing(self):
@@ -105,10 +170,32 @@ class Events:
         except OSError as e:
             raise write_error(self.folder, e, HINT) from None
 
-    def hparams(self, config, metrics):
-        """The run's configuration for TensorBoard's HPARAMS tab, beside the scalar tags it is judged by."""
-        for summary in hparams({k: plain(v) for k, v in config.items()}, {tag: 0 for tag in metrics}):
-            self.writer.file_writer.add_summary(summary, 0)
+    def hparams(self, config):
+        """The run's configuration for TensorBoard's HPARAMS tab: numbers, strings and booleans as such, a list as
+        its text, an unset value (None) left blank. No experiment summary: TensorBoard then makes its columns of
+        every run's settings (those of the baseline and of the GAN), not of one run's picked first."""
+        info = plugin_data_pb2.SessionStartInfo(start_time_secs=time.time())
+        for key, value in config.items():
+            if isinstance(value, bool):
+                info.hparams[key].bool_value = value
+            elif isinstance(value, (int, float)):
+                info.hparams[key].number_value = value
+            elif value is not None:
+                info.hparams[key].string_value = value if isinstance(value, str) else str(value)
+        self._hparams_data(HPARAMS_TAG, plugin_data_pb2.HParamsPluginData(session_start_info=info), 0)
+
+    def finish(self, step):
+        """The run's status "success" in the hparams table, once every epoch is done; a run still training,
+        stopped or killed has none."""
+        end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS, end_time_secs=time.time())
+        with self.writing():
+            self._hparams_data(END_TAG, plugin_data_pb2.HParamsPluginData(session_end_info=end), step)
+
+    def _hparams_data(self, tag, data, step):
+        value = Summary.Value(tag=tag, metadata=hparams_metadata.create_summary_metadata(data))
+        self.writer.file_writer.add_summary(Summary(value=[value]), step)
+
+    tags = staticmethod(tags)
 
     def scalars(self, values, step):
         with self.writing():

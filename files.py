@@ -5,7 +5,7 @@
   the exit status stays the script's own.
 - atomic_write: every file the scripts write goes through it (temporary name, fsync, rename); a write that
   fails for lack of space, quota or permission removes its temporary file, leaves the old file as it was, and
-  becomes a UserError.
+  becomes a UserError. output_folder and output_file check an output flag's path before any work.
 - Metrics files (JSON Lines): appends that start on a fresh line, and reading that skips damaged lines.
 """
 import errno
@@ -24,12 +24,22 @@ class UserError(Exception):
 
 
 class Terminated(BaseException):
-    """SIGTERM in a script that has no handler of its own: unwinds like Ctrl-C, so temporary files are removed."""
+    """SIGTERM or SIGHUP (a dropped ssh session) in a script that has no handler of its own: unwinds like Ctrl-C,
+    so temporary files are removed."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+# The signals that end a script that does not catch them itself, cleaning up first (exit 128 + the number)
+ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def _terminate(signum, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a repeated SIGTERM must not interrupt the cleanup
-    raise Terminated
+    for ending in ENDING_SIGNALS:  # a repeated signal must not interrupt the cleanup
+        signal.signal(ending, signal.SIG_IGN)
+    raise Terminated(signum)
 
 
 class SurvivingStream:
@@ -82,9 +92,9 @@ def _surviving(stream):
 
 def run_main(main):
     """Run main() with one-line output for what the user can fix: a UserError is `error: ...` and exit 2, a
-    second Ctrl-C (the first asks the trainers to save and stop) is `interrupted` and exit 130, and SIGTERM,
-    where the script does not catch it itself (the trainers do), ends it the same way with exit 143. Output
-    survives a closed terminal or pipe (SurvivingStream)."""
+    second Ctrl-C (the first asks the trainers to save and stop) is `interrupted` and exit 130, and SIGTERM or
+    SIGHUP, where the script does not catch it itself (the trainers do) and it is not ignored (nohup), ends it
+    the same way with exit 143 or 129. Output survives a closed terminal or pipe (SurvivingStream)."""
     streams = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = _surviving(sys.stdout), _surviving(sys.stderr)
     # A batch job's stdout is a file, which Python would block-buffer: its log would stay empty while the job runs.
@@ -93,9 +103,10 @@ def run_main(main):
             streams[0].reconfigure(line_buffering=True)
         except OSError:  # it flushes first, and the terminal may be gone already: SurvivingStream handles that
             sys.stdout.flush()
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _terminate)
+    previous = {signum: signal.getsignal(signum) for signum in ENDING_SIGNALS}
+    for signum, handler in previous.items():
+        if handler == signal.SIG_DFL:
+            signal.signal(signum, _terminate)
     try:
         main()
     except UserError as e:
@@ -104,13 +115,53 @@ def run_main(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except Terminated:
-        print("stopped by SIGTERM", file=sys.stderr)
-        sys.exit(143)
+    except Terminated as e:
+        print(f"stopped by {signal.Signals(e.signum).name}", file=sys.stderr)
+        sys.exit(128 + e.signum)
     finally:
         sys.stdout.flush()
         sys.stdout, sys.stderr = streams
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _file_in_the_way(path):
+    """The part of path (path itself or a folder above it) that exists and is not a folder, or None."""
+    part = os.path.normpath(path)
+    while part and not os.path.exists(part):
+        above = os.path.dirname(part)
+        if above == part:
+            return None
+        part = above
+    return part if part and not os.path.isdir(part) else None
+
+
+def output_folder(path, flag, named=None, create=True):
+    """Create the folder an output flag names (and those above it), or with create=False only check that it
+    can be; a one-line UserError when it cannot be: a file of that name, a file where a folder above it should
+    be, no permission. named: the flag's value when it names a file in that folder."""
+    named = named or path
+    blocker = _file_in_the_way(path)
+    if blocker == os.path.normpath(named):
+        raise UserError(f"{flag} {named} is a file, not a folder; choose another {flag}")
+    if blocker is not None:
+        raise UserError(f"{flag} {named}: {blocker} is a file, not a folder; choose another {flag}")
+    if create:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{flag} {named}: cannot create {path} ({e.strerror}); choose another {flag}") from None
+
+
+def output_file(path, flag, folder_must_exist=False):
+    """Check, before any work, that the file an output flag names can be written: not a folder, and no file
+    where its folder should be (the write makes the folder, unless folder_must_exist)."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder; name a file")
+    folder = os.path.dirname(path) or "."
+    output_folder(folder, flag, named=path, create=False)
+    if folder_must_exist and not os.path.isdir(folder):
+        raise UserError(f"the folder of {flag} {path} does not exist")
 
 
 def check_range(args, name, low, high=math.inf, low_open=False):

@@ -31,7 +31,7 @@ class Rule(NamedTuple):
     sustain: int  # records in a row the condition must hold
     check: Callable  # record -> what is wrong (str), or None when healthy or not measured
     meaning: str
-    advice: str
+    advice: str  # what users usually try: flags a --resume may change, or a new run for one it may not
 
 
 def grad_norm_off(r):
@@ -86,23 +86,24 @@ def samples_ignore_noise(r):
 RULES = [
     Rule("grad_norm_off", "monitor", SUSTAIN, grad_norm_off,
          "the gradient penalty no longer keeps the critic 1-Lipschitz, so its scores stop measuring a distance",
-         "lower --lr, or raise --lambda-gp; check that the penalty is on (--lambda-gp > 0)"),
+         "--resume with a lower --lr or a higher --lambda-gp"),
     Rule("wasserstein_exploding", "monitor", SUSTAIN, wasserstein_exploding,
          "the critic's scores run away: its constraint has broken and the generator gets no useful gradient",
-         "lower --lr, raise --lambda-gp, or resume from an earlier checkpoint copy"),
+         "--resume with a lower --lr or a higher --lambda-gp"),
     Rule("wasserstein_collapsing", "monitor", SUSTAIN, wasserstein_collapsing,
          "the critic no longer scores real images above fakes: it has stopped learning, or lost to the generator",
-         "lower the generator's pace (--n-critic 5 trains the critic five times per generator step) or --lr"),
+         "--resume with --n-critic 5 (five critic steps per generator step) or a lower --lr"),
     Rule("fakes_classified_but_class_loss_high", "monitor", SUSTAIN, fakes_classified_but_class_loss_high,
          "the classifier recognizes the fakes it trains on by cues that the generator's fresh samples lack, so "
          "its class term no longer steers the generator",
-         "lower --lr; if it persists, train with --feature-matching or --minibatch-discrimination"),
+         "--resume with a lower --lr or with --feature-matching 0.1; if it persists, a new run (another --out-dir) "
+         "with --minibatch-discrimination"),
     Rule("spread_collapsed", "eval", 1, spread_collapsed,
          "mode collapse: the samples of those classes are far less varied than real images of them",
-         "resume from an earlier checkpoint copy with a lower --lr, or add --minibatch-discrimination"),
+         "--resume with a lower --lr; if it persists, a new run (another --out-dir) with --minibatch-discrimination"),
     Rule("samples_ignore_noise", "epoch", 1, samples_ignore_noise,
          "the generator ignores its noise for those classes: every sample of a class is the same picture",
-         "resume from an earlier checkpoint copy with a lower --lr, or add --minibatch-discrimination"),
+         "--resume with a lower --lr; if it persists, a new run (another --out-dir) with --minibatch-discrimination"),
 ]
 
 

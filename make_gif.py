@@ -18,7 +18,7 @@ import imageio.v3 as iio
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from files import UserError, atomic_write, check_range, run_main
+from files import UserError, atomic_write, check_range, output_file, run_main
 from images import HEADER
 
 GRID_NAME = re.compile(r"^(\d{3,})\.png$")
@@ -57,6 +57,7 @@ def check_args(args):
     check_range(args, "fps", 0, 50, low_open=True)
     check_range(args, "every", 1)
     check_range(args, "width", 16, 4096)
+    output_file(args.output, "--output")
 
 
 def epoch_grids(folder):

@@ -9,10 +9,12 @@ the Python environment (package versions against requirements.txt, the GPUs this
 
 One line per item; each thing still missing is one line saying what to do, and the exit status is then 1.
 Running it again checks what is there (CIFAR-10's files against torchvision's checksums) and downloads nothing.
-A download is checked before it is put in place: a damaged one is refused and nothing of it is kept. A mirror
+A download is checked before it is put in place: a damaged one is refused and nothing of it is kept, nor is a
+download cut short by SIGTERM or a hang-up (exit 143, 129); what a kill -9 left, the next run removes. A mirror
 (an internal http(s) server, a file:// URL or a local path) can replace each download.
 """
 import argparse
+import glob
 import hashlib
 import os
 import shutil
@@ -92,6 +94,35 @@ def one_line(error):
     return " ".join(f"{type(error).__name__}: {error}".split())
 
 
+def owner():
+    """PID@HOST: what this run's temporary files and folders are named for, so that a later run knows its
+    leftovers (a SIGKILL, a crash, a node that went down) from the files of a run still going."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def clear_leftovers(pattern, owner_of):
+    """Remove the temporary files and folders matching pattern (a glob) whose owner (owner_of(path): PID@HOST,
+    or None) is a process of this host that has ended; another host's are left alone, their run may go on."""
+    for path in glob.glob(pattern):
+        pid, _, host = (owner_of(path) or "").partition("@")
+        if host != socket.gethostname() or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue
+        except ProcessLookupError:
+            pass
+        except OSError:  # another user's process: still running
+            continue
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+
+
 # ---------------------------------------------------------------------------------------------------------
 # CIFAR-10
 
@@ -124,6 +155,9 @@ def prepare_cifar(args):
         except UserError as e:
             return False, f"CIFAR-10 image folders: {e}"
         return True, f"CIFAR-10 image folders in {data_dir}: {counts[0]} train and {counts[1]} test images read"
+    if not args.no_download:
+        clear_leftovers(os.path.join(glob.escape(data_dir), ".prepare-*"),
+                        lambda path: os.path.basename(path)[len(".prepare-"):].rpartition("-")[0])
     official = args.cifar_md5 == CIFAR10.tgz_md5
     batches = os.path.join(data_dir, CIFAR10.base_folder)
     problem = cifar_problem(data_dir, official) if os.path.isdir(batches) else f"no {batches}"
@@ -134,7 +168,8 @@ def prepare_cifar(args):
         return False, f"CIFAR-10: {problem}; run python prepare.py where there is internet"
     try:
         os.makedirs(data_dir, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".prepare-", dir=data_dir)  # on the same file system: renamed into place
+        # on the same file system: renamed into place
+        tmp = tempfile.mkdtemp(prefix=f".prepare-{owner()}-", dir=data_dir)
     except OSError as e:
         return False, f"CIFAR-10: cannot write to {data_dir}: {e.strerror}; choose another --data-dir"
     try:
@@ -195,6 +230,8 @@ def prepare_inception(args):
     except ImportError as e:
         return False, f"InceptionV3 weights: cannot check them ({one_line(e)}); pip install -r requirements.txt"
     path = args.inception_weights or default_inception_weights()
+    if not args.no_download:
+        clear_leftovers(f"{glob.escape(path)}.*.download", lambda leftover: leftover[len(path) + 1:-len(".download")])
     if os.path.isfile(path):
         problem = weights_problem(path, args.inception_sha256, check_inception_weights)
         if problem is None:
@@ -203,7 +240,7 @@ def prepare_inception(args):
             return False, f"InceptionV3 weights: {path} {problem}; run python prepare.py where there is internet"
     elif args.no_download:
         return False, f"InceptionV3 weights: no {path}; run python prepare.py where there is internet"
-    tmp = f"{path}.{os.getpid()}.download"
+    tmp = f"{path}.{owner()}.download"
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         try:

@@ -40,7 +40,7 @@ from PIL import Image, ImageSequence, UnidentifiedImageError
 from data import CLASSES
 import health
 from evaluate import COLLAPSE_BELOW, format_table
-from files import UserError, atomic_write, read_metrics, run_main
+from files import UserError, atomic_write, output_folder, read_metrics, run_main
 from make_gif import epoch_grids
 
 PAGE = (11.69, 8.27)  # A4 landscape, inches
@@ -737,17 +737,10 @@ def write_max_features(doc, found):
     doc.add(*gap_notes(found, "models"))
 
 
-def prepare_out_dir(out_dir):
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot write to --out-dir {out_dir}: {e.strerror}; choose another --out-dir")
-
-
 def report(args):
     if args.grids < 2:
         raise UserError(f"--grids must be at least 2, got {args.grids}")
-    prepare_out_dir(args.out_dir)
+    output_folder(args.out_dir, "--out-dir")
     found = gather(args)
     doc = Document()
     write_summary(doc, found, args)

@@ -16,7 +16,7 @@ from checkpoint import load_model
 from data import CLASSES
 from images import grid_image, to_unit
 from models import class_noise
-from files import UserError, atomic_write, check_range, image_bytes, run_main
+from files import UserError, atomic_write, check_range, image_bytes, output_file, run_main
 from runtime import DEVICE_HELP, Runtime
 
 
@@ -71,6 +71,7 @@ def run(args):
     check_range(args, "seed", 0, 2 ** 63 - 1)
     classes = [class_index(c) for c in args.classes]
     image_format = output_format(args.output)
+    output_file(args.output, "--output")
     gen = load_model(args.model, "generator", Runtime(args.device).device)
     images = to_unit(sample(gen, classes, args.n, args.seed))
     if len(classes) == 1:

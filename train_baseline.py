@@ -21,7 +21,7 @@ from files import run_main
 from models import Discriminator
 from runtime import GraphedStep, Runtime, Speed, StopSignal, autocast, setup_speed
 from training import (Meter, Run, accuracy, adam, add_data_args, add_recipe_args, add_system_args, check_common_args,
-                      load_optimizer, run_config, set_lr, training_loaders)
+                      check_configurations, load_optimizer, run_config, set_lr, training_loaders)
 
 
 def parse_args(argv=None):
@@ -31,12 +31,15 @@ def parse_args(argv=None):
                     epochs_note="the lr drops to 1/10 at half of them and to 1/100 at three quarters")
     add_system_args(parser)
     args = parser.parse_args(argv)
+    if args.check_flags is not None:
+        check_configurations(parse_args, argv, args.check_flags)
     check_common_args(args)
     return args
 
 
-# Every flag but these and training.MAY_CHANGE_ON_RESUME is checked against the checkpoint on --resume. Not
-# --epochs: the lr drops are placed by it, so a resumed run with another --epochs would follow another schedule.
+# Every flag but these and training.MAY_CHANGE_ON_RESUME (--lr among them: the schedule then scales from the new
+# value) is checked against the checkpoint on --resume. Not --epochs: the lr drops are placed by it, so a resumed
+# run with another --epochs would follow another schedule.
 MAY_CHANGE_ON_RESUME = set()
 
 
@@ -119,10 +122,10 @@ def train(args, stop):
 
             # Evaluate, log, save (the log line first: a resumed run drops lines its checkpoint has not reached)
             train_means = meter.means()
-            record = {"epoch": epoch + 1, "lr": lr_at(epoch, args), "train_loss": train_means["loss"],
+            record = {"type": "epoch", "epoch": epoch + 1, "lr": lr_at(epoch, args), "train_loss": train_means["loss"],
                       "train_acc": train_means["acc"], "test_acc": accuracy(model, test_loader),
                       "seconds": seconds, "images_per_s": images_per_s,
-                      "eta_s": run.eta(epoch, args.epochs, len(train_loader))}
+                      **run.pace(epoch, args.epochs, len(train_loader))}
             run.log(record)
             meter.reset()
             start_batch = 0

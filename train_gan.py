@@ -29,7 +29,7 @@ from images import grid_image, to_unit
 from models import MINIBATCH_DIMS, MINIBATCH_KERNELS, NUM_CLASSES, Discriminator, Generator, class_noise
 from runtime import GraphedStep, Runtime, Speed, StopSignal, autocast, global_batch_norm, setup_speed
 from training import (Meter, Run, accuracy, adam, add_data_args, add_recipe_args, add_system_args,
-                      check_common_args, load_optimizer, run_config, training_loaders)
+                      check_common_args, check_configurations, load_optimizer, run_config, training_loaders)
 
 # The discriminator step's monitored values, each a mean over the batch: gradient penalty, critic scores of
 # fake and real images, class cross entropy of real and fake images, the accuracy on the real and on the fake
@@ -79,6 +79,8 @@ def parse_args(argv=None):
                    help="InceptionV3's weights for IS/FID/KID on a node without internet (see evaluate.py)")
     add_system_args(parser)
     args = parser.parse_args(argv)
+    if args.check_flags is not None:
+        check_configurations(parse_args, argv, args.check_flags)
     check_common_args(args)
     check_range(args, "n_critic", 1, 1000)
     check_range(args, "lambda_gp", 0, 1e6)
@@ -90,8 +92,11 @@ def parse_args(argv=None):
 
 
 # Every flag but these and training.MAY_CHANGE_ON_RESUME is checked against the checkpoint on --resume.
-# --epochs may grow: nothing in the GAN's schedule depends on it; measuring does not change the training.
-MAY_CHANGE_ON_RESUME = {"epochs", "eval_every", "eval_n", "eval_classifier", "inception_weights"}
+# --epochs may grow: nothing in the GAN's schedule depends on it; measuring does not change the training. The
+# losses' weights and the critic's pace are TUNABLE as --lr is: a resume may change them (what the warnings
+# advise), and the run records each change.
+TUNABLE = {"lambda_gp", "n_critic", "feature_matching"}
+MAY_CHANGE_ON_RESUME = {"epochs", "eval_every", "eval_n", "eval_classifier", "inception_weights"} | TUNABLE
 
 
 def gradient_penalty(score_hat, x_hat, lambda_gp):
@@ -314,7 +319,7 @@ def train(args, stop):
     # Processes, the output folder (locked for this run) and the checkpoint to resume from, if any
     rt = Runtime(args.device)
     check_batch(args, rt)
-    with Run("gan", "train_gan.py", args, rt, stop, run_config(args, MAY_CHANGE_ON_RESUME)) as run:
+    with Run("gan", "train_gan.py", args, rt, stop, run_config(args, MAY_CHANGE_ON_RESUME), TUNABLE) as run:
         if run.finished(args.epochs):
             return
 
@@ -382,7 +387,8 @@ def train(args, stop):
             samples = fixed_samples(gen, noise)  # the epoch's grid; how much each class's samples vary
             record = {"type": "epoch", "epoch": epoch + 1, "test_acc": accuracy(disc, test_loader),
                       "seconds": seconds, "images_per_s": images_per_s,
-                      "eta_s": run.eta(epoch, args.epochs, len(train_loader)), "lr": args.lr, **means,
+                      **run.pace(epoch, args.epochs, len(train_loader)), "lr": args.lr, "lambda_gp": args.lambda_gp,
+                      **means,
                       "noise_spread_per_class": health.noise_spread(samples, noise[:, :NUM_CLASSES].argmax(1))}
             run.log(record)
             if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):

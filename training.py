@@ -16,10 +16,14 @@ A trainer's loop, in this module's terms:
             seconds, images_per_s = run.epoch_speed()
             run.log({...}); run.image("samples", png, epoch + 1); run.save(state(epoch + 1, 0))
 """
+import contextlib
 import errno
+import io
 import json
 import os
+import shlex
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -29,8 +33,8 @@ import torch.distributed as dist
 
 import health
 from checkpoint import load_checkpoint
-from data import CLASSES, Loader, load_split, to_float
-from files import (UserError, append_metrics, atomic_write, check_range, read_metrics, rewrite_metrics,
+from data import Loader, load_split, to_float
+from files import (UserError, append_metrics, atomic_write, check_range, output_folder, read_metrics, rewrite_metrics,
                    torch_bytes, write_error, write_together)
 from models import ARCHS, DEFAULT_WIDTH
 from runtime import DEVICE_HELP, EXIT_STOPPED, SPEED_HELP, progress_bar
@@ -92,12 +96,20 @@ def add_system_args(parser):
                         "or newer (faster; fp32 weights; not yet checked against fp32 on a full schedule) "
                         "(default: fp32)")
     g.add_argument("--speed", choices=("auto", "fast", "plain"), default="auto", help=SPEED_HELP)
+    g.add_argument("--check-flags", metavar="FILE",
+                   help="train nothing: check configurations, one a line of FILE (- for standard input), each line's "
+                        "flags added after this command line's as a job would pass them; prints ok or the error for "
+                        "each line, exit status 2 if any fails (jobs/sweep.sh checks its configurations so)")
 
 
-# Flags that may differ when a run is resumed: where things are, how long to train, and how to run it. All
+# Settings of the optimization a resume may change, as is common mid-run (a lower --lr after a NaN loss or a
+# warning); each change is recorded in the metrics, the checkpoint's history and the events. The trainers add
+# their own.
+TUNABLE = {"lr"}
+# Flags that may differ when a run is resumed: where things are, how to run it, and the TUNABLE settings. All
 # others are the run's configuration, saved in its checkpoint, and a resume that changes one is refused.
 MAY_CHANGE_ON_RESUME = {"data_dir", "out_dir", "resume", "limit_test", "lock_wait", "device", "precision",
-                        "tensorboard", "speed"}
+                        "tensorboard", "speed", "check_flags"} | TUNABLE
 
 
 def run_config(args, may_change=frozenset()):
@@ -122,6 +134,42 @@ def check_common_args(args):
     check_range(args, "seed", 0, 2 ** 63 - 1)
 
 
+def check_configurations(parse_args, argv, source):
+    """--check-flags FILE: parse each line of FILE (split on spaces and tabs only, as a job's shell splits
+    $EXTRA_ARGS: a carriage return stays in its word) after argv's other flags, as the trainer would before
+    training; print ok or the one-line error per line, then exit (status 2 if any failed). Nothing is read or
+    written but FILE."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, word in enumerate(argv):
+        if word == "--check-flags":
+            del argv[i:i + 2]
+            break
+        if word.startswith("--check-flags="):
+            del argv[i]
+            break
+    try:
+        with (contextlib.nullcontext(sys.stdin) if source == "-" else open(source)) as f:
+            lines = f.read().split("\n")
+    except OSError as e:
+        raise UserError(f"--check-flags {source}: {e.strerror}")
+    if lines and not lines[-1]:
+        lines.pop()  # the newline that ends the last line
+    failed = 0
+    for line in lines:
+        errors = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(errors):
+                parse_args(argv + [word for word in line.replace("\t", " ").split(" ") if word])
+            verdict = "ok"
+        except SystemExit:  # argparse's usage and error lines: the error is the last one
+            verdict = "error: " + errors.getvalue().strip().splitlines()[-1].split(" error: ", 1)[-1]
+        except UserError as e:
+            verdict = f"error: {e}"
+        failed += verdict != "ok"
+        print(verdict)
+    raise SystemExit(2 if failed else 0)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Optimizer, data and evaluation
 
@@ -137,12 +185,14 @@ def fused_adam(device):
 
 def load_optimizer(optimizer, state, device):
     """Restore a saved optimizer; the fused kernel follows the device this run is on, not the saved state
-    (a checkpoint written on the CPU resumes fused on a GPU, and the other way round). The flag is set in the
-    saved groups before loading: load_state_dict moves Adam's `step` to the parameter's device only for a
-    fused group, and the fused kernel wants all its tensors on one device. capturable, too, follows this run, and the
-    moments take their parameter's memory layout."""
-    kernel = {"fused": fused_adam(device), "capturable": optimizer.defaults.get("capturable", False)}
-    optimizer.load_state_dict({**state, "param_groups": [{**group, **kernel} for group in state["param_groups"]]})
+    (a checkpoint written on the CPU resumes fused on a GPU, and the other way round), and so does the learning
+    rate this run built it with (--lr may change on resume). The flags are set in the saved groups before
+    loading: load_state_dict moves Adam's `step` to the parameter's device only for a fused group, and the fused
+    kernel wants all its tensors on one device. capturable, too, follows this run, and the moments take their
+    parameter's memory layout."""
+    now = {"fused": fused_adam(device), "capturable": optimizer.defaults.get("capturable", False),
+           "lr": optimizer.param_groups[0]["lr"]}
+    optimizer.load_state_dict({**state, "param_groups": [{**group, **now} for group in state["param_groups"]]})
     # The moments in their parameter's memory layout: CUDA's fused Adam refuses a channels_last weight (--speed
     # fast) with moments saved from a run without it, as a checkpoint of the CPU or of --speed plain has them
     for param, param_state in optimizer.state.items():
@@ -191,15 +241,18 @@ class Meter:
         meter.add(n, loss=loss, acc=acc)     # values are means over n images (or n=1 per batch)
         meter.means()                        # {"loss": ..., "acc": ...} over the epoch so far
         meter.take_window()                  # the means since the last take_window, then a new window
+        meter.reset()                        # a new epoch; the window goes on across it
     """
 
     def __init__(self, device):
         self.device = device
-        self.reset()
-
-    def reset(self):
         # The values of one add() call are summed as one stacked tensor: {names: (sums, count)}
         self.total, self.window = {}, {}
+
+    def reset(self):
+        """A new epoch: its sums start over. The window does not: windows of LOG_EVERY batches run on across
+        epochs, so that an epoch of fewer batches (a smoke run, a small own dataset) still gets them."""
+        self.total = {}
 
     def add(self, n=1, **values):
         names = tuple(values)
@@ -457,20 +510,27 @@ class Run:
     decision that leads to a write or a stop (a non-finite loss, a stop signal) is agreed by all processes
     first."""
 
-    def __init__(self, job, script, args, rt, stop, config):
-        self.job, self.script, self.rt, self.stop, self.config = job, script, rt, stop, config
+    def __init__(self, job, script, args, rt, stop, config, tunable=()):
+        self.job, self.script, self.args, self.rt, self.stop, self.config = job, script, args, rt, stop, config
+        self.settings = {k: getattr(args, k) for k in sorted(TUNABLE | set(tunable))}  # this run's, may change
         self.out_dir = args.out_dir
         self.ckpt_path = os.path.join(args.out_dir, f"{job}.ckpt")
         self.metrics_path = os.path.join(args.out_dir, f"{job}_metrics.jsonl")
         self.lock, self._bar = None, None
         self._epoch_time, self._batches_run, self._batch_size = 0.0, 0, 0
-        self._timed_seconds, self._timed_batches = 0.0, 0  # of the epochs timed so far in this process, for eta()
+        self._timed_seconds, self._timed_batches = 0.0, 0  # of the epochs timed so far in this process, for pace()
         self.events_dir = os.path.join(args.out_dir, "tb", job)
         self._tensorboard, self.events, self._per_epoch = getattr(args, "tensorboard", True), None, None
+        self._last_step = 0  # of the events written
         self._history = {kind: [] for kind in ("monitor", "epoch", "eval")}  # what the health rules read
         rt.rank0_first(lambda: self._claim_out_dir(args.lock_wait), others_too=False)
         try:
             self.checkpoint = load_checkpoint(self.ckpt_path, job, config, args.resume)
+            # The settings' changes so far, and those this run makes (recorded when it trains: begin())
+            self.change_history = list(self.checkpoint.get("history", [])) if self.checkpoint else []
+            saved = self.checkpoint["config"] if self.checkpoint else {}
+            self.changes = [(k, saved[k], v) for k, v in self.settings.items() if k in saved and saved[k] != v]
+            self.change_lines = []
             if rt.is_rank0:
                 self._trim_metrics()
         except BaseException:
@@ -480,14 +540,15 @@ class Run:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        try:
+            if exc_type is None and self.events is not None:  # every epoch done (a finished run starts no events)
+                self.events.finish(self._last_step)
+        finally:
+            self.close()
 
     def _claim_out_dir(self, lock_wait):
-        try:
-            os.makedirs(self.out_dir, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot write to --out-dir {self.out_dir}: {e.strerror}; choose a writable folder")
+        output_folder(self.out_dir, "--out-dir")
         self.lock = OutDirLock(os.path.join(self.out_dir, f"{self.job}.lock"))
         if not self.lock.acquire(lock_wait, self.script, give_up=lambda: self.stop.received is not None):
             self.exit_stopped("while waiting for another run to release the folder")
@@ -507,7 +568,9 @@ class Run:
             return
         records, skipped = read_metrics(self.metrics_path)
         reached = (self.checkpoint["epoch"], self.checkpoint["batch"]) if self.checkpoint else (0, 0)
-        kept = [r for r in records if record_position(r) <= reached]
+        # A change record at the checkpoint's position counts once the checkpoint has it in its history
+        kept = [r for r in records if record_position(r) <= reached
+                and (r.get("type") != "change" or r in self.change_history)]
         if len(kept) != len(records) or skipped:
             rewrite_metrics(self.metrics_path, kept)
         for kind, history in self._history.items():
@@ -534,7 +597,7 @@ class Run:
         append_metrics(self.metrics_path, record)
         kind = record.get("type", "epoch")
         if self._writer() is not None:
-            self.events.scalars(scalar_tags(kind, record), self.step(record))
+            self.events.scalars(self.events.tags(kind, record), self.step(record))
         history = self._history.get(kind)
         if history is not None:
             history.append(record)
@@ -552,8 +615,9 @@ class Run:
             self.events.text(f"warnings/{rule}", message, self.step(at))
 
     def log_window(self, meter, epoch, batch):
-        """Every LOG_EVERY batches: the window's running means in the progress bar, the metrics and the events."""
-        if (batch + 1) % LOG_EVERY == 0:
+        """Every LOG_EVERY batches since the run began (across epochs): the window's running means in the progress
+        bar, the metrics and the events."""
+        if (epoch * self._per_epoch + batch + 1) % LOG_EVERY == 0:
             window = meter.take_window()
             self.show(window)
             self.log({"type": "monitor", "epoch": epoch + 1, "batch": batch + 1, **window})
@@ -566,26 +630,51 @@ class Run:
     def step(self, record):
         """The events' step of a record: training batches since the run began."""
         done, batch = record_position(record)
+        self._last_step = max(self._last_step, done * self._per_epoch + batch)
         return done * self._per_epoch + batch
 
     def _writer(self):
         """The event writer of rank 0 (None with --no-tensorboard), made at the first event, so that a run that
         ends before logging anything (a NaN loss) changes no file; it first drops the events past the
-        checkpoint's step from the files already there."""
+        checkpoint's step from the files already there. How this process runs, and the settings it changes, go in
+        first, at its first step: a process that dies before its first checkpoint loses them with its other
+        events."""
         if self.events is None and self._tensorboard and self.rt.is_rank0:
-            from events import Events  # TensorBoard's modules, only where they are used
+            from events import GAN_LAYOUT, Events  # TensorBoard's modules, only where they are used
 
             ckpt = self.checkpoint
             reached = ckpt["epoch"] * self._per_epoch + ckpt["batch"] if ckpt else -1
-            self.events = Events(self.events_dir, reached, self.config, ["epoch/test_acc"])
+            self.events = Events(self.events_dir, reached, {**self.config, **self.settings},
+                                 GAN_LAYOUT if self.job == "gan" else None)
+            self.events.text("run/configuration", self.configuration(), reached + 1)
+            if self.changes:
+                self.events.text("run/changes", "\n\n".join(self.change_lines), reached + 1)
         return self.events
+
+    def configuration(self):
+        """How this process runs, as Markdown: its command line, data, device, precision and schedule."""
+        args, rt, ckpt = self.args, self.rt, self.checkpoint
+        device = str(rt.device)
+        if rt.device.type == "cuda":
+            device += f" ({torch.cuda.get_device_name(rt.device)})"
+        images = f", {args.limit_train} training images" if args.limit_train else ""
+        start = f"resumed at epoch {ckpt['epoch'] + 1}, batch {ckpt['batch']}" if ckpt else "a fresh run"
+        return "\n".join([
+            "    " + shlex.join(["python", *sys.argv]), "",
+            f"- data: {os.path.abspath(args.data_dir)}{images}",
+            f"- device: {device}, {rt.world_size} process(es), precision {args.precision}",
+            f"- epochs: {args.epochs}, {self._per_epoch} batches of {args.batch_size} per epoch",
+            f"- out-dir: {os.path.abspath(args.out_dir)}",
+            f"- start: {start}, {time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()}, "
+            f"torch {torch.__version__}"])
 
     def save(self, state, also=None):
         """The checkpoint, with the job and its configuration, and the files (path, bytes) that also() lists,
         written together by rank 0: a write that fails (a full disk) changes none of them."""
         if self.rt.is_rank0:
             self.check_lock()
-            checkpoint = torch_bytes({"job": self.job, "config": self.config, **state})
+            checkpoint = torch_bytes({"job": self.job, "config": {**self.config, **self.settings},
+                                      "history": self.change_history, **state})
             if self.events is not None:
                 self.events.flush()  # the events up to the checkpoint, on disk before it
             write_together([*(also() if also else []), (self.ckpt_path, checkpoint)], ready=self.check_lock)
@@ -620,14 +709,16 @@ class Run:
         seconds = max(self._epoch_time, 1e-9)
         return seconds, self._batches_run * self._batch_size / seconds
 
-    def eta(self, epoch, epochs, batches_per_epoch):
-        """Seconds the epochs after `epoch` (0-based) of `epochs` will take at this process's measured pace: the
-        training time per batch over its epochs so far (a resumed run's first, partial epoch counts for its batches),
-        times the batches still to run. Call once per epoch, after epoch_speed()."""
+    def pace(self, epoch, epochs, batches_per_epoch):
+        """The epoch record's {"seconds_per_epoch", "eta_s"}: this process's measured training time per batch
+        over its epochs so far (a resumed run's first, partial epoch counts for its batches) times the batches of
+        an epoch, and that times the epochs after `epoch` (0-based) of `epochs`: the seconds the rest will take.
+        jobs/lib.sh multiplies seconds_per_epoch by the epochs its job asks for. Call once per epoch, after
+        epoch_speed()."""
         self._timed_seconds += self._epoch_time
         self._timed_batches += self._batches_run
-        pace = self._timed_seconds / max(self._timed_batches, 1)
-        return round(pace * batches_per_epoch * (epochs - epoch - 1), 1)
+        per_epoch = self._timed_seconds / max(self._timed_batches, 1) * batches_per_epoch
+        return {"seconds_per_epoch": round(per_epoch, 2), "eta_s": round(per_epoch * (epochs - epoch - 1), 1)}
 
     @staticmethod
     def duration(seconds):
@@ -659,17 +750,35 @@ class Run:
 
     def require_finite(self, finite, epoch, batch):
         if not finite:
-            kept = (f"the last good checkpoint {self.ckpt_path} is kept" if os.path.exists(self.ckpt_path)
-                    else "nothing was saved")
-            raise UserError(f"a loss became NaN or infinite in epoch {epoch + 1} by batch {batch + 1}; {kept}; "
-                            "lower --lr and run again with --resume")
+            lower = f"--lr {self.settings['lr'] / 2:g}"
+            if os.path.exists(self.ckpt_path):
+                advice = (f"the last good checkpoint {self.ckpt_path} is kept; to go on from it at half the learning "
+                          f"rate, run the same command with --resume {lower}")
+            else:
+                advice = f"nothing was saved; run the same command with {lower} (half the learning rate)"
+            raise UserError(f"a loss became NaN or infinite in epoch {epoch + 1} by batch {batch + 1}; {advice}")
 
     def begin(self, table_header):
-        """Before the first batch: stop if a signal came during start-up (the checkpoint untouched), else print
-        the header of the per-epoch table."""
+        """Before the first batch: stop if a signal came during start-up (the checkpoint untouched), else record
+        the settings this resume changes and print the header of the per-epoch table."""
         if self.stop_requested():
             self.exit_stopped("before training")
+        for setting, old, new in self.changes:
+            self.record_change(setting, old, new)
         self.print(table_header)
+
+    def record_change(self, setting, old, new):
+        """A setting changed on resume: a note in the log, a "change" record in the metrics and in the history
+        the next checkpoint keeps, and a text in the events, at the checkpoint's position."""
+        epoch, batch = self.checkpoint["epoch"], self.checkpoint["batch"]
+        flag = "--" + setting.replace("_", "-")
+        record = {"type": "change", "epoch": epoch + 1, "batch": batch, "setting": setting, "from": old, "to": new}
+        self.change_history.append(record)
+        self.change_lines.append(f"{flag} changes from {old:g} to {new:g} at epoch {epoch + 1}, batch {batch}")
+        self.print(f"note: {self.change_lines[-1]}; recorded in {self.metrics_path} and the checkpoint's history")
+        if self.rt.is_rank0:
+            self.check_lock()
+            append_metrics(self.metrics_path, record)
 
     def stop_requested(self):
         """A stop signal reached any process (agreed; between epochs and before the first)."""
@@ -688,20 +797,7 @@ class Run:
 def record_position(record):
     """(epochs done, batches into the next epoch) of the training position a metrics record was written at:
     an epoch record after epoch E is (E, 0); a monitor record at batch B of epoch E is (E - 1, B), and so is a
-    warning it raised."""
-    if record.get("type") == "monitor" or (record.get("type") == "warning" and "batch" in record):
+    warning it raised and a setting changed there."""
+    if "batch" in record:
         return record.get("epoch", 0) - 1, record.get("batch", 0)
     return record.get("epoch", 0), 0
-
-
-def scalar_tags(kind, record):
-    """The record's numbers as TensorBoard scalars, tagged <kind>/<key>; a per-class list as one per class."""
-    tags = {}
-    for key, value in record.items():
-        if key in ("type", "epoch", "batch"):
-            continue
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            tags[f"{kind}/{key}"] = value
-        elif isinstance(value, list) and len(value) == len(CLASSES):
-            tags.update({f"{kind}/{key}/{name}": v for name, v in zip(CLASSES, value) if isinstance(v, (int, float))})
-    return tags

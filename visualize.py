@@ -33,7 +33,7 @@ from checkpoint import load_model
 from data import CLASSES, load_split, to_float
 from images import save_grid, to_unit
 from models import NUM_CLASSES
-from files import UserError, atomic_write, run_main
+from files import UserError, atomic_write, output_folder, run_main
 from runtime import DEVICE_HELP, Runtime, progress_bar
 
 LEVEL = 2 / 255  # one 8-bit intensity level on the [-1, 1] scale: the perturbation's unit step
@@ -285,6 +285,7 @@ def merge_results(path, update):
 
 def visualize(args):
     check_args(args)
+    output_folder(args.out_dir, "--out-dir", create=False)  # made once the inputs have passed
     names = model_names(args.model, args.name)
     device = Runtime(args.device).device
     models = [load_model(path, "discriminator", device) for path in args.model]
@@ -297,10 +298,7 @@ def visualize(args):
     perturb_starts = ("real", "noise") if args.command == "all" else (args.start,)
     for i, (model, path, name) in enumerate(zip(models, args.model, names)):
         out = os.path.join(args.out_dir, name)
-        try:
-            os.makedirs(out, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot write to {out}: {e.strerror}; choose another --out-dir")
+        output_folder(out, "--out-dir")
         update = {"model": path}
         if "perturb" in techniques and "real" in perturb_starts:
             p = update["perturb"] = run_perturb(model, x, y, args, out)

@@ -200,9 +200,11 @@ job_duration() {
     fi
 }
 
-# "SECONDS DONE" for a run with metrics file $1 and schedule of $2 epochs, at the pace its last epoch record
-# measured: the trainer's own estimate (eta_s), else that epoch's seconds times the epochs left. Nothing
-# before the first epoch, or when the schedule's length is unknown.
+# "SECONDS DONE" for a run with metrics file $1 and schedule of $2 epochs: the seconds per epoch its last epoch
+# record measured (seconds_per_epoch; an older file's seconds of that epoch) times the epochs left of $2, which
+# may be more than the run was first given (a finished GAN trained further). Without $2, the trainer's own
+# estimate (eta_s). Nothing before the first epoch. Epoch records are those of type "epoch" (or of no type:
+# older baseline files).
 job_eta_seconds() {
     [ -r "$1" ] || return 0
     awk -v total="${2:-}" '
@@ -210,12 +212,14 @@ job_eta_seconds() {
             if (!match(last, "\"" name "\": *[0-9.eE+-]+")) return ""
             v = substr(last, RSTART, RLENGTH); sub(/^[^:]*: */, "", v); return v
         }
-        /"type": *"epoch"/ { last = $0 }
+        /"epoch":/ && (/"type": *"epoch"/ || !/"type":/) { last = $0 }
         END {
             if (last == "" || field("epoch") == "") exit
             done = field("epoch") + 0
-            if (field("eta_s") != "") eta = field("eta_s") + 0
-            else if (total ~ /^[0-9]+$/ && field("seconds") != "") eta = field("seconds") * (total > done ? total - done : 0)
+            per = field("seconds_per_epoch")
+            if (per == "") per = field("seconds")
+            if (total ~ /^[0-9]+$/ && per != "") eta = per * (total > done ? total - done : 0)
+            else if (field("eta_s") != "") eta = field("eta_s") + 0
             else exit
             printf "%d %d\n", eta + 0.5, done
         }' "$1"

@@ -63,6 +63,10 @@ check_settings() {
 
 check_settings
 B=$RUN_DIR/baseline G=$RUN_DIR/gan V=$RUN_DIR/visualization R=$RUN_DIR/report
+check_flags baseline BASELINE_ARGS "--resume --data-dir $DATA_DIR --out-dir $B --epochs $BASELINE_EPOCHS \
+--width $WIDTH $BASELINE_ARGS"
+check_flags gan GAN_ARGS "--resume --data-dir $DATA_DIR --out-dir $G --epochs $GAN_EPOCHS --width $WIDTH \
+$GAN_ARGS"
 AFTER="$B/baseline.chain $G/gan.chain"
 pbs_vars=
 [ "$SCHEDULER" != pbs ] || pbs_vars=",PBS_MODULES=$PBS_MODULES,PBS_VENV=$PBS_VENV,PBS_LAUNCHER=$PBS_LAUNCHER"

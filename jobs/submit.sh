@@ -42,6 +42,32 @@ check_common() {
     case $SCHEDULER in slurm | pbs) ;; *) fail "SCHEDULER=$SCHEDULER: use slurm or pbs" ;; esac
 }
 
+# check_flags TRAINER LABEL FLAGS [LABEL FLAGS]...: train_TRAINER.py (baseline or gan) checks, without training,
+# each FLAGS (the words its job will pass it, split as the job's shell splits them) in one python call
+# (`train_TRAINER.py --check-flags -`); the
+# first it refuses stops this script in one line naming its LABEL, before anything is queued: otherwise every
+# element would fail on its node after the queue wait. The jobs' python: PBS_VENV's on PBS where it is set.
+check_flags() {
+    local script=train_$1.py labels=() lines=() verdicts=() out errors i python=python
+    shift
+    while [ $# -ge 2 ]; do labels+=("$1"); lines+=("$2"); shift 2; done
+    [ "$SCHEDULER" != pbs ] || [ -z "${PBS_VENV:-}" ] || python=$PBS_VENV/bin/python
+    errors=$(mktemp)
+    out=$(printf '%s\n' "${lines[@]}" | "$python" "$script" --check-flags - 2>"$errors") || true  # 2: refused
+    [ -z "$out" ] || mapfile -t verdicts <<<"$out"
+    if [ ${#verdicts[@]} -ne ${#lines[@]} ]; then
+        out=$(last_line "$(cat "$errors")")
+        rm -f "$errors"
+        fail "cannot check the trainers' flags with '$python $script --check-flags' (${out:-no answer}); run this" \
+             "where python has the jobs' packages (activate their environment, or load their modules)"
+    fi
+    rm -f "$errors"
+    for i in "${!lines[@]}"; do
+        [ "${verdicts[i]}" = ok ] || fail "${labels[i]}: $script would refuse it on every node:" \
+            "${verdicts[i]#error: }; fix its flags"
+    done
+}
+
 # slurm_submit JOB_FILE VARS OPTIONS [-- SUBMIT-ONLY OPTIONS]: checks with --test-only that some node can run
 # the job, submits it, prints its id.
 slurm_submit() {

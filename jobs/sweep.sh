@@ -50,6 +50,7 @@ add_config() {
     local name=${1%%=*} flags=${1#*=}
     [ "$name" != "$1" ] || fail "--config $1: give NAME=\"FLAGS\""
     case $name in "" | *[!A-Za-z0-9._-]* | .*) fail "configuration name '$name': use letters, digits, . _ -" ;; esac
+    case $flags in *$'\r'*) fail "configuration $name: its flags hold a carriage return; remove it" ;; esac
     case " ${names[*]:-} " in *" $name "*) fail "configuration $name is given twice" ;; esac
     case $flags in *,*) fail "configuration $name: '$flags' contains a comma, which sbatch --export and qsub -v cannot pass on" ;; esac
     names+=("$name")
@@ -66,6 +67,7 @@ while [ $# -gt 0 ]; do
         --configs)
             [ $# -ge 2 ] && [ -r "$2" ] || fail "--configs needs a readable file of lines NAME FLAGS [| FLAGS]"
             while read -r line || [ -n "$line" ]; do
+                line=${line%$'\r'}  # a file written on Windows ends its lines in CR LF
                 line=${line%%#*}
                 [ -n "${line// /}" ] || continue
                 read -r name flags <<<"$line"
@@ -84,6 +86,17 @@ check_common DATA_DIR WIDTH BASELINE_EPOCHS GAN_EPOCHS BASELINE_ARGS GAN_ARGS CO
 for run in $RUNS; do case $run in baseline | gan) ;; *) fail "RUNS='$RUNS': name baseline, gan or both" ;; esac; done
 [ -n "${RUNS// /}" ] || fail "RUNS is empty: name baseline, gan or both"
 case $PBS_ARRAY in -J | -t) ;; *) fail "PBS_ARRAY=$PBS_ARRAY: use -J (PBS Pro, OpenPBS) or -t (Torque)" ;; esac
+# Each configuration's command line as its jobs will run it (seed 0 standing for all), checked by the trainer
+for run in $RUNS; do
+    checks=()
+    for c in "${!names[@]}"; do
+        if [ "$run" = gan ]; then flags="$GAN_ARGS ${gan_flags[c]}" epochs=$GAN_EPOCHS
+        else flags="$BASELINE_ARGS ${baseline_flags[c]}" epochs=$BASELINE_EPOCHS; fi
+        checks+=("configuration ${names[c]}" "--resume --data-dir $DATA_DIR --out-dir $RUN_DIR/${names[c]}/seed-0 \
+--epochs $epochs --width $WIDTH $flags --seed 0")
+    done
+    check_flags "$run" "${checks[@]}"
+done
 
 elements=$((${#names[@]} * SEEDS))
 # Each trainer's table: line i+1 is array element i, "OUT_DIR FLAGS" (jobs/lib.sh's job_sweep_element).

@@ -224,8 +224,8 @@ def checkpoint_of_another_width(root, data_dir, finished):
     return ["--data-dir", data_dir, "--out-dir", finished, "--resume", "--width", 8]
 
 
-def checkpoint_of_another_lr(root, data_dir, finished):
-    return ["--data-dir", data_dir, "--out-dir", finished, "--resume", "--lr", 5e-4]
+def checkpoint_of_other_betas(root, data_dir, finished):
+    return ["--data-dir", data_dir, "--out-dir", finished, "--resume", "--betas", 0.5, 0.999]
 
 
 def checkpoint_without_resume(root, data_dir, finished):
@@ -269,7 +269,7 @@ BAD_INPUT = [  # (case, a word its message must contain)
     (data_dir_with_neither_layout, "cifar-10-batches-py"),
     (class_folders_without_images, "no images"),
     (checkpoint_of_another_width, "--width"),
-    (checkpoint_of_another_lr, "--lr"),
+    (checkpoint_of_other_betas, "pass --betas 0.9 0.999 to resume it"),
     (checkpoint_without_resume, "--resume"),
     (generator_model_as_checkpoint, "baseline.ckpt"),
     (gan_checkpoint, "gan"),
@@ -376,5 +376,6 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_checkpoint(stop_signal, data_dir
     # Checked at once when stopping, else at the epoch's last batch (260 images in batches of 64: 4).
     checked_at = 1 if stop_signal else 4
     assert message.startswith(f"error: a loss became NaN or infinite in epoch 2 by batch {checked_at};")
-    assert "lower --lr" in message
+    assert message.endswith(f"is kept; to go on from it at half the learning rate, run the same command with "
+                            f"--resume --lr 0.0005")
     assert (out / "baseline.ckpt").read_bytes() == before

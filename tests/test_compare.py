@@ -181,3 +181,52 @@ def test_a_sweep_of_one_configuration_may_hold_the_seeds_directly(tmp_path, caps
     assert row["baseline"]["test_acc"]["mean"] == pytest.approx(0.75)
     assert row["baseline"]["test_acc"]["std"] == pytest.approx(math.sqrt(2 * 0.15 ** 2))
     assert "| w128 | 3 / - | 0.7500 ± 0.2121 (n=2) | - |" in capsys.readouterr().out
+
+
+def strict_json(text):
+    """What a strict reader accepts: no NaN or Infinity, and every string valid Unicode (no lone surrogate)."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    report = json.loads(text, parse_constant=refuse)
+    json.dumps(report, ensure_ascii=False).encode("utf-8")  # a lone surrogate fails here
+    return report
+
+
+def sweep_of(root, config, evals):
+    """root/<config>/seed-K/ (config: bytes, any name the file system takes) with a GAN run and eval.json per seed;
+    evals: (test accuracy, FID, KID) per seed as JSON texts. compare.py's (result, strict JSON, table)."""
+    for seed, (acc, fid, kid) in enumerate(evals):
+        folder = os.path.join(os.fsencode(root), config, f"seed-{seed}".encode())
+        os.makedirs(folder)
+        write_jsonl(os.fsdecode(os.path.join(folder, b"gan_metrics.jsonl")), gan_records(acc))
+        with open(os.path.join(folder, b"eval.json"), "w") as f:
+            f.write(f'{{"n": 10000, "fid": {fid}, "kid_mean": {kid}, "is_mean": {4 + seed}}}')
+    result = subprocess.run([sys.executable, os.path.join(REPO, "compare.py"), str(root)], capture_output=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert b"Traceback" not in result.stderr
+    table = (root / "compare.md").read_text(encoding="utf-8")
+    assert result.stdout.decode("utf-8").startswith(table)
+    return strict_json((root / "compare.json").read_text(encoding="utf-8")), table
+
+
+def test_a_folder_name_that_is_not_utf8_is_shown_escaped(tmp_path):
+    """An old zip unpacks café in Latin-1."""
+    report, table = sweep_of(tmp_path, b"caf\xe9", [(0.5, 50.0, 0.02), (0.7, 60.0, 0.04)])
+    assert [row["config"] for row in report["configurations"]] == ["caf\\xe9"]
+    assert "| caf\\xe9 | - / 2 |" in table and "55.00 ± 7.07 (n=2)" in table
+
+
+def test_a_diverged_seed_is_listed_and_the_others_fill_the_cell(tmp_path):
+    """One seed's FID is NaN and its KID Infinity (as Python's json writes them): the good seeds' values make the
+    cells, the bad seed is listed, and compare.json stays strict JSON."""
+    report, table = sweep_of(tmp_path, b"w8", [(0.5, 50.0, 0.02), (0.7, 60.0, 0.04), (0.6, "NaN", "Infinity")])
+    (row,) = report["configurations"]
+    assert row["generator"]["fid"] == pytest.approx({"mean": 55.0, "std": math.sqrt(50), "n": 2,
+                                                    "values": [50.0, 60.0]})
+    assert row["generator"]["kid_mean"]["values"] == pytest.approx([0.02, 0.04])
+    assert row["generator"]["is_mean"]["n"] == 3 and row["gan"]["test_acc"]["n"] == 3
+    assert report["left_out"] == ["w8/seed-2: FID nan, KID inf (eval.json, 10000 samples), left out of those columns"]
+    assert "| w8 | - / 2 |" in table and "55.00 ± 7.07 (n=2)" in table and "0.03000 ± 0.01414 (n=2)" in table
+    assert "- w8/seed-2: FID nan, KID inf" in table

@@ -145,7 +145,7 @@ def event_steps(folder):
     """(steps of the epoch records' test accuracy, steps of the grids) as TensorBoard reads the folder."""
     events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
-    return [e.step for e in events.Scalars("epoch/test_acc")], [e.step for e in events.Images("samples")]
+    return [e.step for e in events.Scalars("accuracy/test_acc")], [e.step for e in events.Images("samples")]
 
 
 def test_baseline_under_torchrun_writes_once(tiny_image_folder, tmp_path):

@@ -325,6 +325,6 @@ def test_eval_every_logs_the_measures_without_changing_the_training(tiny_image_f
     events = EventAccumulator(str(measured / "tb" / "gan"))  # the measures in TensorBoard, at each epoch's end
     events.Reload()
     assert [e.value for e in events.Scalars("eval/class_acc")] == pytest.approx([r["class_acc"] for r in evals])
-    assert [e.step for e in events.Scalars("eval/spread_ratio_per_class/cat")] == [8, 16]
+    assert [e.step for e in events.Scalars("per_class/spread_ratio/cat")] == [8, 16]
     a, b = (torch.load(out / "generator.model", weights_only=True)["state_dict"] for out in (plain, measured))
     assert all(torch.equal(a[k], b[k]) for k in a)

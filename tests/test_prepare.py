@@ -8,17 +8,22 @@ import http.server
 import io
 import os
 import pickle
+import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tarfile
 import threading
+import time
 from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 from torch_fidelity import feature_extractor_inceptionv3 as inception
+from torchvision.datasets import CIFAR10
 
 import data
 import evaluate
@@ -68,16 +73,31 @@ def mirror(tmp_path_factory):
              "weights.pth": weights, "weights-cut.pth": weights[:-100], "foreign.pth": archive}
     for name, content in files.items():
         (root / name).write_bytes(content)
-    requests = []
+    requests, release = [], threading.Event()
 
     class Handler(http.server.SimpleHTTPRequestHandler):
         def log_message(self, format, *args):
             requests.append(self.path)
 
+        def do_GET(self):
+            if self.path != "/stall.tar.gz":
+                return super().do_GET()
+            # The archive's first 64 KB, then nothing until released: a download under way
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(archive)))
+            self.end_headers()
+            try:
+                self.wfile.write(archive[:65536])
+                self.wfile.flush()
+            except OSError:
+                return
+            release.wait(60)
+
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield dict(url=f"http://127.0.0.1:{server.server_address[1]}", root=root, requests=requests, images=images,
                labels=labels, md5=hashlib.md5(archive).hexdigest(), sha256=hashlib.sha256(weights).hexdigest())
+    release.set()
     server.shutdown()
 
 
@@ -210,6 +230,53 @@ def test_a_damaged_copy_is_fetched_again(tmp_path, mirror, capsys):
     assert "CIFAR-10 downloaded from" in capsys.readouterr().out
 
 
+def start_stalled_download(tmp_path, mirror):
+    """prepare.py as a real process whose CIFAR-10 download has begun (part of the archive on disk) and stalls;
+    (the process, the partial archive)."""
+    args = run_prepare_args(tmp_path, mirror, cifar="stall.tar.gz")
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "prepare.py"), *map(str, args)],
+                            env=dict(os.environ, TORCH_HOME=str(tmp_path / "torch")), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        partial = [path for path in (tmp_path / "data").glob(".prepare-*/*") if path.stat().st_size > 0]
+        if partial:
+            return proc, partial[0]
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"the download did not start: {proc.communicate()}")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM])
+def test_a_hang_up_or_sigterm_mid_download_keeps_nothing_of_it(tmp_path, mirror, signum):
+    """A dropped ssh session sends SIGHUP: the partial archive goes as it does on SIGTERM, exit 128 + signal."""
+    proc, partial = start_stalled_download(tmp_path, mirror)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, err
+    assert err.splitlines()[-1] == f"stopped by {signal.Signals(signum).name}" and "Traceback" not in err
+    assert os.listdir(tmp_path / "data") == []
+
+
+def test_what_a_kill_left_the_next_run_removes(tmp_path, mirror, capsys, monkeypatch):
+    """kill -9 mid-download leaves the partial archive in its temporary folder; the next run removes it, and a
+    weights download of a process gone too, but not what a run on another host may still be writing."""
+    proc, partial = start_stalled_download(tmp_path, mirror)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert partial.exists()
+    weights = tmp_path / "w.pth"
+    dead, elsewhere = tmp_path / f"w.pth.{proc.pid}@{socket.gethostname()}.download", tmp_path / "w.pth.1@far.download"
+    dead.write_bytes(b"cut short")
+    elsewhere.write_bytes(b"still coming")
+    args = run_prepare_args(tmp_path, mirror)[:-4] + ["--inception-url", f"{mirror['url']}/weights.pth",
+                                                      "--inception-weights", weights]
+    prepare.main([str(a) for a in args])
+    assert "ready" in capsys.readouterr().out.splitlines()[-1]
+    assert os.listdir(tmp_path / "data") == ["cifar-10-batches-py"]
+    assert not dead.exists() and elsewhere.read_bytes() == b"still coming" and weights.exists()
+
+
 @pytest.mark.parametrize("capability, supported", [((9, 0), True), ((6, 0), False)])
 def test_a_visible_gpu_is_checked_against_the_build(monkeypatch, capability, supported):
     """No GPU here: torch.cuda says there is one (an H100, a P100) of a CUDA build for sm_75 to sm_120."""
@@ -226,3 +293,27 @@ def test_a_visible_gpu_is_checked_against_the_build(monkeypatch, capability, sup
         assert gpu[1] == "GPU cuda:0: GPU-X, compute capability 9.0, supported"
     else:
         assert gpu[1].startswith("GPU cuda:0 (GPU-X, compute capability 6.0) is not supported by this PyTorch")
+
+
+def test_a_damaged_batch_the_trainers_meet_is_fetched_again_once_deleted_as_they_say(tmp_path, mirror, monkeypatch):
+    """The trainers' own download (torchvision's, pointed at the mirror with its checksums) after following
+    their error's advice: delete the folder, run again."""
+    prepare.main([str(a) for a in run_prepare_args(tmp_path, mirror)] + ["--inception-weights", str(tmp_path / "w")])
+    batches = tmp_path / "data" / "cifar-10-batches-py"
+    md5 = {name: hashlib.md5((batches / name).read_bytes()).hexdigest() for name in prepare.CIFAR_MD5}
+    monkeypatch.setattr(CIFAR10, "url", f"{mirror['url']}/cifar.tar.gz")
+    monkeypatch.setattr(CIFAR10, "tgz_md5", mirror["md5"])
+    monkeypatch.setattr(CIFAR10, "train_list", [[name, md5[name]] for name, _ in CIFAR10.train_list])
+    monkeypatch.setattr(CIFAR10, "test_list", [[name, md5[name]] for name, _ in CIFAR10.test_list])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5[CIFAR10.meta["filename"]]})
+    good = data.load_split(tmp_path / "data", "train")
+    (batches / "data_batch_2").write_bytes((batches / "data_batch_2").read_bytes()[:100])
+    with pytest.raises(prepare.UserError) as error:
+        data.load_split(tmp_path / "data", "train")
+    advice = re.fullmatch(r".*; delete (\S+) to fetch it again", str(error.value))
+    assert advice, error.value
+    shutil.rmtree(advice.group(1))
+    mirror["requests"].clear()
+    again = data.load_split(tmp_path / "data", "train")
+    assert "/cifar.tar.gz" in mirror["requests"]
+    assert torch.equal(again[0], good[0]) and torch.equal(again[1], good[1])

@@ -1,0 +1,70 @@
+"""Every script's output path, checked before any work: a file where a folder is asked for, or a path under a
+file, is one line (`error: ...`, exit 2) naming the file in the way, never a traceback; check_gpu.py as a real
+process, the others through their main() (an interpreter start per case would cost seconds)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import compare
+import evaluate
+import make_gif
+import report
+import sample
+import train_baseline
+import train_gan
+import visualize
+from conftest import REPO
+
+# (script's main, its arguments with OUT for the output path, the flag). Inputs that do not exist: the output
+# path is checked first.
+SCRIPTS = [
+    (train_baseline.main, ["--data-dir", "nowhere", "--out-dir", "OUT", "--device", "cpu"], "--out-dir"),
+    (train_gan.main, ["--data-dir", "nowhere", "--out-dir", "OUT", "--device", "cpu"], "--out-dir"),
+    (visualize.main, ["all", "--model", "missing.model", "--out-dir", "OUT", "--device", "cpu"], "--out-dir"),
+    (report.main, ["--out-dir", "OUT"], "--out-dir"),
+    (compare.main, [".", "--output-dir", "OUT"], "--output-dir"),
+    (evaluate.main, ["--generator", "missing.model", "--output", "OUT/eval.json", "--device", "cpu"], "--output"),
+    (sample.main, ["--model", "missing.model", "--classes", "cat", "--output", "OUT/cats.png"], "--output"),
+    (make_gif.main, ["--input", "missing", "--output", "OUT/progress.gif"], "--output"),
+]
+FOLDER_FLAGS = {"--out-dir", "--output-dir"}
+
+
+@pytest.mark.parametrize("main, args, flag", SCRIPTS, ids=[m.__module__ for m, _, _ in SCRIPTS])
+@pytest.mark.parametrize("where", ["the file itself", "under the file"])
+def test_an_output_path_through_a_file_is_one_line(main, args, flag, where, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("not a folder")
+    out = "a_file" if where == "the file itself" and flag in FOLDER_FLAGS else "a_file/sub"
+    with pytest.raises(SystemExit) as exit_:
+        main([a.replace("OUT", out) for a in args])
+    err = capsys.readouterr().err
+    path = next(a for a in args if "OUT" in a).replace("OUT", out)
+    if out == "a_file":
+        assert err == f"error: {flag} {path} is a file, not a folder; choose another {flag}\n"
+    else:
+        assert err == f"error: {flag} {path}: a_file is a file, not a folder; choose another {flag}\n"
+    assert exit_.value.code == 2
+    assert (tmp_path / "a_file").read_text() == "not a folder"
+
+
+def test_an_output_file_named_as_a_folder_is_one_line(tmp_path, capsys):
+    (tmp_path / "grids.gif").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        make_gif.main(["--input", str(tmp_path), "--output", str(tmp_path / "grids.gif")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == f"error: --output {tmp_path / 'grids.gif'} is a folder; name a file\n"
+
+
+@pytest.mark.parametrize("out", ["check.json", "check.json/sub"])
+def test_check_gpu_out_dir_through_a_file_is_one_line_exit_2(tmp_path, out):
+    (tmp_path / "check.json").write_text("{}")
+    result = subprocess.run([sys.executable, os.path.join(REPO, "check_gpu.py"), "--device", "cpu", "--out-dir", out,
+                             "--data-dir", "nowhere"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    path = str(tmp_path / out)  # check_gpu.py takes its paths as absolute ones
+    where = "" if out == "check.json" else f": {tmp_path / 'check.json'}"
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"error: --out-dir {path}{where} is a file, not a folder; choose another --out-dir\n"
+    assert (tmp_path / "check.json").read_text() == "{}"
