@@ -10,8 +10,10 @@ defaults (an estimate from its parts: it has not run on one yet).
         --bench-steps 1 --bench-warmup 0                     # the command itself, tiny, on a CPU
 
 The steps, in this order, each a process of its own run from the repository root:
-    bench.py        images/s of a baseline step and of a GAN iteration on synthetic images, for each path of
-                    bench.py (--bench-steps timed steps after --bench-warmup, the best of --bench-rounds rounds)
+    bench.py        images/s of a baseline step and of a GAN iteration on synthetic images: on a GPU the paths
+                    plain, fp32 (the default), fast (--speed fast) and, where the GPU has bf16, bf16 and fast-bf16;
+                    on the CPU each path it runs there (--bench-steps timed steps after --bench-warmup, the best
+                    of --bench-rounds rounds)
     baseline fp32, baseline bf16, gan fp32, gan bf16
                     each trainer for --epochs epochs of --limit-train images in a scratch folder, its last epoch
                     timed (the first includes cuDNN's autotuning): images/s, seconds per epoch of the 50,000
@@ -176,10 +178,15 @@ def last_json(stdout):
 
 def bench(check, record):
     args = check.args
+    device = torch.device(args.device)
+    # On a GPU the paths a user chooses between (bench.py alone measures each switch): the default, --speed fast,
+    # and both in bf16 where the GPU has it
+    paths = ["--paths", "plain,fp32,fast" + (",bf16,fast-bf16" if bf16_capable(device) else "")] \
+        if device.type == "cuda" else []
     stdout = check.run(record, "bench", [sys.executable, "bench.py", "--device", args.device, "--width",
                                          str(args.width), "--batch-size", str(args.batch_size), "--steps",
                                          str(args.bench_steps), "--warmup", str(args.bench_warmup), "--rounds",
-                                         str(args.bench_rounds)])
+                                         str(args.bench_rounds), *paths])
     if record["status"] == PASSED:
         record["results"] = last_json(stdout)
         if record["results"] is None:
