@@ -227,7 +227,10 @@ def test_a_run_without_resume_over_a_checkpoint_says_pass_resume(data_dir, tmp_p
 
 @pytest.mark.parametrize("trainer, flags, advice", [
     (train_gan, ["--batch-size", "1"], r"use (--batch-size 2) or more"),
-    (train_baseline, ["--precision", "bf16"], r"use (--precision fp32)")])
+    (train_baseline, ["--precision", "bf16"], r"use (--precision fp32)"),
+    (train_gan, ["--speed", "fast"], r"use (--speed plain) or auto on the CPU"),
+    pytest.param(train_baseline, ["--device", "cuda"], r"use (--device cpu)",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="advice for a machine without CUDA"))])
 def test_an_error_naming_a_flag_to_use_trains_with_it(data_dir, tmp_path, capsys, trainer, flags, advice):
     command = ["--data-dir", str(data_dir), "--out-dir", str(tmp_path), *TINY, "--limit-train", "64", "--epochs", "1",
                *flags]
