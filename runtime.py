@@ -282,7 +282,7 @@ class Speed:
     @classmethod
     def choose(cls, name, device, world_size=1):
         """The switches of --speed NAME on this device. auto is plain: fast was measured faster on an H200, but there
-        its gradients lay up to ten times further from float64's than plain's (tests/test_kernels.py), which is not
+        its gradients lay 3 to 700 times further from float64's than plain's (tests/test_kernels.py), which is not
         yet explained; a path becomes the default only once it is both faster and as accurate."""
         if name in ("plain", "auto"):
             return cls()

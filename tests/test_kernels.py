@@ -206,17 +206,25 @@ def fast_twin(disc, speed):
     return twin
 
 
+SWITCHES = {"all": dict(channels_last=True, conv_gradfix=True, triton_layer_norm=True),
+            "channels_last": dict(channels_last=True), "conv_gradfix": dict(conv_gradfix=True),
+            "triton_layer_norm": dict(triton_layer_norm=True)}
+
+
+@pytest.mark.parametrize("switches", SWITCHES)
 @pytest.mark.parametrize("device", DEVICES)
-def test_discriminator_loss_and_gradients_with_every_switch_are_as_accurate_as_the_plain_ones(device, small_chunks):
-    """The loss, its monitored values and every parameter's gradient, with every switch on and with none, in fp32,
-    each against the plain net in float64: the fast path's error is at most twice the plain path's (both are fp32;
-    they sum in other orders with other convolution algorithms) plus 1e-5 of the largest value."""
+def test_discriminator_loss_and_gradients_with_the_switches_are_as_accurate_as_the_plain_ones(device, switches,
+                                                                                           small_chunks):
+    """The loss, its monitored values and every parameter's gradient, with the switches on (all of them, and each
+    alone: which one loses accuracy, if one does) and with none, in fp32, each against the plain net in float64:
+    the switched path's error is at most twice the plain path's (both are fp32; they sum in other orders with other
+    convolution algorithms) plus 1e-5 of the largest value."""
     width, n = (8, 4) if device == "cpu" else (196, 32)
     # Still several chunks to conv1's rows of 8,192 on the CPU, few enough programs for the interpreter
     small_chunks.CHUNK, small_chunks.ROW_GROUP = (2048, 3) if device == "cpu" else (4096, 16)
     torch.manual_seed(0)
     disc = Discriminator(width).to(device)
-    fast = fast_twin(disc, Speed(channels_last=True, conv_gradfix=True, triton_layer_norm=True))
+    fast = fast_twin(disc, Speed(**SWITCHES[switches]))
     reference = fast_twin(disc, Speed()).double()
     g = torch.Generator().manual_seed(1)
     real, fake = (torch.rand(n, 3, 32, 32, generator=g).to(device) * 2 - 1 for _ in range(2))
