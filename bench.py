@@ -86,7 +86,8 @@ def one_batch_discriminator_loss(disc, real, real_labels, fake, fake_labels, alp
     loss, same gradients, the penalty's double backward over all three thirds of the batch)."""
     n = len(real)
     x_hat = (alpha.view(-1, 1, 1, 1) * real + (1 - alpha.view(-1, 1, 1, 1)) * fake).requires_grad_(True)
-    scores, logits = (t.float() for t in disc(torch.cat([real, fake, x_hat])))
+    judged = disc(torch.cat([real, fake, x_hat]))
+    scores, logits = judged.score.float(), judged.logits.float()
     gp = train_gan.gradient_penalty(scores[2 * n:], x_hat, lambda_gp)[0]
     return (scores[n:2 * n].mean() - scores[:n].mean() + F.cross_entropy(logits[:n], real_labels)
             + F.cross_entropy(logits[n:2 * n], fake_labels) + gp)

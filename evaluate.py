@@ -234,7 +234,7 @@ class ClassifierMetrics:
             x = to_float(images[start:start + self.batch_size].to(device))
             features.append(self.classifier(x, extract_features=layer).double().cpu())
             if predict:
-                predicted.append(self.classifier(x)[1].argmax(1).cpu())
+                predicted.append(self.classifier(x).logits.argmax(1).cpu())
         return torch.cat(features), torch.cat(predicted) if predict else None
 
     def __call__(self, images, labels):

@@ -10,6 +10,7 @@ with the others of its group before the heads.
 Generator: fc to 4x4, three upsampling transposed convs among plain convs, batch norm + ReLU, tanh.
 """
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -322,6 +323,13 @@ class MinibatchDiscrimination(nn.Module):
             return torch.exp(-l1).sum(2).view(n, self.kernels)
 
 
+class Judgement(NamedTuple):
+    """What the discriminator makes of a batch."""
+    score: torch.Tensor  # (N, 1): the critic's score (fc1)
+    logits: torch.Tensor  # (N, 10): the class logits (fc10)
+    features: torch.Tensor  # (N, num_features): the pooled last block, the heads' input without minibatch features
+
+
 class Discriminator(nn.Module):
     """The critic + classifier, built from the block table ARCHS[arch].
 
@@ -354,19 +362,15 @@ class Discriminator(nn.Module):
         """Conv layers, the valid range of extract_features being 1..num_layers."""
         return len(self.blocks)
 
-    def forward(self, x, extract_features=0, groups=1, with_features=False):
-        """(critic score (N, 1), class logits (N, 10)).
+    def forward(self, x, extract_features=0, groups=1):
+        """A Judgement: the critic's score, the class logits and the pooled features (for feature matching).
         extract_features=k in 1..num_layers: instead, the output of conv block k max-pooled over its whole
         spatial extent, (N, channels of block k).
-        with_features: also return the max-pooled output of the last block, (N, self.num_features), the heads'
-        input without the minibatch features (for feature matching).
         groups: the minibatch features of a sample come from the batch's 1/groups chunk it is in (see
         MinibatchDiscrimination); the batch size must be a multiple of groups."""
         if not 0 <= extract_features <= self.num_layers:
             raise ValueError(f"extract_features must be 0 (both heads) or a conv layer in 1..{self.num_layers}, "
                              f"got {extract_features}")
-        if extract_features and with_features:
-            raise ValueError("with_features needs the heads: use it with extract_features=0")
         if groups < 1 or len(x) % groups:
             raise ValueError(f"groups must be a positive divisor of the batch size {len(x)}, got {groups}")
         for k, block in enumerate(self.blocks, start=1):
@@ -375,8 +379,7 @@ class Discriminator(nn.Module):
                 return F.adaptive_max_pool2d(x, 1).flatten(1)
         features = F.max_pool2d(x, 4, 4).flatten(1)
         h = features if self.minibatch is None else torch.cat([features, self.minibatch(features, groups)], 1)
-        score, logits = self.fc1(h), self.fc10(h)
-        return (score, logits, features) if with_features else (score, logits)
+        return Judgement(self.fc1(h), self.fc10(h), features)
 
 
 class Generator(nn.Module):

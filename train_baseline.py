@@ -58,7 +58,7 @@ def train_step(net, optimizer, x, labels, bf16=False):
     """One Adam step on cross entropy of fc10; returns (loss, accuracy) on the batch as device tensors.
     bf16: autocast the forward pass to bf16."""
     with autocast(x.device, bf16):
-        logits = net(x)[1].float()
+        logits = net(x).logits.float()
     loss = F.cross_entropy(logits, labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -129,7 +129,8 @@ def discriminator_loss(disc_ddp, disc, real, real_labels, fake, fake_labels, alp
     n = len(real)
     with record_function("discriminator forward (real + fake)"):
         # groups=2: with minibatch discrimination, real images are compared with real ones only, fakes with fakes
-        scores, logits = (t.float() for t in disc_ddp(torch.cat([real, fake]), groups=2))
+        judged = disc_ddp(torch.cat([real, fake]), groups=2)
+        scores, logits = judged.score.float(), judged.logits.float()
         real_score, fake_score = scores[:n].mean(), scores[n:].mean()
         real_ce = F.cross_entropy(logits[:n], real_labels)
         fake_ce = F.cross_entropy(logits[n:], fake_labels)
@@ -141,7 +142,7 @@ def discriminator_loss(disc_ddp, disc, real, real_labels, fake, fake_labels, alp
     if penalty_factor:
         with record_function("penalty gradient"):
             x_hat = (alpha.view(-1, 1, 1, 1) * real + (1 - alpha.view(-1, 1, 1, 1)) * fake).requires_grad_(True)
-            gp, monitored["grad_norm"] = gradient_penalty(disc(x_hat)[0].float(), x_hat, lambda_gp)
+            gp, monitored["grad_norm"] = gradient_penalty(disc(x_hat).score.float(), x_hat, lambda_gp)
         loss = loss + penalty_factor * gp
         monitored["gp"] = gp
     return loss, {name: value.detach() for name, value in monitored.items()}
@@ -156,12 +157,12 @@ def generator_loss(disc, fake, labels, real=None, feature_matching=0.0):
     """-mean(fc1(G(z))) + CE(fc10(G(z)), label); with feature_matching W > 0 also
     W * feature_matching_loss of D's pooled last-block features on the real batch and on the fake one. Returns
     the loss and its terms, detached: g_critic, g_ce (and g_fm)."""
-    scores, logits, fake_features = disc(fake, with_features=True)
-    terms = {"g_critic": -scores.float().mean(), "g_ce": F.cross_entropy(logits.float(), labels)}
+    fake_judged = disc(fake)
+    terms = {"g_critic": -fake_judged.score.float().mean(), "g_ce": F.cross_entropy(fake_judged.logits.float(), labels)}
     if feature_matching:
         with torch.no_grad():
-            real_features = disc(real, with_features=True)[2]
-        terms["g_fm"] = feature_matching * feature_matching_loss(real_features, fake_features)
+            real_features = disc(real).features
+        terms["g_fm"] = feature_matching * feature_matching_loss(real_features, fake_judged.features)
     return sum(terms.values()), {name: value.detach() for name, value in terms.items()}
 
 

@@ -223,7 +223,7 @@ def accuracy(model, loader):
     model.eval()
     correct, count = torch.zeros((), device=loader.labels.device), 0
     for _, images, labels in loader.batches():
-        correct += (model(to_float(images))[1].argmax(1) == labels).sum()
+        correct += (model(to_float(images)).logits.argmax(1) == labels).sum()
         count += len(labels)
     model.train()
     return correct.item() / count

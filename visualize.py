@@ -148,7 +148,7 @@ def model_names(paths, names):
 
 def accuracy(model, x, y):
     with torch.no_grad():
-        return (model(x)[1].argmax(1) == y).float().mean().item()
+        return (model(x).logits.argmax(1) == y).float().mean().item()
 
 
 def gradient_image(grad, scale="batch"):
@@ -173,7 +173,7 @@ def perturb(model, x, y, gain, scale="batch"):
     after."""
     alternative = (y + 1) % NUM_CLASSES
     x = x.detach().requires_grad_(True)
-    grad, = torch.autograd.grad(F.cross_entropy(model(x)[1], alternative), x)
+    grad, = torch.autograd.grad(F.cross_entropy(model(x).logits, alternative), x)
     jittered = (x.detach() - gain * LEVEL * grad.sign()).clamp(-1, 1)
     return {"gradient": gradient_image(grad, scale), "jittered": jittered,
             "accuracy_before": accuracy(model, x.detach(), y), "accuracy_after": accuracy(model, jittered, y),
@@ -198,7 +198,7 @@ def maximize_classes(model, start, iterations=200, lr=0.1, weight_decay=0.001, d
     or one image per class (10, 3, H, W). Returns the images and each image's own class logit before and
     after."""
     target = torch.arange(NUM_CLASSES, device=start.device)
-    objective = lambda x: model(x)[1][target, target]
+    objective = lambda x: model(x).logits[target, target]
     x = (start.expand(NUM_CLASSES, *start.shape) if start.dim() == 3 else start[:NUM_CLASSES]).clone()
     with torch.no_grad():
         before = objective(x)
@@ -252,7 +252,7 @@ def run_max_class(model, start, args, out, name):
     result = maximize_classes(model, start, **ascent_settings(args), desc=f"{name}: classes")
     save_grid(to_unit(result["images"]), os.path.join(out, "max_class.png"), PER_ROW, column_labels=CLASSES)
     with torch.no_grad():
-        predicted = model(result["images"])[1].argmax(1)
+        predicted = model(result["images"]).logits.argmax(1)
     return {**ascent_settings(args), "start": args.start, "start_scores": rounded(result["start_scores"]),
             "final_scores": rounded(result["final_scores"]), "predicted": [CLASSES[i] for i in predicted]}
 
@@ -307,7 +307,7 @@ def visualize(args):
         if "perturb" in techniques and "noise" in perturb_starts:
             noise = noise_images(len(y), device=device)  # as many as the real batch
             with torch.no_grad():
-                as_classified = model(noise)[1].argmax(1)
+                as_classified = model(noise).logits.argmax(1)
             p = update["perturb_noise"] = run_perturb(model, noise, as_classified, args, out, prefix="noise_")
             print(f"{name}: {p['images']} noise images, after the perturbation (gain {args.gain:g}) "
                   f"{p['accuracy_after']:.1%} classified as before, {p['alternative_after']:.1%} as label + 1")

@@ -127,7 +127,7 @@ def classifier():
     images, labels = class_images(20, seed=1)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     for _ in range(60):
-        loss = F.cross_entropy(net(to_float(images))[1], labels)
+        loss = F.cross_entropy(net(to_float(images)).logits, labels)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -208,7 +208,7 @@ def test_reference_features_are_extracted_once_and_never_reused_for_other_images
 def test_class_accuracy_is_full_for_prototypes_and_chance_for_noise(classifier):
     test_images, test_labels = class_images(10, seed=6)
     prototypes = class_images(1, seed=7)[0]
-    assert torch.equal(classifier(to_float(prototypes))[1].argmax(1), torch.arange(NUM_CLASSES))
+    assert torch.equal(classifier(to_float(prototypes)).logits.argmax(1), torch.arange(NUM_CLASSES))
     measures = evaluate.ClassifierMetrics(classifier, test_images, test_labels, batch_size=64)
     evaluator = evaluate.Evaluator(CPU, n=1000, classifier=measures, batch_size=250)
     exact = evaluator(PrototypeGenerator(prototypes))

@@ -145,7 +145,7 @@ def losses_and_gradients(device, tf32):
     alpha = torch.rand(16, generator=torch.Generator().manual_seed(3)).to(device)
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=tf32):
         d_loss, _ = train_gan.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0)
-        c_loss = F.cross_entropy(disc(real)[1], y_real)
+        c_loss = F.cross_entropy(disc(real).logits, y_real)
         z = class_noise(y_fake.cpu(), torch.Generator().manual_seed(4)).to(device)
         g_loss, _ = train_gan.generator_loss(disc, gen(z), y_fake)
         results = []
