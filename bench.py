@@ -50,8 +50,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import train_baseline
 import train_gan
+from cli import UserError, check_range, run_main
 from data import CROP_SCALE, JITTER, augment
-from files import UserError, check_range, run_main
 from models import Discriminator, Generator, LayerNorm, class_noise
 from runtime import DEVICE_HELP, GraphedStep, Runtime, Speed, bf16_capable
 from training import Meter

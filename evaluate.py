@@ -31,10 +31,11 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 
 from checkpoint import load_model
+from cli import UserError, run_main
 from data import CLASSES, load_split, to_float
 from images import to_unit
 from models import NUM_CLASSES, class_noise
-from files import UserError, atomic_write, output_file, run_main
+from files import atomic_write, output_file
 from runtime import DEVICE_HELP, Runtime, progress_bar
 
 INCEPTION = "inception-v3-compat"  # torch-fidelity's port of the TensorFlow InceptionV3 the papers used

@@ -18,7 +18,8 @@ import imageio.v3 as iio
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from files import UserError, atomic_write, check_range, output_file, run_main
+from cli import UserError, check_range, run_main
+from files import atomic_write, output_file
 from images import HEADER
 
 GRID_NAME = re.compile(r"^(\d{3,})\.png$")

@@ -31,8 +31,8 @@ from packaging.requirements import Requirement
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import calculate_md5, check_integrity, download_url, extract_archive
 
+from cli import UserError, run_main
 from data import load_split
-from files import UserError, run_main
 from runtime import check_gpu_supported
 
 REPO = os.path.dirname(os.path.abspath(__file__))

@@ -37,10 +37,11 @@ from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
+from cli import UserError, run_main
 from data import CLASSES
 import health
 from evaluate import COLLAPSE_BELOW, format_table
-from files import UserError, atomic_write, output_folder, read_metrics, run_main
+from files import atomic_write, output_folder, read_metrics
 from make_gif import epoch_grids
 
 PAGE = (11.69, 8.27)  # A4 landscape, inches

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from checkpoint import model_record, restore_model, save_model
+from cli import run_main
 from data import augment
-from files import run_main
 from models import Discriminator
 from runtime import GraphedStep, Runtime, Speed, StopSignal, autocast, setup_speed
 from training import (Meter, Run, accuracy, adam, add_data_args, add_recipe_args, add_system_args, check_common_args,

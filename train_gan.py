@@ -23,11 +23,13 @@ from torch.profiler import record_function
 
 import health
 from checkpoint import model_record, restore_model
+from cli import UserError, check_range, run_main
 from data import CLASSES, augment
-from files import UserError, check_range, image_bytes, run_main, torch_bytes
+from files import image_bytes, torch_bytes
 from images import grid_image, to_unit
-from models import MINIBATCH_DIMS, MINIBATCH_KERNELS, NUM_CLASSES, Discriminator, Generator, class_noise
-from runtime import GraphedStep, Runtime, Speed, StopSignal, autocast, global_batch_norm, setup_speed
+from models import (MINIBATCH_DIMS, MINIBATCH_KERNELS, NUM_CLASSES, Discriminator, Generator, class_noise,
+                    global_batch_norm)
+from runtime import GraphedStep, Runtime, Speed, StopSignal, autocast, setup_speed
 from training import (Meter, Run, accuracy, adam, add_data_args, add_recipe_args, add_system_args,
                       check_common_args, check_configurations, load_optimizer, run_config, training_loaders)
 
@@ -288,7 +290,7 @@ def epoch_outputs(gen, disc, grid, out_dir, epoch):
 
 def distribute(gen, disc, rt):
     """(gen_ddp, disc_ddp): the nets' DistributedDataParallel wrappers under torchrun, else the nets. The
-    generator's batch statistics cover the global batch (runtime.GlobalBatchNorm, NCCL and gloo alike), as one
+    generator's batch statistics cover the global batch (models.GlobalBatchNorm, NCCL and gloo alike), as one
     process would see them; its running statistics are then the same on every process, so DDP does not
     broadcast them before each forward."""
     if rt.world_size == 1:

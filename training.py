@@ -33,9 +33,10 @@ import torch.distributed as dist
 
 import health
 from checkpoint import load_checkpoint
+from cli import UserError, check_range
 from data import Loader, load_split, to_float
-from files import (UserError, append_metrics, atomic_write, check_range, output_folder, read_metrics, rewrite_metrics,
-                   torch_bytes, write_error, write_together)
+from files import (append_metrics, atomic_write, output_folder, read_metrics, rewrite_metrics, torch_bytes, write_error,
+                   write_together)
 from models import ARCHS, DEFAULT_WIDTH
 from runtime import DEVICE_HELP, EXIT_STOPPED, SPEED_HELP, progress_bar
 

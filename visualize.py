@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import load_model
+from cli import UserError, run_main
 from data import CLASSES, load_split, to_float
 from images import save_grid, to_unit
 from models import NUM_CLASSES
-from files import UserError, atomic_write, output_folder, run_main
+from files import atomic_write, output_folder
 from runtime import DEVICE_HELP, Runtime, progress_bar
 
 LEVEL = 2 / 255  # one 8-bit intensity level on the [-1, 1] scale: the perturbation's unit step

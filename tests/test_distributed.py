@@ -12,9 +12,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import train_baseline
 import train_gan
+from cli import UserError
 from conftest import REPO
 from models import Discriminator, Generator
-from files import UserError, read_metrics
+from files import read_metrics
 from runtime import Runtime
 
 

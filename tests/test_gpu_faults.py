@@ -8,7 +8,7 @@ import evaluate
 import sample
 import train_gan
 import training
-from files import UserError
+from cli import UserError
 from models import MinibatchDiscrimination, class_noise
 from runtime import setup_speed
 

@@ -21,8 +21,8 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import models
 import train_gan
+from cli import UserError
 from models import Discriminator, Generator, LayerNorm
-from files import UserError
 from runtime import Speed
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")

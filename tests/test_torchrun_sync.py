@@ -14,8 +14,8 @@ from torch.nn.parallel import DistributedDataParallel
 import train_baseline
 import train_gan
 import training
-from models import Discriminator, Generator, class_noise
-from runtime import GlobalBatchNorm, Runtime
+from models import Discriminator, GlobalBatchNorm, Generator, class_noise
+from runtime import Runtime
 from test_distributed import free_port
 
 

@@ -16,8 +16,9 @@ import data
 import train_baseline
 import train_gan
 import training
+from cli import UserError
 from conftest import REPO
-from files import UserError, append_metrics, read_metrics
+from files import append_metrics, read_metrics
 from runtime import Runtime
 from models import Judgement
 
