@@ -6,6 +6,7 @@
 - Metrics files (JSON Lines): appends that start on a fresh line, and reading that skips damaged lines.
 """
 import errno
+import hashlib
 import io
 import json
 import os
@@ -102,6 +103,15 @@ def write_together(contents, hint="choose another --out-dir", ready=None):
         for tmp in written:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+def file_digest(path, algorithm):
+    """The hex digest of the file at path by hashlib's algorithm ("sha256", ...), read in 1 MB chunks."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def torch_bytes(obj):

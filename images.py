@@ -1,11 +1,17 @@
-"""Image grids with readable labels: the one writer every script uses for its PNGs."""
+"""Image grids with readable labels: the one writer every script uses for its PNGs; the names of train_gan.py's
+per-epoch grids, which make_gif.py and report.py read."""
+import os
+import re
+
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
 
+from cli import UserError
 from files import atomic_write, image_bytes
 
 HEADER = 14  # pixels of the label strip above a grid or a frame
+GRID_NAME = re.compile(r"^(\d{3,})\.png$")  # NNN.png: the 0-based epoch index, zero-padded to 3 or more digits
 
 
 def to_unit(x):
@@ -39,3 +45,19 @@ def grid_image(images, nrow, scale=2, column_labels=None, title=None):
 def save_grid(images, path, nrow, scale=2, column_labels=None, title=None):
     """grid_image(...) written to path as PNG, atomically."""
     atomic_write(path, image_bytes(grid_image(images, nrow, scale, column_labels, title), "PNG"))
+
+
+def epoch_grid_name(epoch):
+    """The file name of the grid of epoch index epoch (0-based)."""
+    return f"{epoch:03d}.png"
+
+
+def epoch_grids(folder):
+    """[(epoch index, path)] of the grids in folder, in numeric epoch order (1000 after 999)."""
+    if not os.path.isdir(folder):
+        raise UserError(f"--input {folder} is not a folder; train_gan.py writes its grids to <out-dir>/output")
+    found = [(int(m.group(1)), os.path.join(folder, name))
+             for name in os.listdir(folder) if (m := GRID_NAME.match(name))]
+    if not found:
+        raise UserError(f"--input {folder} holds no epoch grids (files named NNN.png, such as 000.png)")
+    return sorted(found)

@@ -37,12 +37,12 @@ from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
+import health
 from cli import UserError, run_main
 from data import CLASSES
-import health
-from evaluate import COLLAPSE_BELOW, format_table
 from files import atomic_write, output_folder, read_metrics
-from make_gif import epoch_grids
+from images import epoch_grids
+from quality import COLLAPSE_BELOW, format_table
 
 PAGE = (11.69, 8.27)  # A4 landscape, inches
 FEATURES_NAME = re.compile(r"^max_features_layer(\d+)\.png$")

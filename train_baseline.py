@@ -7,19 +7,20 @@
 The assignment's recipe is the default: 100 epochs, batch 128, Adam lr 1e-4, lr / 10 at half the epochs and
 / 100 at three quarters (epochs 50 and 75). Writes to --out-dir: cifar10.model (the trained net),
 baseline.ckpt (resumable, every epoch and on a stop signal) and baseline_metrics.jsonl (one line per epoch).
+The update is baseline.py's.
 """
 import argparse
 import os
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from baseline import freeze_critic_head, train_step
 from checkpoint import model_record, restore_model, save_model
 from cli import run_main
 from data import augment
 from models import Discriminator
-from runtime import GraphedStep, Runtime, Speed, StopSignal, autocast, setup_speed
+from runtime import GraphedStep, Runtime, Speed, StopSignal, setup_speed
 from training import (Meter, Run, accuracy, adam, add_data_args, add_recipe_args, add_system_args, check_common_args,
                       check_configurations, load_optimizer, run_config, set_lr, training_loaders)
 
@@ -46,24 +47,6 @@ MAY_CHANGE_ON_RESUME = set()
 def lr_at(epoch, args):
     """The assignment's step schedule, scaled to --epochs: lr, lr/10 from epoch 50 of 100, lr/100 from 75."""
     return args.lr * (0.01 if epoch >= 0.75 * args.epochs else 0.1 if epoch >= 0.5 * args.epochs else 1.0)
-
-
-def freeze_critic_head(model):
-    """The classifier never uses the critic head fc1: freeze it, so that no optimizer state is kept for it and
-    DistributedDataParallel, which expects a gradient for every trainable parameter, finds none missing."""
-    model.fc1.requires_grad_(False)
-
-
-def train_step(net, optimizer, x, labels, bf16=False):
-    """One Adam step on cross entropy of fc10; returns (loss, accuracy) on the batch as device tensors.
-    bf16: autocast the forward pass to bf16."""
-    with autocast(x.device, bf16):
-        logits = net(x).logits.float()
-    loss = F.cross_entropy(logits, labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach(), (logits.argmax(1) == labels).float().mean()
 
 
 def train(args, stop):

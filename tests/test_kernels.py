@@ -19,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
+import gan
 import models
-import train_gan
 from cli import UserError
 from models import Discriminator, Generator, LayerNorm
 from runtime import Speed
@@ -224,7 +224,7 @@ def test_discriminator_loss_and_gradients_with_every_switch_are_as_accurate_as_t
     alpha = torch.rand(n, generator=g).to(device)
     results = []
     for model, dtype in ((reference, torch.float64), (disc, torch.float32), (fast, torch.float32)):
-        loss, monitored = train_gan.discriminator_loss(model, model, real.to(dtype), real_labels, fake.to(dtype),
+        loss, monitored = gan.discriminator_loss(model, model, real.to(dtype), real_labels, fake.to(dtype),
                                                        fake_labels, alpha.to(dtype), 10.0)
         loss.backward()
         values = {"loss": loss.detach(), **monitored, **{name: p.grad for name, p in model.named_parameters()}}
@@ -296,14 +296,14 @@ def test_graphed_gan_iterations_equal_the_eager_ones(gp_every, monkeypatch):
         opt_g, opt_d = (torch.optim.Adam(m.parameters(), lr=1e-4, betas=(0.0, 0.9), fused=True, capturable=graphs)
                         for m in (gen, disc))
         recipe = type("Recipe", (), {"feature_matching": 0.0, "lambda_gp": 10.0})
-        generator, discriminator = train_gan.training_steps(gen, disc, gen, disc, opt_g, opt_d, recipe, False, graphs)
+        generator, discriminator = gan.training_steps(gen, disc, gen, disc, opt_g, opt_d, recipe, False, graphs)
         images = torch.rand(32, 3, 32, 32, generator=torch.Generator().manual_seed(5)).to(device) * 2 - 1
         labels = torch.arange(32, device=device) % 10
         monitored = []
         for b in range(8):
             rng = torch.Generator(device).manual_seed(b)
             values = {**generator(32, rng, None),
-                      **discriminator(images, labels, rng, train_gan.penalty_factor(b, gp_every))}
+                      **discriminator(images, labels, rng, gan.penalty_factor(b, gp_every))}
             monitored.append({k: v.item() for k, v in values.items()})
         runs.append((monitored, [t.detach().clone() for t in (*gen.parameters(), *disc.parameters(), *gen.buffers())]))
     (eager, eager_tensors), (graphed, graphed_tensors) = runs

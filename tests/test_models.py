@@ -420,9 +420,9 @@ def as_before(d):
 
 
 def test_discriminator_loss_and_gradients_equal_those_of_nn_layer_norm():
-    """train_gan's discriminator loss with the penalty, fp32: the loss and each parameter's gradient agree with
+    """gan.py's discriminator loss with the penalty, fp32: the loss and each parameter's gradient agree with
     nn.LayerNorm's to 1e-6 (relative; fp32 rounds each in another order)."""
-    import train_gan
+    import gan
 
     g = torch.Generator().manual_seed(1)
     real, fake = (torch.rand(6, 3, 32, 32, generator=g) * 2 - 1 for _ in range(2))
@@ -434,7 +434,7 @@ def test_discriminator_loss_and_gradients_equal_those_of_nn_layer_norm():
         d = models.Discriminator(8)
         if before:
             as_before(d)
-        loss, _ = train_gan.discriminator_loss(d, d, real, real_labels, fake, fake_labels, alpha, 10.0)
+        loss, _ = gan.discriminator_loss(d, d, real, real_labels, fake, fake_labels, alpha, 10.0)
         loss.backward()
         results.append((loss.item(), {name: p.grad for name, p in d.named_parameters()}))
     (loss, grads), (loss_before, grads_before) = results
