@@ -21,8 +21,8 @@ from cli import run_main
 from data import augment
 from models import Discriminator
 from runtime import GraphedStep, Runtime, Speed, StopSignal, setup_speed
-from training import (Meter, Run, accuracy, adam, add_data_args, add_recipe_args, add_system_args, check_common_args,
-                      check_configurations, load_optimizer, run_config, set_lr, training_loaders)
+from training import (Meter, Run, Table, accuracy, adam, add_data_args, add_recipe_args, load_optimizer,
+                      parse_trainer_args, run_config, set_lr, training_loaders)
 
 
 def parse_args(argv=None):
@@ -30,18 +30,17 @@ def parse_args(argv=None):
     add_data_args(parser)
     add_recipe_args(parser, epochs=100, lr=1e-4, betas=(0.9, 0.999),
                     epochs_note="the lr drops to 1/10 at half of them and to 1/100 at three quarters")
-    add_system_args(parser)
-    args = parser.parse_args(argv)
-    if args.check_flags is not None:
-        check_configurations(parse_args, argv, args.check_flags)
-    check_common_args(args)
-    return args
+    return parse_trainer_args(parser, parse_args, argv)
 
 
 # Every flag but these and training.MAY_CHANGE_ON_RESUME (--lr among them: the schedule then scales from the new
 # value) is checked against the checkpoint on --resume. Not --epochs: the lr drops are placed by it, so a resumed
 # run with another --epochs would follow another schedule.
 MAY_CHANGE_ON_RESUME = set()
+# The per-epoch console table, of the epoch record
+TABLE = Table(("epoch", "epoch", "5d"), ("lr", "lr", "8.1e"), ("loss", "train_loss", "7.4f"),
+              ("train acc", "train_acc", "9.4f"), ("test acc", "test_acc", "8.4f"), ("seconds", "seconds", "7.1f"),
+              ("img/s", "images_per_s", "7.0f"), ("eta", lambda record: Run.duration(record["eta_s"]), ">7"))
 
 
 def lr_at(epoch, args):
@@ -83,8 +82,7 @@ def train(args, stop):
                     "optimizer": optimizer.state_dict()}
 
         train_loader, test_loader = training_loaders(args, rt)
-        run.begin(f"{'epoch':>5} {'lr':>8} {'loss':>7} {'train acc':>9} {'test acc':>8} {'seconds':>7} {'img/s':>7} "
-                  f"{'eta':>7}")
+        run.begin(TABLE.header())
         def eager_step(x, labels):
             return train_step(model_ddp, optimizer, x, labels, bf16)
 
@@ -113,9 +111,7 @@ def train(args, stop):
             meter.reset()
             start_batch = 0
             run.save(state(epoch + 1, 0))
-            run.print(f"{epoch + 1:5d} {record['lr']:8.1e} {record['train_loss']:7.4f} {record['train_acc']:9.4f} "
-                      f"{record['test_acc']:8.4f} {seconds:7.1f} {images_per_s:7.0f} "
-                      f"{run.duration(record['eta_s']):>7}")
+            run.print(TABLE.row(record))
             if epoch + 1 < args.epochs and run.stop_requested():
                 run.exit_stopped(f"after epoch {epoch + 1}")
 

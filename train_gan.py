@@ -29,8 +29,8 @@ from images import epoch_grid_name, grid_image, to_unit
 from models import (MINIBATCH_DIMS, MINIBATCH_KERNELS, NUM_CLASSES, Discriminator, Generator, class_noise,
                     global_batch_norm)
 from runtime import Runtime, Speed, StopSignal, setup_speed
-from training import (Meter, Run, accuracy, adam, add_data_args, add_recipe_args, add_system_args,
-                      check_common_args, check_configurations, load_optimizer, run_config, training_loaders)
+from training import (Meter, Run, Table, accuracy, adam, add_data_args, add_recipe_args, load_optimizer,
+                      parse_trainer_args, run_config, training_loaders)
 
 
 def parse_args(argv=None):
@@ -71,11 +71,7 @@ def parse_args(argv=None):
                         "the Frechet distance in its features and the collapse check")
     g.add_argument("--inception-weights", metavar="PATH",
                    help="InceptionV3's weights for IS/FID/KID on a node without internet (see evaluate.py)")
-    add_system_args(parser)
-    args = parser.parse_args(argv)
-    if args.check_flags is not None:
-        check_configurations(parse_args, argv, args.check_flags)
-    check_common_args(args)
+    args = parse_trainer_args(parser, parse_args, argv)
     check_range(args, "n_critic", 1, 1000)
     check_range(args, "lambda_gp", 0, 1e6)
     check_range(args, "gp_every", 1, 1000)
@@ -89,6 +85,11 @@ def parse_args(argv=None):
 # --epochs may grow: nothing in the GAN's schedule depends on it; measuring does not change the training. The
 # losses' weights and the critic's pace are TUNABLE as --lr is: a resume may change them (what the warnings
 # advise), and the run records each change.
+# The per-epoch console table, of the epoch record
+TABLE = Table(("epoch", "epoch", "5d"), ("test acc", "test_acc", "8.4f"), ("real acc", "real_acc", "8.4f"),
+              ("gp", "gp", "7.3f"), ("fake", "fake_score", "8.3f"), ("real", "real_score", "8.3f"),
+              ("seconds", "seconds", "7.1f"), ("img/s", "images_per_s", "6.0f"),
+              ("eta", lambda record: Run.duration(record["eta_s"]), ">7"))
 TUNABLE = {"lambda_gp", "n_critic", "feature_matching"}
 MAY_CHANGE_ON_RESUME = {"epochs", "eval_every", "eval_n", "eval_classifier", "inception_weights"} | TUNABLE
 
@@ -200,8 +201,7 @@ def train(args, stop):
         evaluator = rt.rank0_first(lambda: make_evaluator(args, rt), others_too=False) if args.eval_every else None
         if evaluator is not None and evaluator.inception_note:
             run.print(f"note: {evaluator.inception_note}")
-        run.begin(f"{'epoch':>5} {'test acc':>8} {'real acc':>8} {'gp':>7} {'fake':>8} {'real':>8} {'seconds':>7} "
-                  f"{'img/s':>6} {'eta':>7}")
+        run.begin(TABLE.header())
         for epoch in range(start_epoch, args.epochs):
             # Training batches: a generator step every --n-critic iterations, a discriminator step every one
             for b, images, labels in run.batches(train_loader, epoch, start_batch, args.epochs):
@@ -235,9 +235,7 @@ def train(args, stop):
             grid = samples_png(samples)
             run.image("samples", grid, epoch + 1)
             run.save(state(epoch + 1, 0), also=lambda: epoch_outputs(gen, disc, grid, args.out_dir, epoch))
-            run.print(f"{epoch + 1:5d} {record['test_acc']:8.4f} {means['real_acc']:8.4f} {means['gp']:7.3f} "
-                      f"{means['fake_score']:8.3f} {means['real_score']:8.3f} {seconds:7.1f} {images_per_s:6.0f} "
-                      f"{run.duration(record['eta_s']):>7}")
+            run.print(TABLE.row(record))
             if epoch + 1 < args.epochs and run.stop_requested():
                 run.exit_stopped(f"after epoch {epoch + 1}")
 

@@ -13,14 +13,15 @@ import pytest
 import torch
 
 import data
+import outdir_lock
 import train_baseline
 import train_gan
 import training
 from cli import UserError
 from conftest import REPO
 from files import append_metrics, read_metrics
-from runtime import Runtime
 from models import Judgement
+from runtime import Runtime
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -148,24 +149,24 @@ def test_resuming_with_any_kept_flag_changed_is_refused(job, flag, tmp_path, cap
 # One run per output folder
 
 def test_a_second_holder_waits_then_refuses_naming_the_first(tmp_path):
-    first = training.OutDirLock(str(tmp_path / "gan.lock"))
+    first = outdir_lock.OutDirLock(str(tmp_path / "gan.lock"))
     first.acquire(0, "train_gan.py")
     start = time.monotonic()
     with pytest.raises(UserError, match=f"another train_gan.py run .*pid {os.getpid()}"):
-        training.OutDirLock(str(tmp_path / "gan.lock")).acquire(0.5, "train_gan.py")
+        outdir_lock.OutDirLock(str(tmp_path / "gan.lock")).acquire(0.5, "train_gan.py")
     assert time.monotonic() - start >= 0.5
     first.release()
     assert not (tmp_path / "gan.lock").exists()
-    second = training.OutDirLock(str(tmp_path / "gan.lock"))
+    second = outdir_lock.OutDirLock(str(tmp_path / "gan.lock"))
     second.acquire(0, "train_gan.py")
     second.release()
 
 
 def test_a_stop_signal_ends_the_wait_without_touching_the_holders_lock(tmp_path):
-    holder = training.OutDirLock(str(tmp_path / "gan.lock"))
+    holder = outdir_lock.OutDirLock(str(tmp_path / "gan.lock"))
     holder.acquire(0, "train_gan.py")
     before = (tmp_path / "gan.lock").read_bytes()
-    waiter = training.OutDirLock(str(tmp_path / "gan.lock"))
+    waiter = outdir_lock.OutDirLock(str(tmp_path / "gan.lock"))
     start = time.monotonic()
     assert waiter.acquire(60, "train_gan.py", give_up=lambda: time.monotonic() - start > 0.5) is False
     assert time.monotonic() - start < 5
@@ -178,7 +179,7 @@ def test_a_lock_whose_process_is_gone_is_taken_over(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     path = tmp_path / "gan.lock"
     path.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "since": "then", "beat": 0}))
-    lock = training.OutDirLock(str(path))
+    lock = outdir_lock.OutDirLock(str(path))
     lock.acquire(0, "train_gan.py")
     assert json.loads(path.read_text())["pid"] == os.getpid()
     lock.release()
@@ -187,24 +188,24 @@ def test_a_lock_whose_process_is_gone_is_taken_over(tmp_path):
 def test_a_lock_of_another_host_is_stale_once_its_heartbeat_stops(tmp_path, monkeypatch):
     path = tmp_path / "gan.lock"
     path.write_text(json.dumps({"host": "crashed-node", "pid": 1, "since": "then", "beat": 7}))
-    monkeypatch.setattr(training.OutDirLock, "STALE_AFTER", 1.5)
+    monkeypatch.setattr(outdir_lock.OutDirLock, "STALE_AFTER", 1.5)
     with pytest.raises(UserError, match="crashed-node"):
-        training.OutDirLock(str(path)).acquire(1, "train_gan.py")  # not watched long enough yet
-    lock = training.OutDirLock(str(path))
+        outdir_lock.OutDirLock(str(path)).acquire(1, "train_gan.py")  # not watched long enough yet
+    lock = outdir_lock.OutDirLock(str(path))
     lock.acquire(5, "train_gan.py")
     assert json.loads(path.read_text())["host"] == socket.gethostname()
     lock.release()
 
 
 def test_the_holder_beats_so_it_is_never_taken_for_stale(tmp_path, monkeypatch):
-    monkeypatch.setattr(training.OutDirLock, "HEARTBEAT", 0.2)
-    monkeypatch.setattr(training.OutDirLock, "STALE_AFTER", 1.0)
-    holder = training.OutDirLock(str(tmp_path / "gan.lock"))
+    monkeypatch.setattr(outdir_lock.OutDirLock, "HEARTBEAT", 0.2)
+    monkeypatch.setattr(outdir_lock.OutDirLock, "STALE_AFTER", 1.0)
+    holder = outdir_lock.OutDirLock(str(tmp_path / "gan.lock"))
     holder.token["host"] = "another-node"  # as seen from here: no pid to check, only the heartbeat
     holder.acquire(0, "train_gan.py")
     time.sleep(0.5)
     with pytest.raises(UserError, match="another-node"):
-        training.OutDirLock(str(tmp_path / "gan.lock")).acquire(2.5, "train_gan.py")
+        outdir_lock.OutDirLock(str(tmp_path / "gan.lock")).acquire(2.5, "train_gan.py")
     holder.release()
     assert not (tmp_path / "gan.lock").exists()
 
@@ -277,3 +278,15 @@ def test_a_fresh_run_starts_a_fresh_metrics_file(tmp_path):
     with training.Run("baseline", "train_baseline.py", args, Runtime("cpu"), NO_SIGNAL, {}) as run:
         assert run.checkpoint is None
     assert read_metrics(tmp_path / "baseline_metrics.jsonl") == ([], 0)
+
+
+def test_a_table_declared_as_columns_lines_up_its_header_and_rows():
+    table = training.Table(("epoch", "epoch", "5d"), ("test acc", "test_acc", "8.4f"),
+                           ("eta", lambda record: training.Run.duration(record["eta_s"]), ">7"))
+    assert table.header() == "epoch test acc     eta"
+    assert table.row({"epoch": 3, "test_acc": 0.5, "eta_s": 61}) == "    3   0.5000   1m01s"
+
+
+def test_the_pace_is_the_measured_time_per_batch_times_the_batches_left():
+    assert training.pace(10.0, 5, 100, 3) == {"seconds_per_epoch": 200.0, "eta_s": 600.0}
+    assert training.pace(0.0, 0, 100, 3) == {"seconds_per_epoch": 0.0, "eta_s": 0.0}
