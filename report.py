@@ -373,14 +373,15 @@ def plot_gan(epochs, monitors):
     points = monitors or epochs
     x = [r["epoch"] - 1 + r["batch"] / per_epoch for r in monitors] if monitors else [r["epoch"] for r in epochs]
     fig, axes = plt.subplots(2, 4, figsize=PAGE)
+    # Every term of the generator's loss that the records hold, under its name in the metrics file
+    terms = [(key, key) for key in dict.fromkeys(k for r in points for k in r if k.startswith("g_") and k != "g_loss")]
     panels = [(axes[0, 0], "critic score fc1", [("real_score", "real"), ("fake_score", "fake")]),
               (axes[0, 1], "Wasserstein estimate (real - fake)", [("wasserstein", "estimate")]),
               (axes[0, 2], "gradient penalty", [("gp", "GP")]),
               (axes[0, 3], "critic's gradient norm at x_hat", [("grad_norm", "mean norm")]),
               (axes[1, 0], "class cross entropy", [("real_ce", "real"), ("fake_ce", "fake"),
                                                    ("g_ce", "generator's class term")]),
-              (axes[1, 1], "generator loss", [("g_loss", "loss"), ("g_critic", "critic term"),
-                                              ("g_ce", "class term")]),
+              (axes[1, 1], "generator loss", [("g_loss", "loss"), *terms]),
               (axes[1, 2], "accuracy", [("real_acc", "real training batches"), ("fake_acc", "fake batches")])]
     for ax, title, series in panels:
         for key, name in series:
