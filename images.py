@@ -1,5 +1,5 @@
-"""Image grids with readable labels: the one writer every script uses for its PNGs; the names of train_gan.py's
-per-epoch grids, which make_gif.py and report.py read."""
+"""Image grids with readable labels: the one writer every script uses for its PNGs; the names of the grids that
+train_gan.py and visualize.py write and make_gif.py and report.py read."""
 import os
 import re
 
@@ -12,6 +12,23 @@ from files import atomic_write, image_bytes
 
 HEADER = 14  # pixels of the label strip above a grid or a frame
 GRID_NAME = re.compile(r"^(\d{3,})\.png$")  # NNN.png: the 0-based epoch index, zero-padded to 3 or more digits
+
+# visualize.py's files in a model's folder: the numbers, the class maximization, the feature maximization of
+# layer k (max_features_file(k)), and the perturbation's three grids (perturb_files)
+RESULTS_FILE = "results.json"
+MAX_CLASS_FILE = "max_class.png"
+FEATURES_NAME = re.compile(r"^max_features_layer(\d+)\.png$")
+
+
+def max_features_file(layer):
+    return f"max_features_layer{layer}.png"
+
+
+def perturb_files(prefix=""):
+    """[(file, caption)] of the perturbation's grids: the images, the gradient, the perturbed images; prefix ""
+    for real test images, "noise_" for noise images."""
+    return [(f"{prefix or 'real_'}images.png", f"{prefix.rstrip('_') or 'real'} images"),
+            (f"{prefix}gradient_image.png", "gradient"), (f"{prefix}jittered_images.png", "perturbed")]
 
 
 def to_unit(x):
