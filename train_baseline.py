@@ -82,7 +82,7 @@ def train(args, stop):
                     "optimizer": optimizer.state_dict()}
 
         train_loader, test_loader = training_loaders(args, rt)
-        run.begin(TABLE.header())
+        run.begin(TABLE)
         def eager_step(x, labels):
             return train_step(model_ddp, optimizer, x, labels, bf16)
 
@@ -110,10 +110,7 @@ def train(args, stop):
             run.log(record)
             meter.reset()
             start_batch = 0
-            run.save(state(epoch + 1, 0))
-            run.print(TABLE.row(record))
-            if epoch + 1 < args.epochs and run.stop_requested():
-                run.exit_stopped(f"after epoch {epoch + 1}")
+            run.end_epoch(record, state(epoch + 1, 0), args.epochs)
 
         if rt.is_rank0:
             save_model(model, os.path.join(args.out_dir, "cifar10.model"))

@@ -201,7 +201,7 @@ def train(args, stop):
         evaluator = rt.rank0_first(lambda: make_evaluator(args, rt), others_too=False) if args.eval_every else None
         if evaluator is not None and evaluator.inception_note:
             run.print(f"note: {evaluator.inception_note}")
-        run.begin(TABLE.header())
+        run.begin(TABLE)
         for epoch in range(start_epoch, args.epochs):
             # Training batches: a generator step every --n-critic iterations, a discriminator step every one
             for b, images, labels in run.batches(train_loader, epoch, start_batch, args.epochs):
@@ -234,10 +234,8 @@ def train(args, stop):
             start_batch = 0
             grid = samples_png(samples)
             run.image("samples", grid, epoch + 1)
-            run.save(state(epoch + 1, 0), also=lambda: epoch_outputs(gen, disc, grid, args.out_dir, epoch))
-            run.print(TABLE.row(record))
-            if epoch + 1 < args.epochs and run.stop_requested():
-                run.exit_stopped(f"after epoch {epoch + 1}")
+            run.end_epoch(record, state(epoch + 1, 0), args.epochs,
+                          also=lambda: epoch_outputs(gen, disc, grid, args.out_dir, epoch))
 
         run.print(f"saved {os.path.join(args.out_dir, 'generator.model')} and discriminator.model; "
                   f"grids in {os.path.join(args.out_dir, 'output')}")

@@ -6,7 +6,7 @@ TensorBoard (events.py) and through the health rules (health.py).
 A trainer's loop, in this module's terms:
 
     with Run("gan", "train_gan.py", args, rt, stop, config) as run:   # --out-dir locked; run.checkpoint
-        run.begin(table_header)                                      # a signal during start-up stops here
+        run.begin(table)                                             # a signal during start-up stops here
         for epoch in ...:
             for b, images, labels in run.batches(train_loader, epoch, start_batch, args.epochs):
                 ... one step ...; meter.add(loss=...)
@@ -14,7 +14,8 @@ A trainer's loop, in this module's terms:
                     run.save_and_stop(state(epoch, b + 1))               # checkpoint, then exit 75
                 run.log_window(meter, epoch, b)                          # every LOG_EVERY batches
             seconds, images_per_s = run.epoch_speed()
-            run.log({...}); run.image("samples", png, epoch + 1); run.save(state(epoch + 1, 0))
+            run.log(record); run.image("samples", png, epoch + 1)
+            run.end_epoch(record, state(epoch + 1, 0), args.epochs)    # save, the table's row, a stop asked for
 """
 import contextlib
 import io
@@ -359,7 +360,7 @@ class Run:
         self.out_dir = args.out_dir
         self.ckpt_path = os.path.join(args.out_dir, f"{job}.ckpt")
         self.metrics_path = os.path.join(args.out_dir, f"{job}_metrics.jsonl")
-        self.lock, self._bar = None, None
+        self.lock, self._bar, self.table = None, None, None  # table: set by begin()
         self._epoch_time, self._batches_run, self._batch_size = 0.0, 0, 0
         self._timed_seconds, self._timed_batches = 0.0, 0  # of the epochs timed so far in this process, for pace()
         self.events_dir = os.path.join(args.out_dir, "tb", job)
@@ -597,14 +598,24 @@ class Run:
                 advice = f"nothing was saved; run the same command with {lower} (half the learning rate)"
             raise UserError(f"a loss became NaN or infinite in epoch {epoch + 1} by batch {batch + 1}; {advice}")
 
-    def begin(self, table_header):
+    def begin(self, table):
         """Before the first batch: stop if a signal came during start-up (the checkpoint untouched), else record
-        the settings this resume changes and print the header of the per-epoch table."""
+        the settings this resume changes and print the header of the per-epoch Table."""
         if self.stop_requested():
             self.exit_stopped("before training")
         for setting, old, new in self.changes:
             self.record_change(setting, old, new)
-        self.print(table_header)
+        self.table = table
+        self.print(table.header())
+
+    def end_epoch(self, record, state, epochs, also=None):
+        """After an epoch whose record is logged: the checkpoint (state) and also()'s files saved together, the
+        record's row of the table printed, then a stop asked for during the epoch ends the run (exit 75), unless
+        that was the last of `epochs`."""
+        self.save(state, also)
+        self.print(self.table.row(record))
+        if record["epoch"] < epochs and self.stop_requested():
+            self.exit_stopped(f"after epoch {record['epoch']}")
 
     def record_change(self, setting, old, new):
         """A setting changed on resume: a note in the log, a "change" record in the metrics and in the history
