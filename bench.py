@@ -53,8 +53,8 @@ from baseline import freeze_critic_head, train_step
 from cli import UserError, check_range, run_main
 from data import CROP_SCALE, JITTER, augment
 from models import Discriminator, Generator, LayerNorm, class_noise
+from running_means import Meter
 from runtime import DEVICE_HELP, GraphedStep, Runtime, Speed, bf16_capable
-from training import Meter
 
 
 def parse_args(argv=None):

@@ -20,8 +20,9 @@ from checkpoint import model_record, restore_model, save_model
 from cli import run_main
 from data import augment
 from models import Discriminator
+from running_means import Meter
 from runtime import GraphedStep, Runtime, Speed, StopSignal, setup_speed
-from training import (Meter, Run, Table, accuracy, adam, add_data_args, add_recipe_args, load_optimizer,
+from training import (Run, Table, accuracy, adam, add_data_args, add_recipe_args, load_optimizer,
                       parse_trainer_args, run_config, set_lr, training_loaders)
 
 

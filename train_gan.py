@@ -28,8 +28,9 @@ from gan import penalty_factor, training_steps
 from images import epoch_grid_name, grid_image, to_unit
 from models import (MINIBATCH_DIMS, MINIBATCH_KERNELS, NUM_CLASSES, Discriminator, Generator, class_noise,
                     global_batch_norm)
+from running_means import Meter
 from runtime import Runtime, Speed, StopSignal, setup_speed
-from training import (Meter, Run, Table, accuracy, adam, add_data_args, add_recipe_args, load_optimizer,
+from training import (Run, Table, accuracy, adam, add_data_args, add_recipe_args, load_optimizer,
                       parse_trainer_args, run_config, training_loaders)
 
 

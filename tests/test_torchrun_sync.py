@@ -13,8 +13,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 import baseline
 import gan
+import running_means
 import train_gan
-import training
 from models import Discriminator, GlobalBatchNorm, Generator, class_noise
 from runtime import Runtime
 from test_distributed import free_port
@@ -76,7 +76,7 @@ def logged_means(rt, rank, world_size, out_dir):
     baseline.freeze_critic_head(model)
     net = DistributedDataParallel(model) if world_size > 1 else model
     optimizer = torch.optim.SGD((p for p in model.parameters() if p.requires_grad), lr=0.1)
-    baseline_meter, gan_meter = training.Meter(rt.device), training.Meter(rt.device)
+    baseline_meter, gan_meter = running_means.Meter(rt.device), running_means.Meter(rt.device)
     for b in range(3):
         x, y = global_batch(b)
         loss, acc = baseline.train_step(net, optimizer, x[share], y[share])
@@ -154,7 +154,7 @@ def test_meter_sums_each_add_at_once_with_the_results_of_value_by_value():
     g = torch.Generator().manual_seed(0)
     batches = [(n, {name: torch.randn((), generator=g) * 100 for name in ("gp", "real_ce", "real_acc")})
                for n in (1, 7, 3, 1)]
-    meter, expected = training.Meter(torch.device("cpu")), {}
+    meter, expected = running_means.Meter(torch.device("cpu")), {}
     for n, values in batches:
         with Count():
             meter.add(n, **values)

@@ -14,6 +14,7 @@ import torch
 
 import data
 import outdir_lock
+import running_means
 import train_baseline
 import train_gan
 import training
@@ -64,7 +65,7 @@ def test_accuracy_of_a_discriminator_is_its_argmax_hit_rate_in_eval_mode():
 # Running means
 
 def test_meter_means_are_weighted_by_images_and_kept_per_name():
-    meter = training.Meter("cpu")
+    meter = running_means.Meter("cpu")
     meter.add(4, loss=torch.tensor(1.0), acc=torch.tensor(0.5))
     meter.add(2, loss=torch.tensor(4.0), acc=torch.tensor(1.0))
     meter.add(g_loss=torch.tensor(3.0))  # a value added less often has its own count
@@ -73,7 +74,7 @@ def test_meter_means_are_weighted_by_images_and_kept_per_name():
 
 
 def test_meter_window_restarts_where_it_was_taken_and_the_epoch_does_not():
-    meter = training.Meter("cpu")
+    meter = running_means.Meter("cpu")
     for value in (1.0, 2.0, 3.0):
         meter.add(gp=torch.tensor(value))
     assert meter.take_window() == pytest.approx({"gp": 2.0})
@@ -83,12 +84,12 @@ def test_meter_window_restarts_where_it_was_taken_and_the_epoch_does_not():
 
 
 def test_meter_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
-    meter = training.Meter("cpu")
+    meter = running_means.Meter("cpu")
     meter.add(3, loss=torch.tensor(0.25))
     meter.take_window()
     meter.add(1, loss=torch.tensor(2.0))
     torch.save({"meter": meter.state()}, tmp_path / "c.ckpt")
-    restored = training.Meter("cpu")
+    restored = running_means.Meter("cpu")
     restored.load_state(torch.load(tmp_path / "c.ckpt", weights_only=True)["meter"])
     assert restored.means() == pytest.approx(meter.means())
     assert restored.take_window() == pytest.approx({"loss": 2.0})
@@ -96,7 +97,7 @@ def test_meter_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_meter_non_finite_rule_is_sticky(bad):
-    meter = training.Meter("cpu")
+    meter = running_means.Meter("cpu")
     meter.add(loss=torch.tensor(1.0))
     assert bool(meter.finite())
     meter.add(loss=torch.tensor(bad))
