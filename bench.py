@@ -48,13 +48,13 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import train_baseline
-import train_gan
+import gan
+from baseline import freeze_critic_head, train_step
+from cli import UserError, check_range, run_main
 from data import CROP_SCALE, JITTER, augment
-from files import UserError, check_range, run_main
 from models import Discriminator, Generator, LayerNorm, class_noise
+from running_means import Meter
 from runtime import DEVICE_HELP, GraphedStep, Runtime, Speed, bf16_capable
-from training import Meter
 
 
 def parse_args(argv=None):
@@ -79,17 +79,6 @@ def parse_args(argv=None):
 
 def adam(params, betas, fused, capturable=False):
     return torch.optim.Adam(params, lr=1e-4, betas=betas, fused=fused or None, capturable=capturable)
-
-
-def one_batch_discriminator_loss(disc, real, real_labels, fake, fake_labels, alpha, lambda_gp):
-    """train_gan.discriminator_loss as one pass over real, fake and interpolated images (the reference: same
-    loss, same gradients, the penalty's double backward over all three thirds of the batch)."""
-    n = len(real)
-    x_hat = (alpha.view(-1, 1, 1, 1) * real + (1 - alpha.view(-1, 1, 1, 1)) * fake).requires_grad_(True)
-    scores, logits = (t.float() for t in disc(torch.cat([real, fake, x_hat])))
-    gp = train_gan.gradient_penalty(scores[2 * n:], x_hat, lambda_gp)[0]
-    return (scores[n:2 * n].mean() - scores[:n].mean() + F.cross_entropy(logits[:n], real_labels)
-            + F.cross_entropy(logits[n:2 * n], fake_labels) + gp)
 
 
 def old_ops(model):
@@ -125,21 +114,21 @@ def baseline_step(rt, width, batch, fused, bf16, old=False, speed=Speed()):
     if old:
         old_ops(model)
     speed.prepare(model)
-    train_baseline.freeze_critic_head(model)
+    freeze_critic_head(model)
     optimizer = adam((p for p in model.parameters() if p.requires_grad), (0.9, 0.999), fused, speed.cuda_graphs)
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (batch,), device=device)
     rng = torch.Generator(device).manual_seed(0)
     meter, state = Meter(device), {}
-    train_step = functools.partial(train_baseline.train_step, model, optimizer, bf16=bf16)
+    update = functools.partial(train_step, model, optimizer, bf16=bf16)
     if speed.cuda_graphs:
-        train_step = GraphedStep(train_step)
+        update = GraphedStep(update)
 
     def augmentation():
         state["x"] = (old_augment if old else augment)(images, rng)
 
     def step():
-        state["loss"], state["acc"] = train_step(x=state["x"], labels=labels)
+        state["loss"], state["acc"] = update(x=state["x"], labels=labels)
     return [("augmentation", augmentation), ("step", step),
             ("Meter", lambda: meter.add(batch, loss=state["loss"], acc=state["acc"]))]
 
@@ -159,7 +148,7 @@ def gan_iteration(rt, width, batch, fused, bf16, one_batch=False, old=False, spe
     rng = torch.Generator(device).manual_seed(0)
     meter, state = Meter(device), {}
     recipe = argparse.Namespace(feature_matching=0.0, lambda_gp=10.0)
-    generator, discriminator = train_gan.training_steps(gen, disc, gen, disc, opt_g, opt_d, recipe, bf16,
+    generator, discriminator = gan.training_steps(gen, disc, gen, disc, opt_g, opt_d, recipe, bf16,
                                                         speed.cuda_graphs)
 
     def augmentation():
@@ -173,7 +162,7 @@ def gan_iteration(rt, width, batch, fused, bf16, one_batch=False, old=False, spe
         with torch.no_grad():
             fake = gen(class_noise(fake_labels, rng))
         alpha = torch.rand(batch, device=device, generator=rng)
-        loss = one_batch_discriminator_loss(disc, state["real"], labels, fake, fake_labels, alpha, 10.0)
+        loss = gan.one_batch_discriminator_loss(disc, state["real"], labels, fake, fake_labels, alpha, 10.0)
         opt_d.zero_grad(set_to_none=True)
         loss.backward()
         opt_d.step()

@@ -46,7 +46,8 @@ import time
 
 import torch
 
-from files import atomic_write, check_range, output_folder, read_metrics, run_main, write_together
+from cli import check_range, run_main
+from files import atomic_write, output_folder, read_metrics, write_together
 from runtime import DEVICE_HELP, EXIT_STOPPED, StopSignal, bf16_capable, pick_device
 
 REPO = os.path.dirname(os.path.abspath(__file__))

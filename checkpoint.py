@@ -11,7 +11,8 @@ import os
 
 import torch
 
-from files import UserError, save_torch
+from cli import UserError
+from files import save_torch
 from models import Discriminator, Generator
 
 MODEL_CLASSES = {"discriminator": Discriminator, "generator": Generator}

@@ -1,128 +1,19 @@
-"""Errors a user can fix, and writing files so that no failure or kill ever leaves half a file.
+"""Writing files so that no failure or kill ever leaves half a file.
 
-- UserError and run_main: a problem the user can fix is one line on stderr and exit status 2; check_range
-  checks a numeric flag. Output to a terminal or pipe that is gone (a dropped ssh session) is dropped, so that
-  the exit status stays the script's own.
 - atomic_write: every file the scripts write goes through it (temporary name, fsync, rename); a write that
   fails for lack of space, quota or permission removes its temporary file, leaves the old file as it was, and
   becomes a UserError. output_folder and output_file check an output flag's path before any work.
 - Metrics files (JSON Lines): appends that start on a fresh line, and reading that skips damaged lines.
 """
 import errno
+import hashlib
 import io
 import json
-import math
 import os
-import signal
-import sys
 
 import torch
 
-
-class UserError(Exception):
-    """A problem the user can fix; the scripts print it as one line, without a traceback."""
-
-
-class Terminated(BaseException):
-    """SIGTERM or SIGHUP (a dropped ssh session) in a script that has no handler of its own: unwinds like Ctrl-C,
-    so temporary files are removed."""
-
-    def __init__(self, signum):
-        super().__init__(signum)
-        self.signum = signum
-
-
-# The signals that end a script that does not catch them itself, cleaning up first (exit 128 + the number)
-ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
-
-
-def _terminate(signum, frame):
-    for ending in ENDING_SIGNALS:  # a repeated signal must not interrupt the cleanup
-        signal.signal(ending, signal.SIG_IGN)
-    raise Terminated(signum)
-
-
-class SurvivingStream:
-    """A text stream (sys.stdout, sys.stderr) whose writes survive the end of what it writes to: a terminal
-    that is gone (EIO: the ssh session dropped) or a pipe closed at the other end (EPIPE). From then on its
-    file descriptor points at /dev/null, so that what is still buffered, later writes and the flush at exit
-    all succeed and the script ends with its own exit status, not a traceback."""
-
-    GONE = {errno.EIO, errno.EPIPE}
-
-    def __init__(self, stream):
-        self._stream = stream
-
-    def write(self, text):
-        try:
-            return self._stream.write(text)
-        except OSError as e:
-            self._discard(e)
-            return len(text)
-
-    def flush(self):
-        try:
-            self._stream.flush()
-        except OSError as e:
-            self._discard(e)
-
-    def _discard(self, error):
-        if error.errno not in self.GONE:
-            raise error
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, self._stream.fileno())
-        os.close(devnull)
-        try:
-            self._stream.flush()  # what it still holds, into /dev/null
-        except (OSError, ValueError):
-            pass
-
-    def __getattr__(self, name):
-        return getattr(self._stream, name)
-
-
-def _surviving(stream):
-    """stream wrapped in SurvivingStream when it has a file descriptor (not a caller's StringIO)."""
-    try:
-        stream.fileno()
-    except (AttributeError, OSError, ValueError):
-        return stream
-    return SurvivingStream(stream)
-
-
-def run_main(main):
-    """Run main() with one-line output for what the user can fix: a UserError is `error: ...` and exit 2, a
-    second Ctrl-C (the first asks the trainers to save and stop) is `interrupted` and exit 130, and SIGTERM or
-    SIGHUP, where the script does not catch it itself (the trainers do) and it is not ignored (nohup), ends it
-    the same way with exit 143 or 129. Output survives a closed terminal or pipe (SurvivingStream)."""
-    streams = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _surviving(sys.stdout), _surviving(sys.stderr)
-    # A batch job's stdout is a file, which Python would block-buffer: its log would stay empty while the job runs.
-    if hasattr(streams[0], "reconfigure"):  # not when a caller has put a StringIO there
-        try:
-            streams[0].reconfigure(line_buffering=True)
-        except OSError:  # it flushes first, and the terminal may be gone already: SurvivingStream handles that
-            sys.stdout.flush()
-    previous = {signum: signal.getsignal(signum) for signum in ENDING_SIGNALS}
-    for signum, handler in previous.items():
-        if handler == signal.SIG_DFL:
-            signal.signal(signum, _terminate)
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    except Terminated as e:
-        print(f"stopped by {signal.Signals(e.signum).name}", file=sys.stderr)
-        sys.exit(128 + e.signum)
-    finally:
-        sys.stdout.flush()
-        sys.stdout, sys.stderr = streams
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+from cli import UserError
 
 
 def _file_in_the_way(path):
@@ -162,19 +53,6 @@ def output_file(path, flag, folder_must_exist=False):
     output_folder(folder, flag, named=path, create=False)
     if folder_must_exist and not os.path.isdir(folder):
         raise UserError(f"the folder of {flag} {path} does not exist")
-
-
-def check_range(args, name, low, high=math.inf, low_open=False):
-    """--name must lie in [low, high] ((low, high] with low_open); None (a flag not given) passes."""
-    value = getattr(args, name)
-    if value is None:
-        return
-    if not ((value > low if low_open else value >= low) and value <= high):  # NaN fails both
-        if high == math.inf:
-            bounds = f"{'above' if low_open else 'at least'} {low:g}"
-        else:
-            bounds = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
-        raise UserError(f"--{name.replace('_', '-')} must be {bounds}, got {value:g}")
 
 
 # errno values that mean "this place cannot take the file": the fix is space, quota or another folder.
@@ -225,6 +103,15 @@ def write_together(contents, hint="choose another --out-dir", ready=None):
         for tmp in written:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+def file_digest(path, algorithm):
+    """The hex digest of the file at path by hashlib's algorithm ("sha256", ...), read in 1 MB chunks."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def torch_bytes(obj):

@@ -1,11 +1,34 @@
-"""Image grids with readable labels: the one writer every script uses for its PNGs."""
+"""Image grids with readable labels: the one writer every script uses for its PNGs; the names of the grids that
+train_gan.py and visualize.py write and make_gif.py and report.py read."""
+import os
+import re
+
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
 
+from cli import UserError
 from files import atomic_write, image_bytes
 
 HEADER = 14  # pixels of the label strip above a grid or a frame
+GRID_NAME = re.compile(r"^(\d{3,})\.png$")  # NNN.png: the 0-based epoch index, zero-padded to 3 or more digits
+
+# visualize.py's files in a model's folder: the numbers, the class maximization, the feature maximization of
+# layer k (max_features_file(k)), and the perturbation's three grids (perturb_files)
+RESULTS_FILE = "results.json"
+MAX_CLASS_FILE = "max_class.png"
+FEATURES_NAME = re.compile(r"^max_features_layer(\d+)\.png$")
+
+
+def max_features_file(layer):
+    return f"max_features_layer{layer}.png"
+
+
+def perturb_files(prefix=""):
+    """[(file, caption)] of the perturbation's grids: the images, the gradient, the perturbed images; prefix ""
+    for real test images, "noise_" for noise images."""
+    return [(f"{prefix or 'real_'}images.png", f"{prefix.rstrip('_') or 'real'} images"),
+            (f"{prefix}gradient_image.png", "gradient"), (f"{prefix}jittered_images.png", "perturbed")]
 
 
 def to_unit(x):
@@ -39,3 +62,19 @@ def grid_image(images, nrow, scale=2, column_labels=None, title=None):
 def save_grid(images, path, nrow, scale=2, column_labels=None, title=None):
     """grid_image(...) written to path as PNG, atomically."""
     atomic_write(path, image_bytes(grid_image(images, nrow, scale, column_labels, title), "PNG"))
+
+
+def epoch_grid_name(epoch):
+    """The file name of the grid of epoch index epoch (0-based)."""
+    return f"{epoch:03d}.png"
+
+
+def epoch_grids(folder):
+    """[(epoch index, path)] of the grids in folder, in numeric epoch order (1000 after 999)."""
+    if not os.path.isdir(folder):
+        raise UserError(f"--input {folder} is not a folder; train_gan.py writes its grids to <out-dir>/output")
+    found = [(int(m.group(1)), os.path.join(folder, name))
+             for name in os.listdir(folder) if (m := GRID_NAME.match(name))]
+    if not found:
+        raise UserError(f"--input {folder} holds no epoch grids (files named NNN.png, such as 000.png)")
+    return sorted(found)

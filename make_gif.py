@@ -12,16 +12,15 @@ slide shows (about 10 MB); the GIF loops forever and rests a moment on the last 
 """
 import argparse
 import os
-import re
 
 import imageio.v3 as iio
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from files import UserError, atomic_write, check_range, output_file, run_main
-from images import HEADER
+from cli import UserError, check_range, run_main
+from files import atomic_write, output_file
+from images import HEADER, epoch_grids
 
-GRID_NAME = re.compile(r"^(\d{3,})\.png$")
 LAST_FRAME_MS = 2000  # time to look at the final grid before the loop starts over
 # Generated grids hardly compress (about 120 KB a frame at 340 pixels), so by default 500 epochs become 85
 # frames (every 6th), about 10 MB, rather than 60 MB.
@@ -58,17 +57,6 @@ def check_args(args):
     check_range(args, "every", 1)
     check_range(args, "width", 16, 4096)
     output_file(args.output, "--output")
-
-
-def epoch_grids(folder):
-    """[(epoch index, path)] of the grids in folder, in numeric epoch order (1000 after 999)."""
-    if not os.path.isdir(folder):
-        raise UserError(f"--input {folder} is not a folder; train_gan.py writes its grids to <out-dir>/output")
-    found = [(int(m.group(1)), os.path.join(folder, name))
-             for name in os.listdir(folder) if (m := GRID_NAME.match(name))]
-    if not found:
-        raise UserError(f"--input {folder} holds no epoch grids (files named NNN.png, such as 000.png)")
-    return sorted(found)
 
 
 def keep_every(grids, k):

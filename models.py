@@ -7,11 +7,14 @@ and "deep", ten layers in three widening stages. Optionally a minibatch-discrimi
 al. 2016, "Improved Techniques for Training GANs", section 3.2) adds features that compare each sample
 with the others of its group before the heads.
 
-Generator: fc to 4x4, three upsampling transposed convs among plain convs, batch norm + ReLU, tanh.
+Generator: fc to 4x4, three upsampling transposed convs among plain convs, batch norm + ReLU, tanh. Under
+torchrun its batch norms become GlobalBatchNorm (global_batch_norm), whose statistics cover the global batch.
 """
 import math
+from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -322,6 +325,13 @@ class MinibatchDiscrimination(nn.Module):
             return torch.exp(-l1).sum(2).view(n, self.kernels)
 
 
+class Judgement(NamedTuple):
+    """What the discriminator makes of a batch."""
+    score: torch.Tensor  # (N, 1): the critic's score (fc1)
+    logits: torch.Tensor  # (N, 10): the class logits (fc10)
+    features: torch.Tensor  # (N, num_features): the pooled last block, the heads' input without minibatch features
+
+
 class Discriminator(nn.Module):
     """The critic + classifier, built from the block table ARCHS[arch].
 
@@ -354,19 +364,15 @@ class Discriminator(nn.Module):
         """Conv layers, the valid range of extract_features being 1..num_layers."""
         return len(self.blocks)
 
-    def forward(self, x, extract_features=0, groups=1, with_features=False):
-        """(critic score (N, 1), class logits (N, 10)).
+    def forward(self, x, extract_features=0, groups=1):
+        """A Judgement: the critic's score, the class logits and the pooled features (for feature matching).
         extract_features=k in 1..num_layers: instead, the output of conv block k max-pooled over its whole
         spatial extent, (N, channels of block k).
-        with_features: also return the max-pooled output of the last block, (N, self.num_features), the heads'
-        input without the minibatch features (for feature matching).
         groups: the minibatch features of a sample come from the batch's 1/groups chunk it is in (see
         MinibatchDiscrimination); the batch size must be a multiple of groups."""
         if not 0 <= extract_features <= self.num_layers:
             raise ValueError(f"extract_features must be 0 (both heads) or a conv layer in 1..{self.num_layers}, "
                              f"got {extract_features}")
-        if extract_features and with_features:
-            raise ValueError("with_features needs the heads: use it with extract_features=0")
         if groups < 1 or len(x) % groups:
             raise ValueError(f"groups must be a positive divisor of the batch size {len(x)}, got {groups}")
         for k, block in enumerate(self.blocks, start=1):
@@ -375,8 +381,7 @@ class Discriminator(nn.Module):
                 return F.adaptive_max_pool2d(x, 1).flatten(1)
         features = F.max_pool2d(x, 4, 4).flatten(1)
         h = features if self.minibatch is None else torch.cat([features, self.minibatch(features, groups)], 1)
-        score, logits = self.fc1(h), self.fc10(h)
-        return (score, logits, features) if with_features else (score, logits)
+        return Judgement(self.fc1(h), self.fc10(h), features)
 
 
 class Generator(nn.Module):
@@ -400,6 +405,61 @@ class Generator(nn.Module):
         for conv, bn in zip(self.convs, self.bns):
             x = F.relu(bn(conv(x)))
         return torch.tanh(self.conv8(x))
+
+
+class SumOverProcesses(torch.autograd.Function):
+    """all_reduce (sum) that autograd differentiates: the gradient of a sum over the processes is the sum of
+    every process's gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):  # the base of nn.BatchNorm1d and 2d
+    """Batch norm over the global batch under torchrun, as SyncBatchNorm, in one all_reduce of per-channel sums
+    per forward and without SyncBatchNorm's host sync (it indexes its gathered counts with a boolean mask in every
+    forward); on gloo (CPU) too. The running statistics come from the global batch, so they are the same on every
+    process and DDP need not broadcast them. Same parameters and buffers as nn.BatchNorm: same state_dict."""
+
+    def forward(self, x):
+        if not self.training:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        dims, shape, c = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2), self.num_features
+        local = torch.cat([x.sum(dims), (x * x).sum(dims), x.new_full((1,), x.numel() // c)])
+        total = SumOverProcesses.apply(local)
+        count = total[2 * c]
+        mean = total[:c] / count
+        var = (total[c:2 * c] / count - mean * mean).clamp_min(0)  # rounding may take it below 0
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * count / (count - 1), self.momentum)  # unbiased, as nn.BatchNorm keeps it
+            self.num_batches_tracked += 1
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        return x * scale.view(shape) + (self.bias - mean * scale).view(shape)
+
+
+def global_batch_norm(module):
+    """The module with each BatchNorm1d/2d replaced by a GlobalBatchNorm holding the same parameter and buffer
+    tensors (so an optimizer made before keeps working); in place."""
+    for name, child in module.named_children():
+        if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            synced = GlobalBatchNorm(child.num_features, child.eps, child.momentum, device="meta")
+            for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+                setattr(synced, key, getattr(child, key))
+            synced.train(child.training)
+            setattr(module, name, synced)
+        else:
+            global_batch_norm(child)
+    return module
 
 
 def set_kernels(model, conv_gradfix=False, layer_norm="native"):

@@ -15,7 +15,6 @@ download cut short by SIGTERM or a hang-up (exit 143, 129); what a kill -9 left,
 """
 import argparse
 import glob
-import hashlib
 import os
 import shutil
 import socket
@@ -31,8 +30,9 @@ from packaging.requirements import Requirement
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import calculate_md5, check_integrity, download_url, extract_archive
 
+from cli import UserError, run_main
 from data import load_split
-from files import UserError, run_main
+from files import file_digest
 from runtime import check_gpu_supported
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -202,18 +202,10 @@ def prepare_cifar(args):
 # ---------------------------------------------------------------------------------------------------------
 # InceptionV3's weights
 
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def weights_problem(path, expected_sha256, check_inception_weights):
     """None when path holds the weights (with expected_sha256 given, that hash too), else why not."""
     if expected_sha256 is not None:
-        actual = sha256(path)
+        actual = file_digest(path, "sha256")
         if not actual.startswith(expected_sha256.lower()):
             return f"has sha256 {actual}, expected {expected_sha256}"
     try:
@@ -226,7 +218,7 @@ def weights_problem(path, expected_sha256, check_inception_weights):
 def prepare_inception(args):
     """(True, where the weights are) or (False, what is missing and what to do)."""
     try:
-        from evaluate import check_inception_weights, default_inception_weights
+        from measures import check_inception_weights, default_inception_weights
     except ImportError as e:
         return False, f"InceptionV3 weights: cannot check them ({one_line(e)}); pip install -r requirements.txt"
     path = args.inception_weights or default_inception_weights()

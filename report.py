@@ -24,7 +24,6 @@ import argparse
 import io
 import json
 import os
-import re
 import textwrap
 from typing import NamedTuple
 
@@ -37,20 +36,18 @@ from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
-from data import CLASSES
 import health
-from evaluate import COLLAPSE_BELOW, format_table
-from files import UserError, atomic_write, output_folder, read_metrics, run_main
-from make_gif import epoch_grids
+from cli import UserError, run_main
+from data import CLASSES
+from files import atomic_write, output_folder, read_metrics
+from images import (FEATURES_NAME, MAX_CLASS_FILE, RESULTS_FILE, epoch_grids, max_features_file,
+                    perturb_files)
+from quality import COLLAPSE_BELOW, format_table
 
 PAGE = (11.69, 8.27)  # A4 landscape, inches
-FEATURES_NAME = re.compile(r"^max_features_layer(\d+)\.png$")
-PERTURB_FILES = [("real_images.png", "real images"), ("gradient_image.png", "gradient"),
-                 ("jittered_images.png", "perturbed")]
-NOISE_FILES = [("noise_images.png", "noise images"), ("noise_gradient_image.png", "gradient"),
-               ("noise_jittered_images.png", "perturbed")]
+PERTURB_FILES, NOISE_FILES = perturb_files(), perturb_files("noise_")
 # The files that make a folder of --vis-dir a model's visualizations.
-MODEL_FILES = {"results.json", "max_class.png"} | {f for f, _ in PERTURB_FILES + NOISE_FILES}
+MODEL_FILES = {RESULTS_FILE, MAX_CLASS_FILE} | {f for f, _ in PERTURB_FILES + NOISE_FILES}
 # What the default model names of visualize.py (the file stems) stand for; other names are shown as they are.
 DESCRIPTIONS = {"cifar10": "baseline classifier", "discriminator": "GAN discriminator"}
 VISUALIZE = "python visualize.py all --model cifar10.model --model discriminator.model"
@@ -198,7 +195,7 @@ def read_model(inputs, vis_dir, name):
     """One model's visualizations: its results.json and its images, each gap noted under the model."""
     folder = os.path.join(vis_dir, name)
     note = lambda section, text, **kw: inputs.note(section, text, model=name, **kw)
-    results, path = {}, os.path.join(folder, "results.json")
+    results, path = {}, os.path.join(folder, RESULTS_FILE)
     if os.path.isfile(path):
         try:
             with open(path) as f:
@@ -226,14 +223,14 @@ def read_model(inputs, vis_dir, name):
         if "perturb_noise" not in results:
             note("perturb", f"{folder}/results.json with the noise perturbation's numbers (visualize.py perturb "
                             f"--start noise)", optional=True)
-    if not os.path.isfile(os.path.join(folder, "max_class.png")):
+    if not os.path.isfile(os.path.join(folder, MAX_CLASS_FILE)):
         note("max_class", f"{folder}/max_class.png ({VISUALIZE})")
     if len(layers) < 2:
         note("max_features", f"{folder}/max_features_layer<K>.png for two layers or more "
                              f"(visualize.py max-features)")
 
-    sections = [(f, "perturb") for f, _ in PERTURB_FILES + NOISE_FILES] + [("max_class.png", "max_class")] + \
-               [(f"max_features_layer{k}.png", "max_features") for k in layers]
+    sections = [(f, "perturb") for f, _ in PERTURB_FILES + NOISE_FILES] + [(MAX_CLASS_FILE, "max_class")] + \
+               [(max_features_file(k), "max_features") for k in layers]
     for file, section in sections:
         inputs.picture(os.path.join(folder, file), section, f"make it again ({VISUALIZE})", name)
     return {"name": name, "folder": folder, "results": results, "layers": layers}
@@ -372,14 +369,15 @@ def plot_gan(epochs, monitors):
     points = monitors or epochs
     x = [r["epoch"] - 1 + r["batch"] / per_epoch for r in monitors] if monitors else [r["epoch"] for r in epochs]
     fig, axes = plt.subplots(2, 4, figsize=PAGE)
+    # Every term of the generator's loss that the records hold, under its name in the metrics file
+    terms = [(key, key) for key in dict.fromkeys(k for r in points for k in r if k.startswith("g_") and k != "g_loss")]
     panels = [(axes[0, 0], "critic score fc1", [("real_score", "real"), ("fake_score", "fake")]),
               (axes[0, 1], "Wasserstein estimate (real - fake)", [("wasserstein", "estimate")]),
               (axes[0, 2], "gradient penalty", [("gp", "GP")]),
               (axes[0, 3], "critic's gradient norm at x_hat", [("grad_norm", "mean norm")]),
               (axes[1, 0], "class cross entropy", [("real_ce", "real"), ("fake_ce", "fake"),
                                                    ("g_ce", "generator's class term")]),
-              (axes[1, 1], "generator loss", [("g_loss", "loss"), ("g_critic", "critic term"),
-                                              ("g_ce", "class term")]),
+              (axes[1, 1], "generator loss", [("g_loss", "loss"), *terms]),
               (axes[1, 2], "accuracy", [("real_acc", "real training batches"), ("fake_acc", "fake batches")])]
     for ax, title, series in panels:
         for key, name in series:
@@ -696,13 +694,13 @@ def write_max_class(doc, found):
     for model in found.models:
         name, folder = model["name"], model["folder"]
         doc.add(f"### {label(name)}", "")
-        path = os.path.join(folder, "max_class.png")
+        path = os.path.join(folder, MAX_CLASS_FILE)
         if os.path.isfile(path):
             def summary(c, start):
                 hits = sum(p == cls for p, cls in zip(c.get("predicted", []), CLASSES))
                 return (f"{c['iterations']} steps of lr {c['lr']:g}, weight decay {c['weight_decay']:g}, starting "
                         f"from {start}; {hits} of 10 images are classified as their class.")
-            write_synthesis(doc, found, model, path, "max_class.png", model["results"].get("max_class"), summary,
+            write_synthesis(doc, found, model, path, MAX_CLASS_FILE, model["results"].get("max_class"), summary,
                             f"class maximization, {name}", f"{label(name)}: one image per class")
         doc.add(*gap_notes(found, "max_class", name))
     doc.add(*gap_notes(found, "models"))
@@ -726,7 +724,7 @@ def write_max_features(doc, found):
         name, folder = model["name"], model["folder"]
         doc.add(f"### {label(name)}", "")
         for layer in model["layers"]:
-            file = f"max_features_layer{layer}.png"
+            file = max_features_file(layer)
             path = os.path.join(folder, file)
             doc.add(f"#### layer {layer}", "")
             summary = lambda c, start: (f"{c.get('features', '?')} features, {c['iterations']} steps of lr "

@@ -13,10 +13,11 @@ import os
 import torch
 
 from checkpoint import load_model
+from cli import UserError, check_range, run_main
 from data import CLASSES
 from images import grid_image, to_unit
 from models import class_noise
-from files import UserError, atomic_write, check_range, image_bytes, output_file, run_main
+from files import atomic_write, image_bytes, output_file
 from runtime import DEVICE_HELP, Runtime
 
 

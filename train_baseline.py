@@ -7,21 +7,23 @@
 The assignment's recipe is the default: 100 epochs, batch 128, Adam lr 1e-4, lr / 10 at half the epochs and
 / 100 at three quarters (epochs 50 and 75). Writes to --out-dir: cifar10.model (the trained net),
 baseline.ckpt (resumable, every epoch and on a stop signal) and baseline_metrics.jsonl (one line per epoch).
+The update is baseline.py's.
 """
 import argparse
 import os
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from baseline import freeze_critic_head, train_step
 from checkpoint import model_record, restore_model, save_model
+from cli import run_main
 from data import augment
-from files import run_main
 from models import Discriminator
-from runtime import GraphedStep, Runtime, Speed, StopSignal, autocast, setup_speed
-from training import (Meter, Run, accuracy, adam, add_data_args, add_recipe_args, add_system_args, check_common_args,
-                      check_configurations, load_optimizer, run_config, set_lr, training_loaders)
+from running_means import Meter
+from runtime import GraphedStep, Runtime, Speed, StopSignal, setup_speed
+from training import (Run, Table, accuracy, adam, add_data_args, add_recipe_args, load_optimizer,
+                      parse_trainer_args, run_config, set_lr, training_loaders)
 
 
 def parse_args(argv=None):
@@ -29,41 +31,22 @@ def parse_args(argv=None):
     add_data_args(parser)
     add_recipe_args(parser, epochs=100, lr=1e-4, betas=(0.9, 0.999),
                     epochs_note="the lr drops to 1/10 at half of them and to 1/100 at three quarters")
-    add_system_args(parser)
-    args = parser.parse_args(argv)
-    if args.check_flags is not None:
-        check_configurations(parse_args, argv, args.check_flags)
-    check_common_args(args)
-    return args
+    return parse_trainer_args(parser, parse_args, argv)
 
 
 # Every flag but these and training.MAY_CHANGE_ON_RESUME (--lr among them: the schedule then scales from the new
 # value) is checked against the checkpoint on --resume. Not --epochs: the lr drops are placed by it, so a resumed
 # run with another --epochs would follow another schedule.
 MAY_CHANGE_ON_RESUME = set()
+# The per-epoch console table, of the epoch record
+TABLE = Table(("epoch", "epoch", "5d"), ("lr", "lr", "8.1e"), ("loss", "train_loss", "7.4f"),
+              ("train acc", "train_acc", "9.4f"), ("test acc", "test_acc", "8.4f"), ("seconds", "seconds", "7.1f"),
+              ("img/s", "images_per_s", "7.0f"), ("eta", lambda record: Run.duration(record["eta_s"]), ">7"))
 
 
 def lr_at(epoch, args):
     """The assignment's step schedule, scaled to --epochs: lr, lr/10 from epoch 50 of 100, lr/100 from 75."""
     return args.lr * (0.01 if epoch >= 0.75 * args.epochs else 0.1 if epoch >= 0.5 * args.epochs else 1.0)
-
-
-def freeze_critic_head(model):
-    """The classifier never uses the critic head fc1: freeze it, so that no optimizer state is kept for it and
-    DistributedDataParallel, which expects a gradient for every trainable parameter, finds none missing."""
-    model.fc1.requires_grad_(False)
-
-
-def train_step(net, optimizer, x, labels, bf16=False):
-    """One Adam step on cross entropy of fc10; returns (loss, accuracy) on the batch as device tensors.
-    bf16: autocast the forward pass to bf16."""
-    with autocast(x.device, bf16):
-        logits = net(x)[1].float()
-    loss = F.cross_entropy(logits, labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach(), (logits.argmax(1) == labels).float().mean()
 
 
 def train(args, stop):
@@ -100,8 +83,7 @@ def train(args, stop):
                     "optimizer": optimizer.state_dict()}
 
         train_loader, test_loader = training_loaders(args, rt)
-        run.begin(f"{'epoch':>5} {'lr':>8} {'loss':>7} {'train acc':>9} {'test acc':>8} {'seconds':>7} {'img/s':>7} "
-                  f"{'eta':>7}")
+        run.begin(TABLE)
         def eager_step(x, labels):
             return train_step(model_ddp, optimizer, x, labels, bf16)
 
@@ -129,12 +111,7 @@ def train(args, stop):
             run.log(record)
             meter.reset()
             start_batch = 0
-            run.save(state(epoch + 1, 0))
-            run.print(f"{epoch + 1:5d} {record['lr']:8.1e} {record['train_loss']:7.4f} {record['train_acc']:9.4f} "
-                      f"{record['test_acc']:8.4f} {seconds:7.1f} {images_per_s:7.0f} "
-                      f"{run.duration(record['eta_s']):>7}")
-            if epoch + 1 < args.epochs and run.stop_requested():
-                run.exit_stopped(f"after epoch {epoch + 1}")
+            run.end_epoch(record, state(epoch + 1, 0), args.epochs)
 
         if rt.is_rank0:
             save_model(model, os.path.join(args.out_dir, "cifar10.model"))

@@ -10,34 +10,29 @@ classifier (fc10), the generator conditioned on the class through its noise.
 The assignment's recipe is the default: 200 epochs, batch 128, Adam lr 1e-4 betas (0, 0.9) for both nets,
 gradient penalty 10, the generator trained every iteration. Writes to --out-dir: output/NNN.png (a 10x10 grid
 of one fixed noise batch after epoch NNN + 1, one class per column), generator.model and discriminator.model
-(every epoch), gan.ckpt (resumable, every epoch and on a stop signal) and gan_metrics.jsonl.
+(every epoch), gan.ckpt (resumable, every epoch and on a stop signal) and gan_metrics.jsonl. The losses and
+updates are gan.py's.
 """
 import argparse
-import functools
 import os
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.profiler import record_function
 
 import health
 from checkpoint import model_record, restore_model
+from cli import UserError, check_range, run_main
 from data import CLASSES, augment
-from files import UserError, check_range, image_bytes, run_main, torch_bytes
-from images import grid_image, to_unit
-from models import MINIBATCH_DIMS, MINIBATCH_KERNELS, NUM_CLASSES, Discriminator, Generator, class_noise
-from runtime import GraphedStep, Runtime, Speed, StopSignal, autocast, global_batch_norm, setup_speed
-from training import (Meter, Run, accuracy, adam, add_data_args, add_recipe_args, add_system_args,
-                      check_common_args, check_configurations, load_optimizer, run_config, training_loaders)
-
-# The discriminator step's monitored values, each a mean over the batch: gradient penalty, critic scores of
-# fake and real images, class cross entropy of real and fake images, the accuracy on the real and on the fake
-# batch, and the health signals: the Wasserstein estimate (real - fake score) and the mean norm of the
-# critic's input gradient at the interpolated images (the penalty's own quantity, held near 1).
-MONITORED = ("gp", "fake_score", "real_score", "real_ce", "fake_ce", "real_acc", "fake_acc", "wasserstein",
-             "grad_norm")
+from files import image_bytes, torch_bytes
+from gan import penalty_factor, training_steps
+from images import epoch_grid_name, grid_image, to_unit
+from models import (MINIBATCH_DIMS, MINIBATCH_KERNELS, NUM_CLASSES, Discriminator, Generator, class_noise,
+                    global_batch_norm)
+from running_means import Meter
+from runtime import Runtime, Speed, StopSignal, setup_speed
+from training import (Run, Table, accuracy, adam, add_data_args, add_recipe_args, load_optimizer,
+                      parse_trainer_args, run_config, training_loaders)
 
 
 def parse_args(argv=None):
@@ -78,11 +73,7 @@ def parse_args(argv=None):
                         "the Frechet distance in its features and the collapse check")
     g.add_argument("--inception-weights", metavar="PATH",
                    help="InceptionV3's weights for IS/FID/KID on a node without internet (see evaluate.py)")
-    add_system_args(parser)
-    args = parser.parse_args(argv)
-    if args.check_flags is not None:
-        check_configurations(parse_args, argv, args.check_flags)
-    check_common_args(args)
+    args = parse_trainer_args(parser, parse_args, argv)
     check_range(args, "n_critic", 1, 1000)
     check_range(args, "lambda_gp", 0, 1e6)
     check_range(args, "gp_every", 1, 1000)
@@ -96,167 +87,13 @@ def parse_args(argv=None):
 # --epochs may grow: nothing in the GAN's schedule depends on it; measuring does not change the training. The
 # losses' weights and the critic's pace are TUNABLE as --lr is: a resume may change them (what the warnings
 # advise), and the run records each change.
+# The per-epoch console table, of the epoch record
+TABLE = Table(("epoch", "epoch", "5d"), ("test acc", "test_acc", "8.4f"), ("real acc", "real_acc", "8.4f"),
+              ("gp", "gp", "7.3f"), ("fake", "fake_score", "8.3f"), ("real", "real_score", "8.3f"),
+              ("seconds", "seconds", "7.1f"), ("img/s", "images_per_s", "6.0f"),
+              ("eta", lambda record: Run.duration(record["eta_s"]), ">7"))
 TUNABLE = {"lambda_gp", "n_critic", "feature_matching"}
 MAY_CHANGE_ON_RESUME = {"epochs", "eval_every", "eval_n", "eval_classifier", "inception_weights"} | TUNABLE
-
-
-def gradient_penalty(score_hat, x_hat, lambda_gp):
-    """(lambda * mean((||d score / d x_hat||_2 - 1)^2), kept in the graph (create_graph) so that the
-    discriminator's update differentiates through it; the mean of those norms, detached). Outside autocast even
-    when the forward pass was in it: the gradient's ops would otherwise be autocast too, undoing the fp32 that a
-    layer chose for its forward (the minibatch-discrimination layer's); they follow the forward's dtypes instead."""
-    with torch.autocast(score_hat.device.type, enabled=False):
-        grad, = torch.autograd.grad(score_hat.sum(), x_hat, create_graph=True)
-        norms = grad.flatten(1).norm(dim=1)
-        return lambda_gp * ((norms - 1) ** 2).mean(), norms.detach().mean()
-
-
-def discriminator_loss(disc_ddp, disc, real, real_labels, fake, fake_labels, alpha, lambda_gp, penalty_factor=1):
-    """mean(fc1(fake)) - mean(fc1(real)) + CE(fc10(real)) + CE(fc10(fake)) + GP, and the monitored values.
-
-    Two passes: real and fake images together through disc_ddp for the critic and class terms, then the
-    interpolated images alone through disc for the penalty. The penalty's gradient (create_graph) and its
-    double backward are the most expensive passes of an iteration; over the interpolated images alone they
-    cost a third of what they would over one batch of all three. LayerNorm keeps samples independent, so the
-    loss and gradients are those of one batch.
-
-    penalty_factor: what GP is multiplied by in the loss: 1; K on every K-th iteration of a lazy penalty
-    (--gp-every K); 0 skips the penalty's pass (the other iterations), and gp and grad_norm are not monitored.
-
-    disc_ddp is the DistributedDataParallel wrapper of disc under torchrun (else disc itself). The penalty's
-    pass goes through the plain module: the one backward of the loss sums both passes' gradients into each
-    parameter before DDP's hook all-reduces it, so an update is still one all-reduce of one process's
-    gradients, whereas a second forward through the wrapper before one backward is not what DDP supports."""
-    n = len(real)
-    with record_function("discriminator forward (real + fake)"):
-        # groups=2: with minibatch discrimination, real images are compared with real ones only, fakes with fakes
-        scores, logits = (t.float() for t in disc_ddp(torch.cat([real, fake]), groups=2))
-        real_score, fake_score = scores[:n].mean(), scores[n:].mean()
-        real_ce = F.cross_entropy(logits[:n], real_labels)
-        fake_ce = F.cross_entropy(logits[n:], fake_labels)
-    loss = fake_score - real_score + real_ce + fake_ce
-    real_acc = (logits[:n].argmax(1) == real_labels).float().mean()
-    fake_acc = (logits[n:].argmax(1) == fake_labels).float().mean()
-    monitored = {"fake_score": fake_score, "real_score": real_score, "real_ce": real_ce, "fake_ce": fake_ce,
-                 "real_acc": real_acc, "fake_acc": fake_acc, "wasserstein": real_score - fake_score}
-    if penalty_factor:
-        with record_function("penalty gradient"):
-            x_hat = (alpha.view(-1, 1, 1, 1) * real + (1 - alpha.view(-1, 1, 1, 1)) * fake).requires_grad_(True)
-            gp, monitored["grad_norm"] = gradient_penalty(disc(x_hat)[0].float(), x_hat, lambda_gp)
-        loss = loss + penalty_factor * gp
-        monitored["gp"] = gp
-    return loss, {name: value.detach() for name, value in monitored.items()}
-
-
-def feature_matching_loss(real_features, fake_features):
-    """||mean of the real features - mean of the fake features||^2, the means over the batch."""
-    return (real_features.float().mean(0) - fake_features.float().mean(0)).pow(2).sum()
-
-
-def generator_loss(disc, fake, labels, real=None, feature_matching=0.0):
-    """-mean(fc1(G(z))) + CE(fc10(G(z)), label); with feature_matching W > 0 also
-    W * feature_matching_loss of D's pooled last-block features on the real batch and on the fake one. Returns
-    the loss and its terms, detached: g_critic, g_ce (and g_fm)."""
-    scores, logits, fake_features = disc(fake, with_features=True)
-    terms = {"g_critic": -scores.float().mean(), "g_ce": F.cross_entropy(logits.float(), labels)}
-    if feature_matching:
-        with torch.no_grad():
-            real_features = disc(real, with_features=True)[2]
-        terms["g_fm"] = feature_matching * feature_matching_loss(real_features, fake_features)
-    return sum(terms.values()), {name: value.detach() for name, value in terms.items()}
-
-
-def generator_draws(n, rng):
-    """(labels, noise) of a generator step: random labels and their class noise."""
-    labels = torch.randint(0, NUM_CLASSES, (n,), device=rng.device, generator=rng)
-    return labels, class_noise(labels, rng)
-
-
-def generator_update(gen_ddp, disc, opt_g, labels, noise, bf16=False, real=None, feature_matching=0.0):
-    """One generator update on the given noise and labels (and, for feature matching, a real batch). The
-    discriminator (the plain module, not its DDP wrapper) is frozen: its parameters get no gradient and stay as
-    they are. bf16: autocast the discriminator to bf16 (the generator stays fp32: its gradient has come back
-    through both nets). Returns the monitored values: the loss g_loss and its terms."""
-    disc.requires_grad_(False)
-    with record_function("generator forward + backward"):
-        fake = gen_ddp(noise)
-        with autocast(noise.device, bf16):
-            loss, terms = generator_loss(disc, fake, labels, real, feature_matching)
-        opt_g.zero_grad(set_to_none=True)
-        loss.backward()
-    with record_function("optimizer"):
-        opt_g.step()
-    disc.requires_grad_(True)
-    return {"g_loss": loss.detach(), **terms}
-
-
-def generator_step(gen_ddp, disc, opt_g, n, rng, bf16=False, real=None, feature_matching=0.0):
-    """generator_update on fresh noise with random labels drawn from rng."""
-    return generator_update(gen_ddp, disc, opt_g, *generator_draws(n, rng), bf16, real, feature_matching)
-
-
-def discriminator_draws(n, rng):
-    """(fake labels, their class noise, the penalty's interpolation weights) of a discriminator step."""
-    fake_labels = torch.randint(0, NUM_CLASSES, (n,), device=rng.device, generator=rng)
-    noise = class_noise(fake_labels, rng)
-    return fake_labels, noise, torch.rand(n, device=rng.device, generator=rng)
-
-
-def discriminator_update(disc_ddp, disc, gen_ddp, opt_d, real, real_labels, fake_labels, noise, alpha, lambda_gp,
-                         bf16=False, penalty_factor=1):
-    """One discriminator update against the fake batch of the given noise (made without gradients, so G is
-    untouched); returns the monitored values. bf16: autocast the discriminator to bf16. penalty_factor: see
-    discriminator_loss."""
-    with torch.no_grad(), record_function("generator forward (fake batch)"):
-        fake = gen_ddp(noise)
-    with autocast(real.device, bf16):
-        loss, monitored = discriminator_loss(disc_ddp, disc, real, real_labels, fake, fake_labels, alpha, lambda_gp,
-                                             penalty_factor)
-    with record_function("discriminator backward"):
-        opt_d.zero_grad(set_to_none=True)
-        loss.backward()
-    with record_function("optimizer"):
-        opt_d.step()
-    return monitored
-
-
-def discriminator_step(disc_ddp, disc, gen_ddp, opt_d, real, real_labels, rng, lambda_gp, bf16=False,
-                       penalty_factor=1):
-    """discriminator_update against a fresh fake batch drawn from rng."""
-    return discriminator_update(disc_ddp, disc, gen_ddp, opt_d, real, real_labels, *discriminator_draws(len(real), rng),
-                                lambda_gp, bf16, penalty_factor)
-
-
-def training_steps(gen_ddp, disc_ddp, gen, disc, opt_g, opt_d, args, bf16, cuda_graphs):
-    """(generator(n, rng, real), discriminator(real, labels, rng, penalty_factor)): one iteration's two updates as
-    train() runs them, each drawing its random inputs from rng first. cuda_graphs: each update (and the
-    discriminator's with and without the penalty) a runtime.GraphedStep, the draws made outside the graph in the
-    eager order, so that both paths train on the same numbers; the optimizers must be capturable."""
-    fm = args.feature_matching
-    if not cuda_graphs:  # the module's functions looked up at each call (the tests patch them)
-        return (lambda n, rng, real: generator_step(gen_ddp, disc, opt_g, n, rng, bf16, real, fm),
-                lambda real, labels, rng, factor: discriminator_step(disc_ddp, disc, gen_ddp, opt_d, real, labels, rng,
-                                                                     args.lambda_gp, bf16, factor))
-    g_graph = GraphedStep(functools.partial(generator_update, gen_ddp, disc, opt_g, bf16=bf16, feature_matching=fm))
-    d_graphs = {}
-
-    def generator(n, rng, real):
-        labels, noise = generator_draws(n, rng)
-        return g_graph(labels=labels, noise=noise, **({"real": real} if fm else {}))
-
-    def discriminator(real, labels, rng, factor):
-        if factor not in d_graphs:
-            d_graphs[factor] = GraphedStep(functools.partial(discriminator_update, disc_ddp, disc, gen_ddp, opt_d,
-                                                             lambda_gp=args.lambda_gp, bf16=bf16,
-                                                             penalty_factor=factor))
-        fake_labels, noise, alpha = discriminator_draws(len(real), rng)
-        return d_graphs[factor](real=real, real_labels=labels, fake_labels=fake_labels, noise=noise, alpha=alpha)
-    return generator, discriminator
-
-
-def penalty_factor(batch, gp_every):
-    """The penalty's factor in the loss at this batch: gp_every on every gp_every-th batch, else 0 (not computed)."""
-    return gp_every if batch % gp_every == 0 else 0
 
 
 def fixed_noise(seed):
@@ -281,14 +118,14 @@ def samples_png(samples):
 
 def epoch_outputs(gen, disc, grid, out_dir, epoch):
     """(path, bytes) of what an epoch writes beside the checkpoint: its grid (PNG bytes) and both model files."""
-    return [(os.path.join(out_dir, "output", f"{epoch:03d}.png"), grid),
+    return [(os.path.join(out_dir, "output", epoch_grid_name(epoch)), grid),
             (os.path.join(out_dir, "generator.model"), torch_bytes(model_record(gen))),
             (os.path.join(out_dir, "discriminator.model"), torch_bytes(model_record(disc)))]
 
 
 def distribute(gen, disc, rt):
     """(gen_ddp, disc_ddp): the nets' DistributedDataParallel wrappers under torchrun, else the nets. The
-    generator's batch statistics cover the global batch (runtime.GlobalBatchNorm, NCCL and gloo alike), as one
+    generator's batch statistics cover the global batch (models.GlobalBatchNorm, NCCL and gloo alike), as one
     process would see them; its running statistics are then the same on every process, so DDP does not
     broadcast them before each forward."""
     if rt.world_size == 1:
@@ -302,7 +139,7 @@ def distribute(gen, disc, rt):
 
 def make_evaluator(args, rt):
     """evaluate.py's measures with their fixed parts (noise, the real images' features) prepared once."""
-    from evaluate import build_evaluator  # torch-fidelity takes a second to import: only when measuring
+    from measures import build_evaluator  # torch-fidelity takes a second to import: only when measuring
 
     return build_evaluator(args.data_dir, rt.device, args.eval_n, args.seed, args.eval_classifier,
                            args.inception_weights)
@@ -366,8 +203,7 @@ def train(args, stop):
         evaluator = rt.rank0_first(lambda: make_evaluator(args, rt), others_too=False) if args.eval_every else None
         if evaluator is not None and evaluator.inception_note:
             run.print(f"note: {evaluator.inception_note}")
-        run.begin(f"{'epoch':>5} {'test acc':>8} {'real acc':>8} {'gp':>7} {'fake':>8} {'real':>8} {'seconds':>7} "
-                  f"{'img/s':>6} {'eta':>7}")
+        run.begin(TABLE)
         for epoch in range(start_epoch, args.epochs):
             # Training batches: a generator step every --n-critic iterations, a discriminator step every one
             for b, images, labels in run.batches(train_loader, epoch, start_batch, args.epochs):
@@ -400,12 +236,8 @@ def train(args, stop):
             start_batch = 0
             grid = samples_png(samples)
             run.image("samples", grid, epoch + 1)
-            run.save(state(epoch + 1, 0), also=lambda: epoch_outputs(gen, disc, grid, args.out_dir, epoch))
-            run.print(f"{epoch + 1:5d} {record['test_acc']:8.4f} {means['real_acc']:8.4f} {means['gp']:7.3f} "
-                      f"{means['fake_score']:8.3f} {means['real_score']:8.3f} {seconds:7.1f} {images_per_s:6.0f} "
-                      f"{run.duration(record['eta_s']):>7}")
-            if epoch + 1 < args.epochs and run.stop_requested():
-                run.exit_stopped(f"after epoch {epoch + 1}")
+            run.end_epoch(record, state(epoch + 1, 0), args.epochs,
+                          also=lambda: epoch_outputs(gen, disc, grid, args.out_dir, epoch))
 
         run.print(f"saved {os.path.join(args.out_dir, 'generator.model')} and discriminator.model; "
                   f"grids in {os.path.join(args.out_dir, 'output')}")

@@ -1,12 +1,12 @@
-"""The run plumbing both trainers share, written once: their common flags, the output folder's lock, resuming
-or refusing a checkpoint, running means of the monitored values, stopping on a signal, the non-finite loss
-rule, images/s, test accuracy, and the metrics written to the metrics file, to TensorBoard (events.py) and
-through the health rules (health.py).
+"""The run plumbing both trainers share, written once: their common flags, the output folder's lock
+(outdir_lock.py), resuming or refusing a checkpoint, stopping on a signal, the non-finite loss rule, images/s,
+test accuracy, the per-epoch console table, and the metrics written to the metrics file, to TensorBoard
+(events.py) and through the health rules (health.py).
 
 A trainer's loop, in this module's terms:
 
     with Run("gan", "train_gan.py", args, rt, stop, config) as run:   # --out-dir locked; run.checkpoint
-        run.begin(table_header)                                      # a signal during start-up stops here
+        run.begin(table)                                             # a signal during start-up stops here
         for epoch in ...:
             for b, images, labels in run.batches(train_loader, epoch, start_batch, args.epochs):
                 ... one step ...; meter.add(loss=...)
@@ -14,29 +14,27 @@ A trainer's loop, in this module's terms:
                     run.save_and_stop(state(epoch, b + 1))               # checkpoint, then exit 75
                 run.log_window(meter, epoch, b)                          # every LOG_EVERY batches
             seconds, images_per_s = run.epoch_speed()
-            run.log({...}); run.image("samples", png, epoch + 1); run.save(state(epoch + 1, 0))
+            run.log(record); run.image("samples", png, epoch + 1)
+            run.end_epoch(record, state(epoch + 1, 0), args.epochs)    # save, the table's row, a stop asked for
 """
 import contextlib
-import errno
 import io
-import json
 import os
+import re
 import shlex
 import socket
 import sys
-import threading
 import time
-import uuid
 
 import torch
-import torch.distributed as dist
 
 import health
 from checkpoint import load_checkpoint
+from cli import UserError, check_range
 from data import Loader, load_split, to_float
-from files import (UserError, append_metrics, atomic_write, check_range, output_folder, read_metrics, rewrite_metrics,
-                   torch_bytes, write_error, write_together)
+from files import append_metrics, output_folder, read_metrics, rewrite_metrics, torch_bytes, write_together
 from models import ARCHS, DEFAULT_WIDTH
+from outdir_lock import OutDirLock
 from runtime import DEVICE_HELP, EXIT_STOPPED, SPEED_HELP, progress_bar
 
 LOG_EVERY = 50  # batches between running means in the progress bar and the metrics file (each a host sync)
@@ -134,6 +132,17 @@ def check_common_args(args):
     check_range(args, "seed", 0, 2 ** 63 - 1)
 
 
+def parse_trainer_args(parser, parse_args, argv):
+    """The trainer's flags: the system group added last, --check-flags run (it exits), the common flags checked.
+    parse_args: the trainer's own, which --check-flags calls on each configuration."""
+    add_system_args(parser)
+    args = parser.parse_args(argv)
+    if args.check_flags is not None:
+        check_configurations(parse_args, argv, args.check_flags)
+    check_common_args(args)
+    return args
+
+
 def check_configurations(parse_args, argv, source):
     """--check-flags FILE: parse each line of FILE (split on spaces and tabs only, as a job's shell splits
     $EXTRA_ARGS: a carriage return stays in its word) after argv's other flags, as the trainer would before
@@ -223,282 +232,32 @@ def accuracy(model, loader):
     model.eval()
     correct, count = torch.zeros((), device=loader.labels.device), 0
     for _, images, labels in loader.batches():
-        correct += (model(to_float(images))[1].argmax(1) == labels).sum()
+        correct += (model(to_float(images)).logits.argmax(1) == labels).sum()
         count += len(labels)
     model.train()
     return correct.item() / count
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Running means
+# The per-epoch console table
 
-class Meter:
-    """Running sums of named values (0-d tensors) over the epoch and over the current window of batches. They
-    stay on the device, so adding costs no host sync; reading the means costs one. Under torchrun the means
-    (and the state) are over every process's batches, one all_reduce per read, so that a log compares with one
-    process's: every process reads at the same points.
-
-        meter.add(n, loss=loss, acc=acc)     # values are means over n images (or n=1 per batch)
-        meter.means()                        # {"loss": ..., "acc": ...} over the epoch so far
-        meter.take_window()                  # the means since the last take_window, then a new window
-        meter.reset()                        # a new epoch; the window goes on across it
-    """
-
-    def __init__(self, device):
-        self.device = device
-        # The values of one add() call are summed as one stacked tensor: {names: (sums, count)}
-        self.total, self.window = {}, {}
-
-    def reset(self):
-        """A new epoch: its sums start over. The window does not: windows of LOG_EVERY batches run on across
-        epochs, so that an epoch of fewer batches (a smoke run, a small own dataset) still gets them."""
-        self.total = {}
-
-    def add(self, n=1, **values):
-        names = tuple(values)
-        stacked = torch.stack(list(values.values())).detach().float()
-        if n != 1:
-            stacked = stacked * n
-        for sums in (self.total, self.window):
-            total, count = sums.get(names, (0.0, 0))
-            sums[names] = (stacked + total, count + n)
-
-    @staticmethod
-    def _sums(sums):
-        """{name: (sum, count)} as floats, summed over the processes under torchrun."""
-        if not sums:
-            return {}
-        values = torch.cat([total for total, _ in sums.values()])
-        counts = [count for _, count in sums.values()]
-        if dist.is_initialized():
-            both = torch.cat([values.double(), torch.tensor(counts, dtype=torch.float64, device=values.device)])
-            dist.all_reduce(both)
-            values, counts = both[:len(values)], [round(c) for c in both[len(values):].tolist()]
-        per_name, values = {}, iter(values.tolist())
-        for (names, _), count in zip(sums.items(), counts):
-            for name in names:
-                s, c = per_name.get(name, (0.0, 0))
-                per_name[name] = (s + next(values), c + count)
-        return per_name
-
-    def _means(self, sums):
-        return {name: s / count for name, (s, count) in self._sums(sums).items()}
-
-    def means(self):
-        return self._means(self.total)
-
-    def take_window(self):
-        means = self._means(self.window)
-        self.window = {}
-        return means
-
-    def finite(self):
-        """A 0-d bool tensor on the device: whether every sum is finite (a NaN or inf once added stays)."""
-        if not self.total:
-            return torch.ones((), dtype=torch.bool, device=self.device)
-        return torch.isfinite(torch.cat([total for total, _ in self.total.values()])).all()
-
-    def state(self):
-        """Plain floats and counts, for the checkpoint (over every process under torchrun)."""
-        return {part: {name: [s, count] for name, (s, count) in self._sums(sums).items()}
-                for part, sums in (("total", self.total), ("window", self.window))}
-
-    def load_state(self, state):
-        """The sums of a checkpoint; under torchrun rank 0 holds them and the others start from zero (with the
-        same names, so that the sums still line up when the processes add them)."""
-        keep = not dist.is_initialized() or dist.get_rank() == 0
-        for part, sums in (("total", self.total), ("window", self.window)):
-            sums.clear()
-            for name, (s, count) in state[part].items():
-                sums[(name,)] = (torch.tensor([s if keep else 0.0], device=self.device), count if keep else 0)
+WIDTH = re.compile(r"[<>^]?(\d+)")  # a format spec's width
 
 
-# ---------------------------------------------------------------------------------------------------------
-# One run per output folder
+class Table:
+    """A console table declared once, as columns (heading, value, format spec), so that the header and the rows
+    line up by construction. value: a record's key, or a function of the record; the spec's width is the
+    column's (the heading right-aligned to it)."""
 
-class OutDirLock:
-    """A lock file <out-dir>/<job>.lock held for a run's lifetime, so that two runs (say, a resubmitted job and
-    the one still running) never write one checkpoint in turn.
+    def __init__(self, *columns):
+        self.columns = columns
 
-    It works where cluster home and scratch file systems live (NFS, Lustre), where flock may be missing or
-    local to one node: the holder's record is written whole to a file of its own, then hard-linked to the lock's
-    name, which those file systems make atomic and exclusive (no one ever sees an empty lock; a full disk fails
-    before the lock exists). It names its holder (host, pid, start time) and carries a heartbeat, rewritten
-    every HEARTBEAT seconds. A lock is stale, and taken over, when its holder is on this host and its process is
-    gone (kill -9), or when its content (a heartbeat, or an empty or damaged file) has not changed for
-    STALE_AFTER seconds of watching (a crashed node; no clocks are compared). Deleting the file by hand clears
-    it too. A holder frozen for longer (SIGSTOP, a hung file server) may find its lock taken when it wakes:
-    check() says so, and the holder must then stop without writing anything more."""
+    def header(self):
+        return " ".join(format(heading, ">" + WIDTH.match(spec).group(1)) for heading, _, spec in self.columns)
 
-    HEARTBEAT = 10
-    STALE_AFTER = 60
-
-    def __init__(self, path):
-        self.path = path
-        self.token = {"host": socket.gethostname(), "pid": os.getpid(),
-                      "since": time.strftime("%Y-%m-%d %H:%M:%S"), "id": uuid.uuid4().hex, "beat": 0}
-        self._stop = threading.Event()
-        self._beater = None
-        self.lost = False
-
-    def acquire(self, wait, what, give_up=lambda: False):
-        """Take the lock, waiting up to `wait` seconds for its holder; a UserError naming the holder after.
-        Returns False, without the lock, as soon as give_up() is true (a stop signal during the wait)."""
-        deadline = time.monotonic() + wait
-        seen, seen_since = None, time.monotonic()
-        while not give_up():
-            if self._create():
-                self._beater = threading.Thread(target=self._beat, daemon=True)
-                self._beater.start()
-                return True
-            content = self._content()
-            if content != seen:
-                seen, seen_since = content, time.monotonic()
-            if content is not None and self._stale(parse_holder(content), time.monotonic() - seen_since):
-                self._remove_if(lambda now: now == content)
-                continue
-            if time.monotonic() >= deadline:
-                raise UserError(f"another {what} run is using {os.path.dirname(self.path) or '.'} "
-                                f"({describe_holder(content)}): wait for it to end, choose another --out-dir, or "
-                                f"delete {self.path} if that run is gone")
-            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-        return False
-
-    def check(self):
-        """Raise a UserError unless the lock file still holds this holder's record: while this process was
-        frozen, another run may have found the lock stale and taken over (or the file was deleted)."""
-        if self.held():
-            return
-        content = self._content()
-        if content is None:
-            raise UserError(f"{self.path} was deleted while this run held it (by hand, or by a run that took it over "
-                            "and has ended): this run stops here without writing anything more; run the same "
-                            "command with --resume to continue from the last checkpoint")
-        raise UserError(f"another run took over {os.path.dirname(self.path) or '.'} ({describe_holder(content)}) "
-                        f"while this one was stopped or frozen for over {self.STALE_AFTER:g} s: this run stops here "
-                        "without writing anything more and leaves the folder to that run")
-
-    def held(self):
-        """Whether the lock file still holds this holder's record; once not, never again."""
-        if not self.lost:
-            try:
-                with open(self.path, "rb") as f:
-                    content = f.read()
-            except FileNotFoundError:
-                content = None
-            except OSError:
-                return True  # a hiccup of the file server: the next check tells
-            self.lost = not self._is_mine(content)
-        return not self.lost
-
-    def release(self):
-        self._stop.set()
-        if self._beater is not None:
-            self._beater.join()  # a beat written after the removal would leave the lock behind
-        self._remove_if(self._is_mine)
-
-    def _is_mine(self, content):
-        holder = parse_holder(content)
-        return holder is not None and all(holder.get(k) == self.token[k] for k in HOLDER_KEYS)
-
-    def _create(self):
-        """Whether this call created the lock file, with the whole record in it."""
-        own = f"{self.path}.{self.token['id']}.tmp"
-        try:
-            with open(own, "w") as f:  # closing it is enough for other NFS clients to read it whole
-                json.dump(self.token, f)
-            os.link(own, self.path)
-            return True
-        except FileExistsError:
-            # On NFS a link whose reply was lost is retried and fails, though it was made: the count tells.
-            return os.stat(own).st_nlink == 2
-        except OSError as e:
-            if e.errno in NO_HARD_LINKS:
-                return self._create_in_place()
-            raise write_error(self.path, e) from None
-        finally:
-            try:
-                os.remove(own)
-            except OSError:
-                pass
-
-    def _create_in_place(self):
-        """_create where the file system has no hard links: O_EXCL, then the record (removed if that fails)."""
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        except OSError as e:
-            raise write_error(self.path, e) from None
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.token, f)
-        except OSError as e:
-            os.remove(self.path)
-            raise write_error(self.path, e) from None
-        return True
-
-    def _content(self):
-        """The lock file's bytes, or None when it is gone (or cannot be read now)."""
-        try:
-            with open(self.path, "rb") as f:
-                return f.read()
-        except OSError:
-            return None
-
-    def _stale(self, holder, unchanged_for):
-        if holder is not None and holder.get("host") == socket.gethostname() and not pid_alive(holder.get("pid")):
-            return True
-        return unchanged_for > self.STALE_AFTER
-
-    def _remove_if(self, still):
-        """Remove the lock file if still(its content) holds (a newer holder's file stays)."""
-        content = self._content()
-        if content is not None and still(content):
-            try:
-                os.remove(self.path)
-            except OSError:
-                pass
-
-    def _beat(self):
-        while not self._stop.wait(self.HEARTBEAT):
-            if not self.held():
-                return  # taken over while this process was frozen: the file is the new holder's now
-            self.token["beat"] += 1
-            try:
-                atomic_write(self.path, json.dumps(self.token).encode())
-            except UserError:
-                pass  # a missed beat: the next one tries again
-
-
-HOLDER_KEYS = ("host", "pid", "since", "id")  # what tells one holder from another (the beat changes)
-NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}  # os.link on FAT, some FUSE and SMB
-
-
-def parse_holder(content):
-    """The holder's record in a lock file's bytes, or None when it is empty or damaged."""
-    try:
-        holder = json.loads(content)
-    except (TypeError, ValueError):
-        return None
-    return holder if isinstance(holder, dict) else None
-
-
-def describe_holder(content):
-    holder = parse_holder(content)
-    if holder is None:
-        return "unknown holder: the lock file is empty or damaged" if content is not None else "unknown holder"
-    return f"{holder.get('host')}, pid {holder.get('pid')}, since {holder.get('since')}"
-
-
-def pid_alive(pid):
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, ValueError, TypeError):
-        return False
-    except PermissionError:
-        return True
-    return True
+    def row(self, record):
+        return " ".join(format(value(record) if callable(value) else record[value], spec)
+                        for _, value, spec in self.columns)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -516,7 +275,7 @@ class Run:
         self.out_dir = args.out_dir
         self.ckpt_path = os.path.join(args.out_dir, f"{job}.ckpt")
         self.metrics_path = os.path.join(args.out_dir, f"{job}_metrics.jsonl")
-        self.lock, self._bar = None, None
+        self.lock, self._bar, self.table = None, None, None  # table: set by begin()
         self._epoch_time, self._batches_run, self._batch_size = 0.0, 0, 0
         self._timed_seconds, self._timed_batches = 0.0, 0  # of the epochs timed so far in this process, for pace()
         self.events_dir = os.path.join(args.out_dir, "tb", job)
@@ -686,7 +445,7 @@ class Run:
 
     def batches(self, loader, epoch, start, epochs):
         """The loader's batches of this epoch from `start` on, under a progress bar on a terminal (rank 0); also
-        times the epoch for epoch_speed()."""
+        times the epoch for epoch_speed() and pace()."""
         self._batch_size, self._batches_run, self._per_epoch = loader.batch_size, 0, len(loader)
         bar = progress_bar(total=len(loader) - start, desc=f"epoch {epoch + 1}/{epochs}", enabled=self.rt.is_rank0)
         self._bar = bar
@@ -696,6 +455,8 @@ class Run:
             self._batches_run += 1
             bar.update()
         self._epoch_time = time.perf_counter() - start_time
+        self._timed_seconds += self._epoch_time
+        self._timed_batches += self._batches_run
         bar.close()
         self._bar = None
 
@@ -710,15 +471,9 @@ class Run:
         return seconds, self._batches_run * self._batch_size / seconds
 
     def pace(self, epoch, epochs, batches_per_epoch):
-        """The epoch record's {"seconds_per_epoch", "eta_s"}: this process's measured training time per batch
-        over its epochs so far (a resumed run's first, partial epoch counts for its batches) times the batches of
-        an epoch, and that times the epochs after `epoch` (0-based) of `epochs`: the seconds the rest will take.
-        jobs/lib.sh multiplies seconds_per_epoch by the epochs its job asks for. Call once per epoch, after
-        epoch_speed()."""
-        self._timed_seconds += self._epoch_time
-        self._timed_batches += self._batches_run
-        per_epoch = self._timed_seconds / max(self._timed_batches, 1) * batches_per_epoch
-        return {"seconds_per_epoch": round(per_epoch, 2), "eta_s": round(per_epoch * (epochs - epoch - 1), 1)}
+        """pace() of the epochs this process has run so far (a resumed run's first, partial epoch counts for its
+        batches), after `epoch` (0-based) of `epochs`."""
+        return pace(self._timed_seconds, self._timed_batches, batches_per_epoch, epochs - epoch - 1)
 
     @staticmethod
     def duration(seconds):
@@ -758,14 +513,24 @@ class Run:
                 advice = f"nothing was saved; run the same command with {lower} (half the learning rate)"
             raise UserError(f"a loss became NaN or infinite in epoch {epoch + 1} by batch {batch + 1}; {advice}")
 
-    def begin(self, table_header):
+    def begin(self, table):
         """Before the first batch: stop if a signal came during start-up (the checkpoint untouched), else record
-        the settings this resume changes and print the header of the per-epoch table."""
+        the settings this resume changes and print the header of the per-epoch Table."""
         if self.stop_requested():
             self.exit_stopped("before training")
         for setting, old, new in self.changes:
             self.record_change(setting, old, new)
-        self.print(table_header)
+        self.table = table
+        self.print(table.header())
+
+    def end_epoch(self, record, state, epochs, also=None):
+        """After an epoch whose record is logged: the checkpoint (state) and also()'s files saved together, the
+        record's row of the table printed, then a stop asked for during the epoch ends the run (exit 75), unless
+        that was the last of `epochs`."""
+        self.save(state, also)
+        self.print(self.table.row(record))
+        if record["epoch"] < epochs and self.stop_requested():
+            self.exit_stopped(f"after epoch {record['epoch']}")
 
     def record_change(self, setting, old, new):
         """A setting changed on resume: a note in the log, a "change" record in the metrics and in the history
@@ -792,6 +557,14 @@ class Run:
     def save_and_stop(self, state):
         self.save(state)
         self.exit_stopped(f"in epoch {state['epoch'] + 1} after batch {state['batch']}")
+
+
+def pace(seconds, batches, batches_per_epoch, epochs_left):
+    """The epoch record's {"seconds_per_epoch", "eta_s"}: the measured training time per batch (seconds over
+    batches) times the batches of an epoch, and that times the epochs left: the seconds the rest will take.
+    jobs/lib.sh multiplies seconds_per_epoch by the epochs its job asks for."""
+    per_epoch = seconds / max(batches, 1) * batches_per_epoch
+    return {"seconds_per_epoch": round(per_epoch, 2), "eta_s": round(per_epoch * epochs_left, 1)}
 
 
 def record_position(record):

@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import load_model
+from cli import UserError, run_main
 from data import CLASSES, load_split, to_float
-from images import save_grid, to_unit
+from images import MAX_CLASS_FILE, RESULTS_FILE, max_features_file, perturb_files, save_grid, to_unit
 from models import NUM_CLASSES
-from files import UserError, atomic_write, output_folder, run_main
+from files import atomic_write, output_folder
 from runtime import DEVICE_HELP, Runtime, progress_bar
 
 LEVEL = 2 / 255  # one 8-bit intensity level on the [-1, 1] scale: the perturbation's unit step
@@ -148,7 +149,7 @@ def model_names(paths, names):
 
 def accuracy(model, x, y):
     with torch.no_grad():
-        return (model(x)[1].argmax(1) == y).float().mean().item()
+        return (model(x).logits.argmax(1) == y).float().mean().item()
 
 
 def gradient_image(grad, scale="batch"):
@@ -173,7 +174,7 @@ def perturb(model, x, y, gain, scale="batch"):
     after."""
     alternative = (y + 1) % NUM_CLASSES
     x = x.detach().requires_grad_(True)
-    grad, = torch.autograd.grad(F.cross_entropy(model(x)[1], alternative), x)
+    grad, = torch.autograd.grad(F.cross_entropy(model(x).logits, alternative), x)
     jittered = (x.detach() - gain * LEVEL * grad.sign()).clamp(-1, 1)
     return {"gradient": gradient_image(grad, scale), "jittered": jittered,
             "accuracy_before": accuracy(model, x.detach(), y), "accuracy_after": accuracy(model, jittered, y),
@@ -198,7 +199,7 @@ def maximize_classes(model, start, iterations=200, lr=0.1, weight_decay=0.001, d
     or one image per class (10, 3, H, W). Returns the images and each image's own class logit before and
     after."""
     target = torch.arange(NUM_CLASSES, device=start.device)
-    objective = lambda x: model(x)[1][target, target]
+    objective = lambda x: model(x).logits[target, target]
     x = (start.expand(NUM_CLASSES, *start.shape) if start.dim() == 3 else start[:NUM_CLASSES]).clone()
     with torch.no_grad():
         before = objective(x)
@@ -224,11 +225,11 @@ def run_perturb(model, x, y, args, out, prefix=""):
     """The perturbation of x written as <prefix>real_images.png ... (prefix "noise_" for noise images)."""
     result = perturb(model, x, y, args.gain, args.gradient_scale)
     what = "noise images, labelled as classified" if prefix else "real test images"
-    save_grid(to_unit(x), os.path.join(out, f"{prefix or 'real_'}images.png"), PER_ROW,
-              title=f"{what}: accuracy {result['accuracy_before']:.0%}")
-    save_grid(result["gradient"], os.path.join(out, f"{prefix}gradient_image.png"), PER_ROW,
+    (images, _), (gradient, _), (jittered, _) = perturb_files(prefix)
+    save_grid(to_unit(x), os.path.join(out, images), PER_ROW, title=f"{what}: accuracy {result['accuracy_before']:.0%}")
+    save_grid(result["gradient"], os.path.join(out, gradient), PER_ROW,
               title=f"gradient of the cross entropy towards label + 1 (min-max per {args.gradient_scale})")
-    save_grid(to_unit(result["jittered"]), os.path.join(out, f"{prefix}jittered_images.png"), PER_ROW,
+    save_grid(to_unit(result["jittered"]), os.path.join(out, jittered), PER_ROW,
               title=f"perturbed by {args.gain:g} levels: accuracy {result['accuracy_after']:.0%}")
     return {"images": len(y), "start": "noise" if prefix else "real", "gain": args.gain,
             "gradient_scaling": f"min-max per {args.gradient_scale}",
@@ -250,9 +251,9 @@ def ascent_start(args, mean, n, device):
 
 def run_max_class(model, start, args, out, name):
     result = maximize_classes(model, start, **ascent_settings(args), desc=f"{name}: classes")
-    save_grid(to_unit(result["images"]), os.path.join(out, "max_class.png"), PER_ROW, column_labels=CLASSES)
+    save_grid(to_unit(result["images"]), os.path.join(out, MAX_CLASS_FILE), PER_ROW, column_labels=CLASSES)
     with torch.no_grad():
-        predicted = model(result["images"])[1].argmax(1)
+        predicted = model(result["images"]).logits.argmax(1)
     return {**ascent_settings(args), "start": args.start, "start_scores": rounded(result["start_scores"]),
             "final_scores": rounded(result["final_scores"]), "predicted": [CLASSES[i] for i in predicted]}
 
@@ -260,7 +261,7 @@ def run_max_class(model, start, args, out, name):
 def run_max_features(model, start, layer, args, out, name):
     result = maximize_features(model, start, layer, **ascent_settings(args), desc=f"{name}: layer {layer}")
     n = len(result["images"])
-    save_grid(to_unit(result["images"]), os.path.join(out, f"max_features_layer{layer}.png"), PER_ROW,
+    save_grid(to_unit(result["images"]), os.path.join(out, max_features_file(layer)), PER_ROW,
               title=f"layer {layer}: features 0..{n - 1}, row by row")
     return {**ascent_settings(args), "start": args.start, "features": n,
             "start_scores": rounded(result["start_scores"]), "final_scores": rounded(result["final_scores"])}
@@ -307,7 +308,7 @@ def visualize(args):
         if "perturb" in techniques and "noise" in perturb_starts:
             noise = noise_images(len(y), device=device)  # as many as the real batch
             with torch.no_grad():
-                as_classified = model(noise)[1].argmax(1)
+                as_classified = model(noise).logits.argmax(1)
             p = update["perturb_noise"] = run_perturb(model, noise, as_classified, args, out, prefix="noise_")
             print(f"{name}: {p['images']} noise images, after the perturbation (gain {args.gain:g}) "
                   f"{p['accuracy_after']:.1%} classified as before, {p['alternative_after']:.1%} as label + 1")
@@ -318,7 +319,7 @@ def visualize(args):
             start = ascent_start(args, x.mean(0), MAX_FEATURES, device)
             update["max_features"] = {str(k): run_max_features(model, start, k, args, out, name)
                                       for k in layers[i]}
-        merge_results(os.path.join(out, "results.json"), update)
+        merge_results(os.path.join(out, RESULTS_FILE), update)
         print(f"{name}: wrote {out}/")
 
 

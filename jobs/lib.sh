@@ -32,9 +32,8 @@
 
 export PYTHONUNBUFFERED=1  # the trainers' lines reach the job's log as they are printed
 
+. jobs/defaults.sh               # DATA_DIR, WIDTH, the epochs, MAX_CHAIN, STOP_MARGIN
 JOB_CHAIN=${JOB_CHAIN:-1}        # this job's place in the chain of resubmitted jobs
-MAX_CHAIN=${MAX_CHAIN:-20}       # more jobs than this is a loop, not a long run: stop
-STOP_MARGIN=${STOP_MARGIN:-300}  # PBS: seconds before the walltime at which the trainer is asked to stop
 FOLLOW_UP=${FOLLOW_UP:-}
 FOLLOW_UP_AFTER=${FOLLOW_UP_AFTER:-}
 JOB_CHILD_SIGNAL=${JOB_CHILD_SIGNAL:-USR1}

@@ -29,23 +29,12 @@
 set -euo pipefail
 
 RUN_DIR=${1:-runs/main}
-DATA_DIR=${DATA_DIR:-data}
-WIDTH=${WIDTH:-196}
-BASELINE_EPOCHS=${BASELINE_EPOCHS:-100}
-GAN_EPOCHS=${GAN_EPOCHS:-200}
-BASELINE_ARGS=${BASELINE_ARGS:-}
-GAN_ARGS=${GAN_ARGS:-}
 VISUALIZE_ARGS=${VISUALIZE_ARGS:-}
 REPORT_ARGS=${REPORT_ARGS:-}
-SUBMIT_OPTS=${SUBMIT_OPTS:-}
-BASELINE_OPTS=${BASELINE_OPTS:-}
-GAN_OPTS=${GAN_OPTS:-}
 VISUALIZE_OPTS=${VISUALIZE_OPTS:-}
 REPORT_OPTS=${REPORT_OPTS:-}
-STOP_MARGIN=${STOP_MARGIN:-300}
-MAX_CHAIN=${MAX_CHAIN:-20}
 GAN_JOB=${GAN_JOB:-gan}
-PBS_MODULES=${PBS_MODULES:-} PBS_VENV=${PBS_VENV:-} PBS_LAUNCHER=${PBS_LAUNCHER:-}
+# The other settings' defaults: jobs/defaults.sh (through jobs/lib.sh) and jobs/submit.sh.
 
 . jobs/lib.sh 2>/dev/null && . jobs/submit.sh || { echo "error: run jobs/pipeline.sh from the repository root" >&2; exit 2; }
 

@@ -2,6 +2,14 @@
 # checking the settings before anything is queued, submitting with the job's id read from the scheduler's
 # stdout (notices on stderr pass through), and cancelling what was submitted when a later step fails.
 
+# The settings both take (jobs/pipeline.sh lists them); the recipe's are jobs/defaults.sh's.
+BASELINE_ARGS=${BASELINE_ARGS:-}
+GAN_ARGS=${GAN_ARGS:-}
+SUBMIT_OPTS=${SUBMIT_OPTS:-}
+BASELINE_OPTS=${BASELINE_OPTS:-}
+GAN_OPTS=${GAN_OPTS:-}
+PBS_MODULES=${PBS_MODULES:-} PBS_VENV=${PBS_VENV:-} PBS_LAUNCHER=${PBS_LAUNCHER:-}
+
 submitted=()  # job ids so far, cancelled again when a later step fails
 submit_errors=$(mktemp)
 trap 'rm -f "$submit_errors"' EXIT

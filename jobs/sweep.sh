@@ -27,21 +27,10 @@ RUN_DIR=${1:-}
 shift
 SEEDS=${SEEDS:-3}
 RUNS=${RUNS:-baseline gan}
-DATA_DIR=${DATA_DIR:-data}
-WIDTH=${WIDTH:-196}
-BASELINE_EPOCHS=${BASELINE_EPOCHS:-100}
-GAN_EPOCHS=${GAN_EPOCHS:-200}
-BASELINE_ARGS=${BASELINE_ARGS:-}
-GAN_ARGS=${GAN_ARGS:-}
 COMPARE_ARGS=${COMPARE_ARGS:-}
-SUBMIT_OPTS=${SUBMIT_OPTS:-}
-BASELINE_OPTS=${BASELINE_OPTS:-}
-GAN_OPTS=${GAN_OPTS:-}
 COMPARE_OPTS=${COMPARE_OPTS:-}
-STOP_MARGIN=${STOP_MARGIN:-300}
-MAX_CHAIN=${MAX_CHAIN:-20}
-PBS_MODULES=${PBS_MODULES:-} PBS_VENV=${PBS_VENV:-} PBS_LAUNCHER=${PBS_LAUNCHER:-}
 PBS_ARRAY=${PBS_ARRAY:--J}
+# The other settings' defaults: jobs/defaults.sh (through jobs/lib.sh) and jobs/submit.sh.
 
 . jobs/lib.sh 2>/dev/null && . jobs/submit.sh || { echo "error: run jobs/sweep.sh from the repository root" >&2; exit 2; }
 

@@ -339,7 +339,7 @@ def test_discriminator_learns_a_separable_task(data_dir):
     for epoch in range(8):
         model.train()
         for _, images, labels in train.batches(epoch):
-            loss = F.cross_entropy(model(data.to_float(images))[1], labels)
+            loss = F.cross_entropy(model(data.to_float(images)).logits, labels)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -4,7 +4,7 @@ import torch
 
 import checkpoint
 import models
-from files import UserError
+from cli import UserError
 
 
 def test_model_file_holds_only_plain_values_and_rebuilds_the_net(tmp_path):

@@ -11,8 +11,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 import data
+from cli import UserError
 from conftest import write_image_folder
-from files import UserError
 
 
 class DownloadAttempted(Exception):

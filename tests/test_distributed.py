@@ -10,11 +10,13 @@ import torch
 import torch.multiprocessing as mp
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import train_baseline
+import baseline
+import gan
 import train_gan
+from cli import UserError
 from conftest import REPO
 from models import Discriminator, Generator
-from files import UserError, read_metrics
+from files import read_metrics
 from runtime import Runtime
 
 
@@ -34,7 +36,7 @@ def train_a_few_steps(rank, port, out_dir):
     gen_ddp, disc_ddp = train_gan.distribute(gen, disc, rt)
     opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3, betas=(0.0, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=1e-3, betas=(0.0, 0.9))
-    train_baseline.freeze_critic_head(classifier)
+    baseline.freeze_critic_head(classifier)
     classifier_ddp = torch.nn.parallel.DistributedDataParallel(classifier)
     opt_c = torch.optim.Adam((p for p in classifier.parameters() if p.requires_grad), lr=1e-3)
     data = torch.Generator().manual_seed(100 + rank)
@@ -42,9 +44,9 @@ def train_a_few_steps(rank, port, out_dir):
         real = torch.rand(4, 3, 32, 32, generator=data) * 2 - 1
         labels = torch.randint(0, 10, (4,), generator=data)
         rng = rt.rng(0, 0, b)
-        train_gan.generator_step(gen_ddp, disc, opt_g, 4, rng)
-        train_gan.discriminator_step(disc_ddp, disc, gen_ddp, opt_d, real, labels, rng, 10.0)
-        train_baseline.train_step(classifier_ddp, opt_c, real, labels)
+        gan.generator_step(gen_ddp, disc, opt_g, 4, rng)
+        gan.discriminator_step(disc_ddp, disc, gen_ddp, opt_d, real, labels, rng, 10.0)
+        baseline.train_step(classifier_ddp, opt_c, real, labels)
     params = {f"{name}.{key}": value for name, model in (("gen", gen), ("disc", disc), ("cls", classifier))
               for key, value in model.named_parameters()}
     torch.save({k: v.detach() for k, v in params.items()}, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -76,8 +78,8 @@ def discriminator_gradients(rank, world_size, port, out_dir, bf16, shares=None):
     y_real, y_fake = torch.randint(0, 10, (8,), generator=data), torch.randint(0, 10, (8,), generator=data)
     alpha = torch.rand(8, generator=data)
     share = slice(rank, None, shares)
-    with train_gan.autocast(rt.device, bf16):
-        loss, _ = train_gan.discriminator_loss(disc_ddp, disc, real[share], y_real[share], fake[share],
+    with gan.autocast(rt.device, bf16):
+        loss, _ = gan.discriminator_loss(disc_ddp, disc, real[share], y_real[share], fake[share],
                                                y_fake[share], alpha[share], 10.0)
     loss.backward()
     torch.save({n: p.grad for n, p in disc.named_parameters()},

@@ -19,6 +19,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 import evaluate
+import measures
 from checkpoint import save_model
 from conftest import REPO, class_image, write_image_folder
 from data import CLASSES, to_float
@@ -107,7 +108,7 @@ def inception_weights(tmp_path_factory):
     torch.save({}, empty)
     with unittest.mock.patch.object(torch_fidelity.FeatureExtractorInceptionV3, "load_state_dict"):
         torch.manual_seed(0)  # the network's own random initialization, loaded from nothing
-        net = torch_fidelity.FeatureExtractorInceptionV3(evaluate.INCEPTION, ["2048"],
+        net = torch_fidelity.FeatureExtractorInceptionV3(measures.INCEPTION, ["2048"],
                                                          feature_extractor_weights_path=str(empty))
     for module in net.modules():
         if isinstance(module, nn.BatchNorm2d):
@@ -127,7 +128,7 @@ def classifier():
     images, labels = class_images(20, seed=1)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     for _ in range(60):
-        loss = F.cross_entropy(net(to_float(images))[1], labels)
+        loss = F.cross_entropy(net(to_float(images)).logits, labels)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -182,7 +183,7 @@ def test_fid_of_the_reference_itself_is_zero_and_grows_with_a_shift(inception_we
     """torch-fidelity's InceptionV3 code path on 10 images: against themselves FID vanishes and the Inception
     Score is the reference's own; brightened, FID and KID rise."""
     reference = class_images(1, seed=2)[0]
-    metrics = evaluate.InceptionMetrics(reference, CPU, inception_weights, batch_size=6)
+    metrics = measures.InceptionMetrics(reference, CPU, inception_weights, batch_size=6)
     same, shifted = metrics(reference), metrics(brighter(reference))
     assert shifted["fid"] > 1.0
     assert abs(same["fid"]) < 1e-3 * shifted["fid"]
@@ -195,11 +196,11 @@ def test_reference_features_are_extracted_once_and_never_reused_for_other_images
     """The second evaluator of the same real images reads torch-fidelity's cache instead of the images; other
     real images get their own entry, so FID against them is measured against them."""
     first_images, second_images = class_images(5, seed=3)[0], brighter(class_images(5, seed=4)[0], 30)
-    first = evaluate.InceptionMetrics(first_images, CPU, extractor=POOLED)
+    first = measures.InceptionMetrics(first_images, CPU, extractor=POOLED)
     assert first.reference.bar is not None  # it read the images
-    again = evaluate.InceptionMetrics(first_images, CPU, extractor=POOLED)
+    again = measures.InceptionMetrics(first_images, CPU, extractor=POOLED)
     assert again.reference.bar is None
-    second = evaluate.InceptionMetrics(second_images, CPU, extractor=POOLED)
+    second = measures.InceptionMetrics(second_images, CPU, extractor=POOLED)
     assert second(second_images)["fid"] == pytest.approx(0, abs=1e-6)
     assert first(second_images)["fid"] > 0.01
     assert again(second_images)["fid"] == pytest.approx(first(second_images)["fid"], rel=1e-6)
@@ -208,9 +209,9 @@ def test_reference_features_are_extracted_once_and_never_reused_for_other_images
 def test_class_accuracy_is_full_for_prototypes_and_chance_for_noise(classifier):
     test_images, test_labels = class_images(10, seed=6)
     prototypes = class_images(1, seed=7)[0]
-    assert torch.equal(classifier(to_float(prototypes))[1].argmax(1), torch.arange(NUM_CLASSES))
-    measures = evaluate.ClassifierMetrics(classifier, test_images, test_labels, batch_size=64)
-    evaluator = evaluate.Evaluator(CPU, n=1000, classifier=measures, batch_size=250)
+    assert torch.equal(classifier(to_float(prototypes)).logits.argmax(1), torch.arange(NUM_CLASSES))
+    classifier_metrics = measures.ClassifierMetrics(classifier, test_images, test_labels, batch_size=64)
+    evaluator = measures.Evaluator(CPU, n=1000, classifier=classifier_metrics, batch_size=250)
     exact = evaluator(PrototypeGenerator(prototypes))
     assert exact["class_acc"] == 1.0 and exact["class_acc_per_class"] == [1.0] * NUM_CLASSES
     noise = evaluator(NoiseGenerator())
@@ -219,8 +220,9 @@ def test_class_accuracy_is_full_for_prototypes_and_chance_for_noise(classifier):
 
 def test_collapse_check_flags_the_class_whose_samples_are_one_image(classifier):
     test_images, test_labels = class_images(10, seed=6)
-    measures = evaluate.ClassifierMetrics(classifier, test_images, test_labels)
-    record = evaluate.Evaluator(CPU, n=400, classifier=measures)(ReplayGenerator(test_images, test_labels, {CAT}))
+    classifier_metrics = measures.ClassifierMetrics(classifier, test_images, test_labels)
+    record = measures.Evaluator(CPU, n=400, classifier=classifier_metrics)(ReplayGenerator(test_images, test_labels,
+                                                                                             {CAT}))
     assert record["collapsed_classes"] == ["cat"]
     ratios = record["spread_ratio_per_class"]
     assert ratios[CAT] == 0.0
@@ -233,9 +235,9 @@ def test_evaluator_repeats_itself_and_leaves_the_generator_and_random_state_alon
     """Fixed noise: the same generator measures the same every call. The generator is sampled in eval mode (its
     batch-norm statistics do not move) and handed back in train mode; the global random state is untouched."""
     test_images, test_labels = class_images(10, seed=6)
-    evaluator = evaluate.Evaluator(
-        CPU, n=40, seed=3, inception=evaluate.InceptionMetrics(test_images, CPU, extractor=POOLED),
-        classifier=evaluate.ClassifierMetrics(classifier, test_images, test_labels))
+    evaluator = measures.Evaluator(
+        CPU, n=40, seed=3, inception=measures.InceptionMetrics(test_images, CPU, extractor=POOLED),
+        classifier=measures.ClassifierMetrics(classifier, test_images, test_labels))
     torch.manual_seed(0)
     gen = Generator(8).train()
     running_mean = gen.bns[0].running_mean.clone()

@@ -30,7 +30,7 @@ BASELINE = os.path.join(REPO, "train_baseline.py")
 COMMON = ["--width", "8", "--batch-size", "32", "--device", "cpu", "--limit-test", "40"]
 CLOCK_SEED = 1_800_000_000_000_000_000  # date +%s%N
 # A lock that goes stale within seconds, so that a test can wait it out.
-SHORT_LOCK = "import training; training.OutDirLock.HEARTBEAT = 0.2; training.OutDirLock.STALE_AFTER = 1.5"
+SHORT_LOCK = "import outdir_lock; outdir_lock.OutDirLock.HEARTBEAT = 0.2; outdir_lock.OutDirLock.STALE_AFTER = 1.5"
 
 
 def command(script, *args, patch=""):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import gan
 import train_gan
 from checkpoint import load_model
 from images import HEADER
@@ -32,7 +33,7 @@ def test_gradient_penalty_of_a_linear_critic():
     torch.manual_seed(0)
     w = (torch.randn(3 * 32 * 32) * 0.05).requires_grad_(True)
     x_hat = torch.randn(5, 3, 32, 32, requires_grad=True)
-    gp, mean_norm = train_gan.gradient_penalty(x_hat.flatten(1) @ w + 0.3, x_hat, lambda_gp=10.0)
+    gp, mean_norm = gan.gradient_penalty(x_hat.flatten(1) @ w + 0.3, x_hat, lambda_gp=10.0)
     norm = w.norm().item()
     assert gp.item() == pytest.approx(10.0 * (norm - 1) ** 2, rel=1e-5)
     assert mean_norm.item() == pytest.approx(norm, rel=1e-5)
@@ -46,17 +47,17 @@ def test_discriminator_loss_has_the_five_terms():
     torch.manual_seed(1)
     real, fake = torch.rand(4, 3, 32, 32).double() * 2 - 1, torch.rand(4, 3, 32, 32).double() * 2 - 1
     y_real, y_fake, alpha = torch.tensor([0, 1, 2, 3]), torch.tensor([9, 8, 7, 6]), torch.rand(4).double()
-    loss, monitored = train_gan.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0)
+    loss, monitored = gan.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0)
 
     # By hand: three separate forward passes, the penalty from its definition.
     x_hat = (alpha.view(-1, 1, 1, 1) * real + (1 - alpha.view(-1, 1, 1, 1)) * fake).requires_grad_(True)
-    s_real, c_real = disc(real)
-    s_fake, c_fake = disc(fake)
-    grad, = torch.autograd.grad(disc(x_hat)[0].sum(), x_hat, create_graph=True)
+    s_real, c_real, _ = disc(real)
+    s_fake, c_fake, _ = disc(fake)
+    grad, = torch.autograd.grad(disc(x_hat).score.sum(), x_hat, create_graph=True)
     gp = 10.0 * ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
     expected = s_fake.mean() - s_real.mean() + F.cross_entropy(c_real, y_real) + F.cross_entropy(c_fake, y_fake) + gp
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert set(monitored) == set(train_gan.MONITORED)
+    assert set(monitored) == set(gan.MONITORED)
     assert monitored["gp"].item() == pytest.approx(gp.item(), rel=1e-5)
     assert monitored["real_acc"].item() == (c_real.argmax(1) == y_real).float().mean().item()
     assert monitored["fake_score"].item() == pytest.approx(s_fake.mean().item(), rel=1e-5)
@@ -73,16 +74,16 @@ def test_a_lazy_penalty_is_weighted_k_times_every_k_th_step_and_skipped_between(
     """--gp-every K: the penalty factor is K on batches 0, K, 2K, ... and 0 between; factor K adds K times the
     penalty, factor 0 leaves it out (no penalty pass, no gp or grad_norm monitored); the rest of the loss and its
     monitored values are the same."""
-    assert [train_gan.penalty_factor(b, 3) for b in range(7)] == [3, 0, 0, 3, 0, 0, 3]
-    assert [train_gan.penalty_factor(b, 1) for b in range(3)] == [1, 1, 1]
+    assert [gan.penalty_factor(b, 3) for b in range(7)] == [3, 0, 0, 3, 0, 0, 3]
+    assert [gan.penalty_factor(b, 1) for b in range(3)] == [1, 1, 1]
     disc = tiny_nets()[1].double()
     torch.manual_seed(1)
     real, fake = torch.rand(4, 3, 32, 32).double() * 2 - 1, torch.rand(4, 3, 32, 32).double() * 2 - 1
     y_real, y_fake, alpha = torch.tensor([0, 1, 2, 3]), torch.tensor([9, 8, 7, 6]), torch.rand(4).double()
-    results = {k: train_gan.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0, k) for k in (0, 1, 4)}
+    results = {k: gan.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0, k) for k in (0, 1, 4)}
     (plain, without), (one, every), (four, lazy) = results[0], results[1], results[4]
-    assert set(without) == set(train_gan.MONITORED) - {"gp", "grad_norm"}
-    assert set(every) == set(lazy) == set(train_gan.MONITORED)
+    assert set(without) == set(gan.MONITORED) - {"gp", "grad_norm"}
+    assert set(every) == set(lazy) == set(gan.MONITORED)
     assert lazy["gp"].item() == pytest.approx(every["gp"].item())  # monitored unweighted: comparable across K
     assert one.item() == pytest.approx(plain.item() + every["gp"].item())
     assert four.item() == pytest.approx(plain.item() + 4 * every["gp"].item())
@@ -110,9 +111,9 @@ def test_generator_loss_has_the_two_terms():
     gen, disc = tiny_nets()
     z, labels = torch.randn(6, NOISE_DIM), torch.tensor([0, 1, 2, 3, 4, 5])
     fake = gen(z)
-    scores, logits = disc(fake)
+    scores, logits, _ = disc(fake)
     expected = -scores.mean() + F.cross_entropy(logits, labels)
-    assert train_gan.generator_loss(disc, fake, labels)[0].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert gan.generator_loss(disc, fake, labels)[0].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_feature_matching_adds_the_squared_distance_of_the_mean_features():
@@ -125,8 +126,8 @@ def test_feature_matching_adds_the_squared_distance_of_the_mean_features():
             x = block(x)
         return x.amax((2, 3))
     distance = sum((a - b) ** 2 for a, b in zip(pooled(real).mean(0).tolist(), pooled(fake).mean(0).tolist()))
-    plain = train_gan.generator_loss(disc, fake, labels)[0]
-    with_fm = train_gan.generator_loss(disc, fake, labels, real, feature_matching=0.5)[0]
+    plain = gan.generator_loss(disc, fake, labels)[0]
+    with_fm = gan.generator_loss(disc, fake, labels, real, feature_matching=0.5)[0]
     assert with_fm.item() == pytest.approx(plain.item() + 0.5 * distance, rel=1e-5)
     assert distance > 1e-4
 
@@ -139,7 +140,7 @@ def test_minibatch_discrimination_keeps_real_fake_and_interpolated_apart():
     real, y = torch.rand(4, 3, 32, 32).double() * 2 - 1, torch.tensor([0, 1, 2, 3])
     fakes = [torch.rand(4, 3, 32, 32).double() * 2 - 1 for _ in range(2)]
     alphas = [torch.rand(4).double() for _ in range(2)]
-    runs = [train_gan.discriminator_loss(disc, disc, real, y, fake, y, alpha, 10.0)[1]
+    runs = [gan.discriminator_loss(disc, disc, real, y, fake, y, alpha, 10.0)[1]
             for fake in fakes for alpha in alphas]
     for monitored in runs[1:]:
         for name in ("real_score", "real_ce", "real_acc"):
@@ -153,12 +154,12 @@ def test_minibatch_discrimination_keeps_real_fake_and_interpolated_apart():
 def test_generator_step_leaves_the_discriminator_alone():
     gen, disc = tiny_nets()
     opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3, betas=(0.0, 0.9))
-    scores, logits = disc(torch.rand(2, 3, 32, 32))
+    scores, logits, _ = disc(torch.rand(2, 3, 32, 32))
     (scores.sum() + logits.sum()).backward()  # give D gradients that must survive
     d_params = [p.detach().clone() for p in disc.parameters()]
     d_grads = [p.grad.clone() for p in disc.parameters()]
     g_params = [p.detach().clone() for p in gen.parameters()]
-    train_gan.generator_step(gen, disc, opt_g, 4, torch.Generator().manual_seed(0))
+    gan.generator_step(gen, disc, opt_g, 4, torch.Generator().manual_seed(0))
     assert all(torch.equal(a, p) for a, p in zip(d_params, disc.parameters()))
     assert all(torch.equal(a, p.grad) for a, p in zip(d_grads, disc.parameters()))
     assert all(p.requires_grad for p in disc.parameters()), "D must be unfrozen again for its own step"
@@ -171,7 +172,7 @@ def test_discriminator_step_does_not_move_the_generator():
     g_params = [p.detach().clone() for p in gen.parameters()]
     d_params = [p.detach().clone() for p in disc.parameters()]
     real, labels = torch.rand(4, 3, 32, 32) * 2 - 1, torch.tensor([1, 2, 3, 4])
-    train_gan.discriminator_step(disc, disc, gen, opt_d, real, labels, torch.Generator().manual_seed(0), 10.0)
+    gan.discriminator_step(disc, disc, gen, opt_d, real, labels, torch.Generator().manual_seed(0), 10.0)
     assert all(torch.equal(a, p) for a, p in zip(g_params, gen.parameters()))
     assert all(p.grad is None for p in gen.parameters())
     assert any(not torch.equal(a, p) for a, p in zip(d_params, disc.parameters()))
@@ -202,7 +203,7 @@ def test_cli_two_epochs_then_resume(tiny_image_folder, tmp_path):
             assert grid.size == (grid_side, grid_side + HEADER)
     records = [r for r in read_metrics(out / "gan_metrics.jsonl")[0] if r["type"] == "epoch"]
     assert [r["epoch"] for r in records] == [1, 2]
-    for key in ("test_acc", "seconds", "images_per_s") + train_gan.MONITORED:
+    for key in ("test_acc", "seconds", "images_per_s") + gan.MONITORED:
         assert key in records[0]
     assert load_model(out / "generator.model", "generator").width == 8
     assert load_model(out / "discriminator.model", "discriminator").width == 8
@@ -225,7 +226,7 @@ def test_nan_loss_stops_cleanly_and_keeps_the_checkpoint(tiny_image_folder, tmp_
     train_gan.main(list(map(str, gan_args(tiny_image_folder, out, "--epochs", 1))))
     before = (out / "gan.ckpt").read_bytes()
     capsys.readouterr()
-    monkeypatch.setattr(train_gan, "gradient_penalty", lambda score, x, lam: (score.sum() * float("nan"),) * 2)
+    monkeypatch.setattr(gan, "gradient_penalty", lambda score, x, lam: (score.sum() * float("nan"),) * 2)
     with pytest.raises(SystemExit) as exit_info:
         train_gan.main(list(map(str, gan_args(tiny_image_folder, out, "--epochs", 2, "--resume"))))
     assert exit_info.value.code == 2
@@ -284,14 +285,13 @@ def test_sample_classes_follow_the_labels():
 def test_split_penalty_pass_equals_the_one_batch_formulation():
     """The penalty on the interpolated images' own pass gives the loss and gradients of one pass over real,
     fake and interpolated images together (bench.py keeps that formulation as its speed reference)."""
-    from bench import one_batch_discriminator_loss
 
     torch.manual_seed(0)
     disc = Discriminator(8)
     real, fake = torch.rand(6, 3, 32, 32) * 2 - 1, torch.rand(6, 3, 32, 32) * 2 - 1
     y_real, y_fake, alpha = torch.arange(6), torch.arange(6).flip(0), torch.rand(6)
-    split, _ = train_gan.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0)
-    one_batch = one_batch_discriminator_loss(disc, real, y_real, fake, y_fake, alpha, 10.0)
+    split, _ = gan.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0)
+    one_batch = gan.one_batch_discriminator_loss(disc, real, y_real, fake, y_fake, alpha, 10.0)
     assert abs(split.item() - one_batch.item()) < 1e-6
     params = list(disc.parameters())
     got = torch.cat([g.flatten() for g in torch.autograd.grad(split, params)])

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 
 import bench
-import evaluate
+import gan
+import measures
 import sample
-import train_gan
 from checkpoint import save_model
 from conftest import REPO, write_image_folder
 from data import load_split
@@ -144,10 +144,10 @@ def losses_and_gradients(device, tf32):
     (real, y_real), (fake, y_fake) = (tuple(t.to(device) for t in batch(16, s)) for s in (1, 2))
     alpha = torch.rand(16, generator=torch.Generator().manual_seed(3)).to(device)
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=tf32):
-        d_loss, _ = train_gan.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0)
-        c_loss = F.cross_entropy(disc(real)[1], y_real)
+        d_loss, _ = gan.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0)
+        c_loss = F.cross_entropy(disc(real).logits, y_real)
         z = class_noise(y_fake.cpu(), torch.Generator().manual_seed(4)).to(device)
-        g_loss, _ = train_gan.generator_loss(disc, gen(z), y_fake)
+        g_loss, _ = gan.generator_loss(disc, gen(z), y_fake)
         results = []
         for loss, net in ((d_loss, disc), (c_loss, disc), (g_loss, gen)):
             grads = torch.autograd.grad(loss, list(net.parameters()), retain_graph=True, allow_unused=True)
@@ -227,9 +227,9 @@ def test_split_penalty_equals_one_batch_on_cuda():
     (real, y_real), (fake, y_fake) = (tuple(t.to(CUDA) for t in batch(16, s)) for s in (5, 6))
     alpha = torch.rand(16, device=CUDA)
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        split, _ = train_gan.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0)
+        split, _ = gan.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0)
         split_grads = torch.autograd.grad(split, list(disc.parameters()))
-        one = bench.one_batch_discriminator_loss(disc, real, y_real, fake, y_fake, alpha, 10.0)
+        one = gan.one_batch_discriminator_loss(disc, real, y_real, fake, y_fake, alpha, 10.0)
         one_grads = torch.autograd.grad(one, list(disc.parameters()))
     assert split.item() == pytest.approx(one.item(), rel=1e-5)
     for a, b in zip(one_grads, split_grads):
@@ -288,8 +288,8 @@ def test_inception_metrics_on_cuda_match_the_cpu(inception_weights, tmp_path, mo
     reference = class_images(1, seed=2)[0]
     shifted = (reference.int() + 60).clamp(0, 255).to(torch.uint8)
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        on_cpu = evaluate.InceptionMetrics(reference, CPU, inception_weights, batch_size=5)(shifted)
-        cuda = evaluate.InceptionMetrics(reference, CUDA, inception_weights, batch_size=5)
+        on_cpu = measures.InceptionMetrics(reference, CPU, inception_weights, batch_size=5)(shifted)
+        cuda = measures.InceptionMetrics(reference, CUDA, inception_weights, batch_size=5)
         on_cuda = cuda(shifted)
     assert cuda.reference.bar is not None, "the CUDA features were computed, not read from the CPU's cache"
     for key, rel in (("is_mean", 1e-3), ("kid_mean", 1e-3), ("fid", 1e-2)):  # FID: a matrix square root

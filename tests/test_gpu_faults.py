@@ -4,11 +4,11 @@ torchrun ones are in test_torchrun_sync.py)."""
 import pytest
 import torch
 
-import evaluate
+import gan
+import measures
 import sample
-import train_gan
 import training
-from files import UserError
+from cli import UserError
 from models import MinibatchDiscrimination, class_noise
 from runtime import setup_speed
 
@@ -55,7 +55,7 @@ def penalty_and_gradient(dtype, bf16):
     layer = MinibatchDiscrimination(32).to(dtype)
     x = torch.randn(16, 32).to(dtype).requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        gp, _ = train_gan.gradient_penalty(layer(x).sum(1), x, 10.0)
+        gp, _ = gan.gradient_penalty(layer(x).sum(1), x, 10.0)
     gp.backward()
     return gp.detach().double(), layer.T.grad.double()
 
@@ -113,17 +113,17 @@ def test_sample_noise_is_drawn_on_the_cpu_whatever_the_device():
 
 def test_evaluator_noise_is_drawn_on_the_cpu_whatever_the_device():
     expected = class_noise(torch.arange(40) % 10, torch.Generator().manual_seed(3))
-    assert torch.equal(evaluate.Evaluator(torch.device("cpu"), n=40, seed=3).noise, expected)
-    assert evaluate.Evaluator(META, n=40, seed=3).noise.device == META
+    assert torch.equal(measures.Evaluator(torch.device("cpu"), n=40, seed=3).noise, expected)
+    assert measures.Evaluator(META, n=40, seed=3).noise.device == META
 
 
 def test_feature_cache_key_follows_the_device_and_tf32(monkeypatch):
     cuda = torch.device("cuda", 0)
-    keys = {evaluate.feature_numerics(torch.device("cpu")), evaluate.feature_numerics(cuda)}
+    keys = {measures.feature_numerics(torch.device("cpu")), measures.feature_numerics(cuda)}
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", not torch.backends.cudnn.allow_tf32)
-    keys.add(evaluate.feature_numerics(cuda))
+    keys.add(measures.feature_numerics(cuda))
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", not torch.backends.cuda.matmul.allow_tf32)
-    keys.add(evaluate.feature_numerics(cuda))
+    keys.add(measures.feature_numerics(cuda))
     assert len(keys) == 4
 
 
@@ -132,10 +132,10 @@ def test_inception_features_cached_under_other_numerics_are_not_reused(tmp_path,
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     images = class_images(2, seed=1)[0]
-    first = evaluate.InceptionMetrics(images, torch.device("cpu"), extractor=POOLED)
-    assert evaluate.InceptionMetrics(images, torch.device("cpu"), extractor=POOLED).reference.bar is None  # cached
-    monkeypatch.setattr(evaluate, "feature_numerics", lambda device: "cuda conv-tf32=True matmul-tf32=False")
-    other = evaluate.InceptionMetrics(images, torch.device("cpu"), extractor=POOLED)
+    first = measures.InceptionMetrics(images, torch.device("cpu"), extractor=POOLED)
+    assert measures.InceptionMetrics(images, torch.device("cpu"), extractor=POOLED).reference.bar is None  # cached
+    monkeypatch.setattr(measures, "feature_numerics", lambda device: "cuda conv-tf32=True matmul-tf32=False")
+    other = measures.InceptionMetrics(images, torch.device("cpu"), extractor=POOLED)
     assert other.reference.bar is not None  # computed again
     assert other.options["input2_cache_name"] != first.options["input2_cache_name"]
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import gan
 import health
 import report
 import train_gan
@@ -29,11 +30,11 @@ def test_the_critics_signals_match_a_hand_computation():
     torch.manual_seed(0)
     disc = Discriminator(8).double()
     real, y_real, fake, y_fake, alpha = batch(1)
-    _, monitored = train_gan.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0)
-    s_real, c_real = disc(real)
-    s_fake, c_fake = disc(fake)
+    _, monitored = gan.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0)
+    s_real, c_real, _ = disc(real)
+    s_fake, c_fake, _ = disc(fake)
     x_hat = (alpha.view(-1, 1, 1, 1) * real + (1 - alpha.view(-1, 1, 1, 1)) * fake).requires_grad_(True)
-    grad, = torch.autograd.grad(disc(x_hat)[0].sum(), x_hat)
+    grad, = torch.autograd.grad(disc(x_hat).score.sum(), x_hat)
     norms = [g.flatten().norm().item() for g in grad]
     assert monitored["wasserstein"].item() == pytest.approx(s_real.mean().item() - s_fake.mean().item(), rel=1e-6)
     assert monitored["grad_norm"].item() == pytest.approx(sum(norms) / len(norms), rel=1e-6)
@@ -46,8 +47,8 @@ def test_the_generators_loss_splits_into_its_terms():
     gen, disc = Generator(8), Discriminator(8)
     labels = torch.tensor([0, 1, 2, 3, 4, 5])
     fake, real = gen(class_noise(labels)), torch.rand(6, 3, 32, 32) * 2 - 1
-    loss, terms = train_gan.generator_loss(disc, fake, labels, real, feature_matching=0.5)
-    scores, logits = disc(fake)
+    loss, terms = gan.generator_loss(disc, fake, labels, real, feature_matching=0.5)
+    scores, logits, _ = disc(fake)
     assert terms["g_critic"].item() == pytest.approx(-scores.mean().item(), rel=1e-6)
     assert terms["g_ce"].item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
     assert loss.item() == pytest.approx(sum(t.item() for t in terms.values()), rel=1e-6)
@@ -74,7 +75,7 @@ def test_a_critic_whose_gradients_blow_up_warns_once_when_it_has_lasted():
         disc.fc1.weight.mul_(1000)
     records = []
     for seed in range(health.SUSTAIN + 2):
-        monitored = train_gan.discriminator_loss(disc, disc, *batch(seed)[:4], batch(seed)[4], 10.0)[1]
+        monitored = gan.discriminator_loss(disc, disc, *batch(seed)[:4], batch(seed)[4], 10.0)[1]
         records += windows({k: v.item() for k, v in monitored.items()}, 1)
     assert all(r["grad_norm"] > health.GRAD_NORM_RANGE[1] for r in records)
     fired = fired_along(records)

@@ -70,7 +70,7 @@ def conv_output_shapes(model, x):
 def test_discriminator_heads_and_layer_sizes():
     d = models.Discriminator(WIDTH)
     x = torch.rand(5, 3, 32, 32) * 2 - 1
-    score, logits = d(x)
+    score, logits, _ = d(x)
     assert score.shape == (5, 1) and logits.shape == (5, 10)
     sides = [32, 16, 16, 8, 8, 8, 8, 4]
     assert conv_output_shapes(d, x) == [(WIDTH, s, s) for s in sides]
@@ -131,7 +131,7 @@ def test_deep_preset_trains_on_the_cpu():
     optimizer = torch.optim.Adam(d.parameters(), 1e-3)
     losses = []
     for _ in range(5):
-        score, logits = d(x)
+        score, logits, _ = d(x)
         loss = F.cross_entropy(logits, labels) + F.mse_loss(score, target)
         optimizer.zero_grad()
         loss.backward()
@@ -178,19 +178,18 @@ def test_extract_features_out_of_range_of_the_deep_preset(k):
         d(torch.zeros(1, 3, 32, 32), extract_features=k)
 
 
-def test_with_features_returns_the_pooled_input_of_the_heads():
+def test_the_features_are_the_pooled_input_of_the_heads():
     torch.manual_seed(0)
     d = models.Discriminator(WIDTH)
     x = torch.rand(3, 3, 32, 32) * 2 - 1
-    score, logits, features = d(x, with_features=True)
+    score, logits, features = d(x)
+    assert d(x)._fields == ("score", "logits", "features")
     assert features.shape == (3, WIDTH)
     # Without minibatch features the heads read exactly these features.
     torch.testing.assert_close(score, d.fc1(features))
     torch.testing.assert_close(logits, d.fc10(features))
     # They are the last block's map max-pooled, the same as extracting the last layer.
     torch.testing.assert_close(features, d(x, extract_features=d.num_layers))
-    with pytest.raises(ValueError, match="extract_features=0"):
-        d(x, extract_features=2, with_features=True)
 
 
 def test_hw_preset_keeps_the_state_dict_keys_of_existing_model_files():
@@ -242,7 +241,7 @@ def test_discriminator_samples_are_independent(arch, width):
         torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-6)
         assert not torch.allclose(a[1:], b[1:])
     x.requires_grad_(True)
-    score, logits = d(x)
+    score, logits, _ = d(x)
     (score[0].sum() + logits[0].sum()).backward()
     assert x.grad[0].abs().sum() > 0
     assert torch.all(x.grad[1:] == 0)
@@ -285,7 +284,7 @@ def mbd_discriminator(arch="hw", width=WIDTH):
 
 
 def outputs_with_minibatch_features(d, x, groups):
-    score, logits, features = d(x, groups=groups, with_features=True)
+    score, logits, features = d(x, groups=groups)
     return score, logits, d.minibatch(features, groups)
 
 
@@ -316,7 +315,7 @@ def test_minibatch_gradient_stays_in_the_group_and_supports_the_gradient_penalty
     backward reaches T."""
     d = mbd_discriminator()
     x = (torch.rand(6, 3, 32, 32) * 2 - 1).requires_grad_(True)
-    score, _ = d(x, groups=3)
+    score, _, _ = d(x, groups=3)
     grad, = torch.autograd.grad(score[:2].sum(), x, create_graph=True)
     assert grad[:2].abs().sum() > 0 and torch.all(grad[2:] == 0)
     ((grad[:2].flatten(1).norm(dim=1) - 1) ** 2).mean().backward()
@@ -421,9 +420,9 @@ def as_before(d):
 
 
 def test_discriminator_loss_and_gradients_equal_those_of_nn_layer_norm():
-    """train_gan's discriminator loss with the penalty, fp32: the loss and each parameter's gradient agree with
+    """gan.py's discriminator loss with the penalty, fp32: the loss and each parameter's gradient agree with
     nn.LayerNorm's to 1e-6 (relative; fp32 rounds each in another order)."""
-    import train_gan
+    import gan
 
     g = torch.Generator().manual_seed(1)
     real, fake = (torch.rand(6, 3, 32, 32, generator=g) * 2 - 1 for _ in range(2))
@@ -435,7 +434,7 @@ def test_discriminator_loss_and_gradients_equal_those_of_nn_layer_norm():
         d = models.Discriminator(8)
         if before:
             as_before(d)
-        loss, _ = train_gan.discriminator_loss(d, d, real, real_labels, fake, fake_labels, alpha, 10.0)
+        loss, _ = gan.discriminator_loss(d, d, real, real_labels, fake, fake_labels, alpha, 10.0)
         loss.backward()
         results.append((loss.item(), {name: p.grad for name, p in d.named_parameters()}))
     (loss, grads), (loss_before, grads_before) = results

@@ -204,14 +204,14 @@ def test_a_nan_on_rank_1_leaves_every_file_as_it_was(data_dir, tmp_path):
     assert run(GAN, *args, "--epochs", 1).returncode == 0
     before = snapshot(out)
     nan_on_rank_1 = """
-import os, torch, train_gan
-step = train_gan.discriminator_step
+import os, torch, gan
+step = gan.discriminator_step
 def step_nan_on_rank_1(*args, **kwargs):
     monitored = step(*args, **kwargs)
     if os.environ["RANK"] == "1":
         monitored["gp"] = monitored["gp"] * float("nan")
     return monitored
-train_gan.discriminator_step = step_nan_on_rank_1
+gan.discriminator_step = step_nan_on_rank_1
 """
     result = torchrun(tmp_path, *args, "--epochs", 2, "--resume", patch=nan_on_rank_1)
     assert result.returncode != 0

@@ -16,7 +16,7 @@ import make_gif
 import report
 from conftest import REPO
 from data import CLASSES
-from evaluate import format_table
+from quality import format_table
 
 SECTIONS = ["## Test accuracy", "## Training curves", "## Generator progress", "## Generator quality",
             "## Perturbed images", "## Synthetic images maximizing each class",

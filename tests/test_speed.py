@@ -17,9 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import baseline
 import bench
-import train_baseline
-import train_gan
+import gan
 from conftest import REPO
 from models import Discriminator, Generator
 from runtime import Runtime
@@ -61,7 +61,7 @@ def test_baseline_step_bf16_matches_fp32():
     losses = []
     for model, use_bf16 in ((fp32, False), (bf16, True)):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # keep the weights; look at the gradients
-        losses.append(train_baseline.train_step(model, optimizer, x, y, use_bf16)[0].item())
+        losses.append(baseline.train_step(model, optimizer, x, y, use_bf16)[0].item())
     assert losses[1] == pytest.approx(losses[0], rel=LOSS_RTOL)
     assert_close_gradients(fp32, bf16)
 
@@ -73,8 +73,8 @@ def test_discriminator_loss_bf16_matches_fp32():
     alpha = torch.rand(16, generator=torch.Generator().manual_seed(3))
     results = []
     for model, use_bf16 in ((fp32, False), (bf16, True)):
-        with train_gan.autocast(real.device, use_bf16):
-            loss, monitored = train_gan.discriminator_loss(model, model, real, y_real, fake, y_fake, alpha, 10.0)
+        with gan.autocast(real.device, use_bf16):
+            loss, monitored = gan.discriminator_loss(model, model, real, y_real, fake, y_fake, alpha, 10.0)
         loss.backward()
         results.append((loss.item(), monitored))
     assert results[1][0] == pytest.approx(results[0][0], rel=LOSS_RTOL)
@@ -89,7 +89,7 @@ def test_generator_loss_bf16_matches_fp32():
     losses = []
     for gen, use_bf16 in ((gen_fp32, False), (gen_bf16, True)):
         optimizer = torch.optim.SGD(gen.parameters(), lr=0.0)  # keep the weights; look at the gradients
-        losses.append(train_gan.generator_step(gen, disc, optimizer, 16, torch.Generator().manual_seed(4),
+        losses.append(gan.generator_step(gen, disc, optimizer, 16, torch.Generator().manual_seed(4),
                                                use_bf16)["g_loss"].item())
     assert losses[1] == pytest.approx(losses[0], rel=LOSS_RTOL)
     assert_close_gradients(gen_fp32, gen_bf16)

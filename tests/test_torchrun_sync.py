@@ -11,11 +11,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-import train_baseline
+import baseline
+import gan
+import running_means
 import train_gan
-import training
-from models import Discriminator, Generator, class_noise
-from runtime import GlobalBatchNorm, Runtime
+from models import Discriminator, GlobalBatchNorm, Generator, class_noise
+from runtime import Runtime
 from test_distributed import free_port
 
 
@@ -72,24 +73,24 @@ def logged_means(rt, rank, world_size, out_dir):
     share = slice(rank, None, world_size)
     torch.manual_seed(0)
     model = Discriminator(8)
-    train_baseline.freeze_critic_head(model)
+    baseline.freeze_critic_head(model)
     net = DistributedDataParallel(model) if world_size > 1 else model
     optimizer = torch.optim.SGD((p for p in model.parameters() if p.requires_grad), lr=0.1)
-    baseline, gan = training.Meter(rt.device), training.Meter(rt.device)
+    baseline_meter, gan_meter = running_means.Meter(rt.device), running_means.Meter(rt.device)
     for b in range(3):
         x, y = global_batch(b)
-        loss, acc = train_baseline.train_step(net, optimizer, x[share], y[share])
-        baseline.add(len(y[share]), loss=loss, acc=acc)
+        loss, acc = baseline.train_step(net, optimizer, x[share], y[share])
+        baseline_meter.add(len(y[share]), loss=loss, acc=acc)
         fake, fake_labels = global_batch(10 + b)
         alpha = torch.rand(8, generator=torch.Generator().manual_seed(20 + b))
-        _, monitored = train_gan.discriminator_loss(model, model, x[share], y[share], fake[share],
-                                                    fake_labels[share], alpha[share], 10.0)
-        gan.add(g_loss=loss)
-        gan.add(**monitored)
+        _, monitored = gan.discriminator_loss(model, model, x[share], y[share], fake[share],
+                                              fake_labels[share], alpha[share], 10.0)
+        gan_meter.add(g_loss=loss)
+        gan_meter.add(**monitored)
         if b == 0:
-            first_window = gan.take_window()
-    result = {"baseline": baseline.means(), "gan": gan.means(), "first_window": first_window,
-              "window": gan.take_window(), "state": baseline.state()}
+            first_window = gan_meter.take_window()
+    result = {"baseline": baseline_meter.means(), "gan": gan_meter.means(), "first_window": first_window,
+              "window": gan_meter.take_window(), "state": baseline_meter.state()}
     with open(os.path.join(out_dir, f"means{world_size}_{rank}.json"), "w") as f:
         json.dump(result, f)
 
@@ -119,7 +120,7 @@ def train_generator(rt, rank, world_size, out_dir):
         z = class_noise(labels, torch.Generator().manual_seed(step))
         with torch.no_grad():
             gen_ddp(z[share])  # the discriminator step's fake batch: statistics, no gradient
-        loss, _ = train_gan.generator_loss(disc, gen_ddp(z[share]), labels[share])
+        loss, _ = gan.generator_loss(disc, gen_ddp(z[share]), labels[share])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -153,7 +154,7 @@ def test_meter_sums_each_add_at_once_with_the_results_of_value_by_value():
     g = torch.Generator().manual_seed(0)
     batches = [(n, {name: torch.randn((), generator=g) * 100 for name in ("gp", "real_ce", "real_acc")})
                for n in (1, 7, 3, 1)]
-    meter, expected = training.Meter(torch.device("cpu")), {}
+    meter, expected = running_means.Meter(torch.device("cpu")), {}
     for n, values in batches:
         with Count():
             meter.add(n, **values)

@@ -13,11 +13,15 @@ import pytest
 import torch
 
 import data
+import outdir_lock
+import running_means
 import train_baseline
 import train_gan
 import training
+from cli import UserError
 from conftest import REPO
-from files import UserError, append_metrics, read_metrics
+from files import append_metrics, read_metrics
+from models import Judgement
 from runtime import Runtime
 
 
@@ -29,7 +33,7 @@ class FirstPixelModel(torch.nn.Module):
 
     def forward(self, x):
         value = ((x[:, 0, 0, 0] + 1) * 127.5).round().long()
-        return torch.zeros(len(x), 1), torch.nn.functional.one_hot(value % 10, 10).float()
+        return Judgement(torch.zeros(len(x), 1), torch.nn.functional.one_hot(value % 10, 10).float(), x.flatten(1))
 
 
 def test_accuracy_equals_a_hand_count():
@@ -61,7 +65,7 @@ def test_accuracy_of_a_discriminator_is_its_argmax_hit_rate_in_eval_mode():
 # Running means
 
 def test_meter_means_are_weighted_by_images_and_kept_per_name():
-    meter = training.Meter("cpu")
+    meter = running_means.Meter("cpu")
     meter.add(4, loss=torch.tensor(1.0), acc=torch.tensor(0.5))
     meter.add(2, loss=torch.tensor(4.0), acc=torch.tensor(1.0))
     meter.add(g_loss=torch.tensor(3.0))  # a value added less often has its own count
@@ -70,7 +74,7 @@ def test_meter_means_are_weighted_by_images_and_kept_per_name():
 
 
 def test_meter_window_restarts_where_it_was_taken_and_the_epoch_does_not():
-    meter = training.Meter("cpu")
+    meter = running_means.Meter("cpu")
     for value in (1.0, 2.0, 3.0):
         meter.add(gp=torch.tensor(value))
     assert meter.take_window() == pytest.approx({"gp": 2.0})
@@ -80,12 +84,12 @@ def test_meter_window_restarts_where_it_was_taken_and_the_epoch_does_not():
 
 
 def test_meter_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
-    meter = training.Meter("cpu")
+    meter = running_means.Meter("cpu")
     meter.add(3, loss=torch.tensor(0.25))
     meter.take_window()
     meter.add(1, loss=torch.tensor(2.0))
     torch.save({"meter": meter.state()}, tmp_path / "c.ckpt")
-    restored = training.Meter("cpu")
+    restored = running_means.Meter("cpu")
     restored.load_state(torch.load(tmp_path / "c.ckpt", weights_only=True)["meter"])
     assert restored.means() == pytest.approx(meter.means())
     assert restored.take_window() == pytest.approx({"loss": 2.0})
@@ -93,7 +97,7 @@ def test_meter_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_meter_non_finite_rule_is_sticky(bad):
-    meter = training.Meter("cpu")
+    meter = running_means.Meter("cpu")
     meter.add(loss=torch.tensor(1.0))
     assert bool(meter.finite())
     meter.add(loss=torch.tensor(bad))
@@ -146,24 +150,24 @@ def test_resuming_with_any_kept_flag_changed_is_refused(job, flag, tmp_path, cap
 # One run per output folder
 
 def test_a_second_holder_waits_then_refuses_naming_the_first(tmp_path):
-    first = training.OutDirLock(str(tmp_path / "gan.lock"))
+    first = outdir_lock.OutDirLock(str(tmp_path / "gan.lock"))
     first.acquire(0, "train_gan.py")
     start = time.monotonic()
     with pytest.raises(UserError, match=f"another train_gan.py run .*pid {os.getpid()}"):
-        training.OutDirLock(str(tmp_path / "gan.lock")).acquire(0.5, "train_gan.py")
+        outdir_lock.OutDirLock(str(tmp_path / "gan.lock")).acquire(0.5, "train_gan.py")
     assert time.monotonic() - start >= 0.5
     first.release()
     assert not (tmp_path / "gan.lock").exists()
-    second = training.OutDirLock(str(tmp_path / "gan.lock"))
+    second = outdir_lock.OutDirLock(str(tmp_path / "gan.lock"))
     second.acquire(0, "train_gan.py")
     second.release()
 
 
 def test_a_stop_signal_ends_the_wait_without_touching_the_holders_lock(tmp_path):
-    holder = training.OutDirLock(str(tmp_path / "gan.lock"))
+    holder = outdir_lock.OutDirLock(str(tmp_path / "gan.lock"))
     holder.acquire(0, "train_gan.py")
     before = (tmp_path / "gan.lock").read_bytes()
-    waiter = training.OutDirLock(str(tmp_path / "gan.lock"))
+    waiter = outdir_lock.OutDirLock(str(tmp_path / "gan.lock"))
     start = time.monotonic()
     assert waiter.acquire(60, "train_gan.py", give_up=lambda: time.monotonic() - start > 0.5) is False
     assert time.monotonic() - start < 5
@@ -176,7 +180,7 @@ def test_a_lock_whose_process_is_gone_is_taken_over(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     path = tmp_path / "gan.lock"
     path.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "since": "then", "beat": 0}))
-    lock = training.OutDirLock(str(path))
+    lock = outdir_lock.OutDirLock(str(path))
     lock.acquire(0, "train_gan.py")
     assert json.loads(path.read_text())["pid"] == os.getpid()
     lock.release()
@@ -185,24 +189,24 @@ def test_a_lock_whose_process_is_gone_is_taken_over(tmp_path):
 def test_a_lock_of_another_host_is_stale_once_its_heartbeat_stops(tmp_path, monkeypatch):
     path = tmp_path / "gan.lock"
     path.write_text(json.dumps({"host": "crashed-node", "pid": 1, "since": "then", "beat": 7}))
-    monkeypatch.setattr(training.OutDirLock, "STALE_AFTER", 1.5)
+    monkeypatch.setattr(outdir_lock.OutDirLock, "STALE_AFTER", 1.5)
     with pytest.raises(UserError, match="crashed-node"):
-        training.OutDirLock(str(path)).acquire(1, "train_gan.py")  # not watched long enough yet
-    lock = training.OutDirLock(str(path))
+        outdir_lock.OutDirLock(str(path)).acquire(1, "train_gan.py")  # not watched long enough yet
+    lock = outdir_lock.OutDirLock(str(path))
     lock.acquire(5, "train_gan.py")
     assert json.loads(path.read_text())["host"] == socket.gethostname()
     lock.release()
 
 
 def test_the_holder_beats_so_it_is_never_taken_for_stale(tmp_path, monkeypatch):
-    monkeypatch.setattr(training.OutDirLock, "HEARTBEAT", 0.2)
-    monkeypatch.setattr(training.OutDirLock, "STALE_AFTER", 1.0)
-    holder = training.OutDirLock(str(tmp_path / "gan.lock"))
+    monkeypatch.setattr(outdir_lock.OutDirLock, "HEARTBEAT", 0.2)
+    monkeypatch.setattr(outdir_lock.OutDirLock, "STALE_AFTER", 1.0)
+    holder = outdir_lock.OutDirLock(str(tmp_path / "gan.lock"))
     holder.token["host"] = "another-node"  # as seen from here: no pid to check, only the heartbeat
     holder.acquire(0, "train_gan.py")
     time.sleep(0.5)
     with pytest.raises(UserError, match="another-node"):
-        training.OutDirLock(str(tmp_path / "gan.lock")).acquire(2.5, "train_gan.py")
+        outdir_lock.OutDirLock(str(tmp_path / "gan.lock")).acquire(2.5, "train_gan.py")
     holder.release()
     assert not (tmp_path / "gan.lock").exists()
 
@@ -275,3 +279,15 @@ def test_a_fresh_run_starts_a_fresh_metrics_file(tmp_path):
     with training.Run("baseline", "train_baseline.py", args, Runtime("cpu"), NO_SIGNAL, {}) as run:
         assert run.checkpoint is None
     assert read_metrics(tmp_path / "baseline_metrics.jsonl") == ([], 0)
+
+
+def test_a_table_declared_as_columns_lines_up_its_header_and_rows():
+    table = training.Table(("epoch", "epoch", "5d"), ("test acc", "test_acc", "8.4f"),
+                           ("eta", lambda record: training.Run.duration(record["eta_s"]), ">7"))
+    assert table.header() == "epoch test acc     eta"
+    assert table.row({"epoch": 3, "test_acc": 0.5, "eta_s": 61}) == "    3   0.5000   1m01s"
+
+
+def test_the_pace_is_the_measured_time_per_batch_times_the_batches_left():
+    assert training.pace(10.0, 5, 100, 3) == {"seconds_per_epoch": 200.0, "eta_s": 600.0}
+    assert training.pace(0.0, 0, 100, 3) == {"seconds_per_epoch": 0.0, "eta_s": 0.0}

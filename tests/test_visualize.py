@@ -28,7 +28,7 @@ def separable():
     model = Discriminator(width=16)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(30):
-        loss = F.cross_entropy(model(x)[1], y)
+        loss = F.cross_entropy(model(x).logits, y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -42,7 +42,7 @@ def test_perturbation_lowers_accuracy(separable):
     assert result["accuracy_after"] <= 0.3
     # The step heads for the alternative label (true + 1): a step with the wrong sign would not.
     with torch.no_grad():
-        predicted = model(result["jittered"])[1].argmax(1)
+        predicted = model(result["jittered"]).logits.argmax(1)
     assert (predicted == (y + 1) % 10).float().mean() >= 0.5
     # Without a step nothing changes.
     unchanged = visualize.perturb(model, x, y, gain=0)
@@ -75,7 +75,7 @@ def test_default_gradient_image_is_one_min_max_over_the_batch(separable):
     """The assignment's gradient image, computed by hand: (g - min over the batch) / (max - min over the batch)."""
     model, x, y = separable
     x = x[:6].detach().requires_grad_(True)
-    loss = F.cross_entropy(model(x)[1], (y[:6] + 1) % 10)
+    loss = F.cross_entropy(model(x).logits, (y[:6] + 1) % 10)
     grad, = torch.autograd.grad(loss, x)
     hand = (grad - grad.min()) / (grad.max() - grad.min())
     result = visualize.perturb(model, x.detach(), y[:6], gain=8)
@@ -97,8 +97,8 @@ def test_class_maximization_raises_every_class_logit():
     assert images.shape == (10, 3, 32, 32)
     assert images.min() >= -1 and images.max() <= 1
     with torch.no_grad():
-        start_logits = model(start.expand(10, 3, 32, 32))[1].diagonal()
-        final_logits = model(images)[1].diagonal()
+        start_logits = model(start.expand(10, 3, 32, 32)).logits.diagonal()
+        final_logits = model(images).logits.diagonal()
     assert torch.allclose(result["start_scores"], start_logits)
     assert torch.allclose(result["final_scores"], final_logits)
     assert (final_logits > start_logits).all()
