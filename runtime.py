@@ -243,10 +243,6 @@ class Speed:
             if self.channels_last:
                 model.to(memory_format=torch.channels_last)
 
-    def describe(self):
-        on = [field.name for field in dataclasses.fields(self) if getattr(self, field.name)]
-        return ", ".join(on) if on else "plain"
-
 
 class GraphedStep:
     """step(**tensors) -> its tensors, a whole training step (forward, backward and optimizer), run eagerly for
