@@ -23,9 +23,11 @@ Triton kernels (a CUDA graph is one launch; a Triton kernel is no ATen operation
 
 --profile: after the timing, torch.profiler over --profile-steps steps of each path, with ranges for the phases
 (augmentation, generator step, the discriminator's forward on real + fake, the penalty's gradient, its
-backward, the optimizer); prints the phases' times, the top kernels by self device time (share, calls, mean)
-and the convolutions grouped by input shape, and writes a Chrome trace per path to --trace-dir (open it in
-chrome://tracing or https://ui.perfetto.dev). On the CPU it profiles CPU operations.
+backward, the optimizer); prints the kernel time per step, the phases' times, the top kernels by self device time
+(share, calls, mean) and the convolutions grouped by input shape, and writes a Chrome trace per path to
+--trace-dir (open it in chrome://tracing or https://ui.perfetto.dev). On the CPU it profiles CPU operations.
+On an eager path a phase's time leaves out the kernels of its backward passes: autograd launches them from a
+thread of its own, outside the ranges (a CUDA graph's replay is launched inside them).
 
     python bench.py                                      # the GPU, width 196, batch 128, every path
     python bench.py --paths fp32,fast --profile          # the two paths, and where their time goes
@@ -347,6 +349,7 @@ def profile_path(key, step, args, device):
     total = sum(self_time(e) for e in kernels) or 1
     per_step = lambda us: us / 1000 / args.profile_steps
     print(f"\nprofile of {key} ({args.profile_steps} steps; trace {trace}); ms per step, {where} time")
+    print(f"  {'every kernel' if cuda else 'every operation'} (self time){'':<18} {per_step(total):9.3f}")
     for name, us in sorted(phases.items(), key=lambda item: -item[1]):
         print(f"  {name:<40} {per_step(us):9.3f}")
     print(f"  top {'kernels' if cuda else 'operations'} by self {where} time:")
@@ -365,7 +368,7 @@ def profile_path(key, step, args, device):
     print("  convolutions by input shape (input, weight):")
     for c in convolutions[:args.profile_top]:
         print(f"  {c['ms_per_step']:8.3f} ms {c['calls']:4d} calls/step  {c['op']} {c['shapes']}")
-    return {"trace": trace, "top": top, "convolutions": convolutions[:args.profile_top],
+    return {"trace": trace, "kernel_ms": per_step(total), "top": top, "convolutions": convolutions[:args.profile_top],
             "phases_ms": {name: per_step(us) for name, us in phases.items()}}
 
 

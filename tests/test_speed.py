@@ -164,6 +164,9 @@ def test_bench_profile_on_cpu_prints_the_phases_and_writes_a_chrome_trace(tmp_pa
         assert phase in stdout
     assert profiled["phases_ms"]["discriminator step"] > profiled["phases_ms"]["penalty gradient"]
     assert 0 < profiled["top"][0]["share"] <= 1 and profiled["top"][0]["calls"] >= 1
+    # The shares are of the kernel time: the top one's time over its share gives it back
+    top = profiled["top"][0]
+    assert top["mean_us"] * top["calls"] / 1000 / top["share"] == pytest.approx(profiled["kernel_ms"], rel=1e-6)
     assert any(c["op"] == "aten::convolution" and "[8, 3, 32, 32]" in c["shapes"] for c in profiled["convolutions"])
     with open(profiled["trace"]) as f:
         trace = json.load(f)
