@@ -7,7 +7,8 @@ gradient penalty), each with the Meter's sums the trainers keep, for each path s
     gradfix       fp32 with the discriminator's convolutions differentiated into ordinary kernels
     triton-ln     fp32 with LayerNorm in Triton kernels (triton_layer_norm.py)                          (CUDA only)
     graphs        fp32 with each update captured as a CUDA graph and replayed                         (CUDA only)
-    fast          all four together: --speed fast                                                     (CUDA only)
+    fast          all four together: --speed fast, the trainers' default on one GPU                     (CUDA only)
+    fast-native-ln, fast-autograd-conv   fast with PyTorch's LayerNorm, fast with autograd's conv2d    (CUDA only)
     bf16, fast-bf16   the eager and the fast path with --precision bf16                     (compute capability 8.0+)
     old-ops       fp32 in the operations of before: nn.LayerNorm's generic second derivative and the augmentation
                   as it was written then (the same numbers in about twice the kernels)
@@ -40,6 +41,7 @@ is taken with CUDA events. Prints a table, then one JSON line.
 """
 import argparse
 import collections
+import dataclasses
 import functools
 import json
 import os
@@ -101,6 +103,8 @@ PATHS = {
     "triton-ln": (True, False, Speed(triton_layer_norm=True), {}, True),
     "graphs": (True, False, Speed(cuda_graphs=True), {}, True),
     "fast": (True, False, FAST, {}, True),
+    "fast-native-ln": (True, False, dataclasses.replace(FAST, triton_layer_norm=False), {}, True),
+    "fast-autograd-conv": (True, False, dataclasses.replace(FAST, conv_gradfix=False), {}, True),
     "bf16": (True, True, Speed(), {}, True),
     "fast-bf16": (True, True, FAST, {}, True),
     "old-ops": (True, False, Speed(), {"old": True}, False),

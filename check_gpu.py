@@ -1,7 +1,7 @@
 """Check and measure a GPU node in one command, the answers first: how fast (bench.py), how long (a short timed
 run of each trainer at the assignment's width, in fp32 and, on GPUs of compute capability 8.0 or newer, bf16),
-then whether every CUDA path works (the GPU tests). Meant to take under 3 minutes on an H100 or H200 at the
-defaults (an estimate from its parts: it has not run on one yet).
+then whether every CUDA path works (the GPU tests). At the defaults it took 156 s on an
+H200 (the GPU tests 50 s of it).
 
     python check_gpu.py --data-dir data                      # on the GPU node
     python check_gpu.py --data-dir data --budget 120         # at most 2 minutes; what ran is kept
@@ -11,7 +11,7 @@ defaults (an estimate from its parts: it has not run on one yet).
 
 The steps, in this order, each a process of its own run from the repository root:
     bench.py        images/s of a baseline step and of a GAN iteration on synthetic images: on a GPU the paths
-                    plain, fp32 (the default), fast (--speed fast) and, where the GPU has bf16, bf16 and fast-bf16;
+                    fp32 (--speed plain), fast (the default on one GPU) and, where the GPU has bf16, bf16 and fast-bf16;
                     on the CPU each path it runs there (--bench-steps timed steps after --bench-warmup, the best
                     of --bench-rounds rounds)
     baseline fp32, baseline bf16, gan fp32, gan bf16
@@ -180,9 +180,9 @@ def last_json(stdout):
 def bench(check, record):
     args = check.args
     device = torch.device(args.device)
-    # On a GPU the paths a user chooses between (bench.py alone measures each switch): the default, --speed fast,
+    # On a GPU the paths a user chooses between (bench.py alone measures each switch): --speed plain and fast,
     # and both in bf16 where the GPU has it
-    paths = ["--paths", "plain,fp32,fast" + (",bf16,fast-bf16" if bf16_capable(device) else "")] \
+    paths = ["--paths", "fp32,fast" + (",bf16,fast-bf16" if bf16_capable(device) else "")] \
         if device.type == "cuda" else []
     stdout = check.run(record, "bench", [sys.executable, "bench.py", "--device", args.device, "--width",
                                          str(args.width), "--batch-size", str(args.batch_size), "--steps",
@@ -218,8 +218,8 @@ def timed_run(check, record):
 
 def gpu_tests(check, record):
     # pytest exits 5 when nothing ran (no GPU: every test skipped or deselected); that is not a failure
-    stdout = check.run(record, "gpu_tests", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", check.args.tests],
-                       ok=(0, 5))
+    stdout = check.run(record, "gpu_tests", [sys.executable, "-m", "pytest", "-q", "--durations=10", "-m", "gpu",
+                                             check.args.tests], ok=(0, 5))
     summary = [line for line in stdout.splitlines() if re.search(r"\d+ (passed|failed|skipped|deselected)", line)]
     record["summary"] = summary[-1].strip("= ") if summary else "no summary"
 

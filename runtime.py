@@ -204,8 +204,8 @@ def autocast(device, enabled):
 
 SPEED_HELP = ("how the nets run on a CUDA GPU, the same math either way: fast, channels_last memory, the "
               "penalty's convolutions in ordinary kernels, LayerNorm in Triton kernels and each training step "
-              "replayed as a CUDA graph (a GAN iteration 1.64x, a baseline step 1.60x on an H200; opt-in until its "
-              "gradients are shown as accurate as plain's); plain, PyTorch's own eager kernels; auto, plain for now "
+              "replayed as a CUDA graph (a GAN iteration 1.63x, a baseline step 1.45x on an H200); plain, "
+              "PyTorch's own eager kernels; auto, fast on one GPU, plain on the CPU and under torchrun "
               "(default: auto)")
 
 
@@ -224,17 +224,19 @@ class Speed:
 
     @classmethod
     def choose(cls, name, device, world_size=1):
-        """The switches of --speed NAME on this device. auto is plain: fast was measured faster on an H200, but there
-        its gradients lay 3 to 700 times further from float64's than plain's (tests/test_kernels.py), which is not
-        yet explained; a path becomes the default only once it is both faster and as accurate."""
-        if name in ("plain", "auto"):
+        """The switches of --speed NAME on this device. auto is fast on one GPU, where it was measured faster (an
+        H200) and its gradients as accurate as the plain path's (tests/test_kernels.py); under torchrun, where
+        fast is unmeasured, auto is plain."""
+        if name == "plain" or (name == "auto" and (device.type != "cuda" or world_size > 1)):
             return cls()
         if device.type != "cuda":
             raise UserError("--speed fast needs a CUDA GPU; use --speed plain or auto on the CPU")
+        if world_size > 1:  # DDP's hooks run between the kernels: no whole-step graph
+            return cls(channels_last=True, conv_gradfix=True)
         # Triton's kernels pay only inside a CUDA graph: launched one by one from Python they were slower than
-        # PyTorch's (bench.py, an H200); under torchrun, where DDP's hooks keep the step out of a graph, neither
-        graphs = world_size == 1 and importlib.util.find_spec("triton") is not None
-        return cls(channels_last=True, conv_gradfix=True, triton_layer_norm=graphs, cuda_graphs=graphs)
+        # PyTorch's (bench.py, an H200)
+        return cls(channels_last=True, conv_gradfix=True, cuda_graphs=True,
+                   triton_layer_norm=importlib.util.find_spec("triton") is not None)
 
     def prepare(self, *models):
         """The models switched to these kernels and memory layout, in place."""

@@ -87,10 +87,9 @@ def train(args, stop):
         def eager_step(x, labels):
             return train_step(model_ddp, optimizer, x, labels, bf16)
 
-        graphs = {}  # with CUDA graphs, one per learning rate of the schedule (a graph replays the lr it captured)
+        step = GraphedStep(eager_step) if speed.cuda_graphs else eager_step
         for epoch in range(start_epoch, args.epochs):
             set_lr(optimizer, lr_at(epoch, args))
-            step = graphs.setdefault(lr_at(epoch, args), GraphedStep(eager_step)) if speed.cuda_graphs else eager_step
 
             # Training batches, stopping cleanly on a signal
             for b, images, labels in run.batches(train_loader, epoch, start_batch, args.epochs):

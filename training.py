@@ -184,7 +184,10 @@ def check_configurations(parse_args, argv, source):
 
 def adam(params, lr, betas, device, capturable=False):
     """Adam; on CUDA its fused kernel (one launch for all parameters, the same update). capturable: its state on
-    the GPU, so that a CUDA graph can replay its step (runtime.GraphedStep)."""
+    the GPU, so that a CUDA graph can replay its step (runtime.GraphedStep), and its learning rate a tensor there,
+    which set_lr changes in place: one graph serves the whole schedule."""
+    if capturable:
+        lr = torch.tensor(lr, dtype=torch.float32, device=device)
     return torch.optim.Adam(params, lr=lr, betas=tuple(betas), fused=fused_adam(device), capturable=capturable)
 
 
@@ -212,7 +215,10 @@ def load_optimizer(optimizer, state, device):
 
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if torch.is_tensor(group["lr"]):  # read by a captured graph: changed in place
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 def training_loaders(args, rt, test_batch=500):

@@ -162,3 +162,19 @@ def test_a_plain_checkpoint_resumes_with_moments_laid_out_as_channels_last_weigh
             moment = resumed.state[p][name]
             assert (moment.device, moment.stride()) == (p.device, p.stride()), name
     assert all(group["capturable"] is True for group in resumed.param_groups)
+
+
+def test_a_capturable_adams_learning_rate_is_one_tensor_that_set_lr_changes_in_place():
+    """A CUDA graph replays the lr tensor it captured: the baseline's schedule must change that tensor, not put a
+    new number in its place (which the graph would never see), also after a resume from a plain checkpoint."""
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+    optimizer = training.adam(params, 1e-4, (0.9, 0.999), torch.device("cpu"), capturable=True)
+    plain_state, _ = adam_state(fused=None)
+    training.load_optimizer(optimizer, plain_state, torch.device("cpu"))
+    captured = optimizer.param_groups[0]["lr"]
+    assert torch.is_tensor(captured) and captured.item() == pytest.approx(1e-4)  # this run's lr, not the saved 1e-3
+    training.set_lr(optimizer, 1e-5)
+    assert optimizer.param_groups[0]["lr"] is captured and captured.item() == pytest.approx(1e-5)
+    plain = training.adam(params, 1e-4, (0.9, 0.999), torch.device("cpu"))
+    training.set_lr(plain, 1e-5)
+    assert plain.param_groups[0]["lr"] == 1e-5

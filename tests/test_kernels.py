@@ -7,11 +7,11 @@ same iterations run eagerly.
 Tolerances: float64 to 1e-10; float32 on the CPU to 1e-5 of each tensor's largest value; on CUDA, TF32 is off in
 these tests (the paths use different convolution algorithms and layouts, whose TF32 roundings differ), and a
 LayerNorm's values agree to 1e-4 (forward) and 1e-3 (gradients, summed over 128 samples in another order). A whole
-discriminator's gradients sum over hundreds of thousands of terms that largely cancel: on an H200 the two paths'
-conv1 weight gradients differed by 1.7e-3 of their largest value, so there each path is compared with float64
-instead, the fast one allowed twice the plain one's error.
+discriminator's gradients sum over hundreds of thousands of terms that largely cancel, so each path is compared
+with float64 instead: in float64 to 1e-10, in fp32 no further from it than the default path is (see the test).
 """
 import importlib.util
+import statistics
 
 import pytest
 import torch
@@ -211,53 +211,70 @@ SWITCHES = {"all": dict(channels_last=True, conv_gradfix=True, triton_layer_norm
             "triton_layer_norm": dict(triton_layer_norm=True)}
 
 
+def gradients_and_loss(model, dtype, device, n, tf32=False):
+    """The discriminator loss of fixed images, its monitored values and every parameter's gradient, in float64."""
+    g = torch.Generator().manual_seed(1)
+    real, fake = (torch.rand(n, 3, 32, 32, generator=g).to(device, dtype) * 2 - 1 for _ in range(2))
+    real_labels, fake_labels = (torch.randint(0, 10, (n,), generator=g).to(device) for _ in range(2))
+    alpha = torch.rand(n, generator=g).to(device, dtype)
+    torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        loss, monitored = gan.discriminator_loss(model, model, real, real_labels, fake, fake_labels, alpha, 10.0)
+        loss.backward()
+    finally:
+        torch.backends.cudnn.allow_tf32 = False
+    values = {"loss": loss.detach(), **monitored, **{name: p.grad for name, p in model.named_parameters()}}
+    return {name: value.double() for name, value in values.items()}
+
+
+def errors(results, exact):
+    """Each value's largest difference from the exact one, over the exact one's largest magnitude."""
+    return {name: (results[name] - value).abs().max().item() / (value.abs().max().item() or 1.0)
+            for name, value in exact.items()}
+
+
 @pytest.mark.parametrize("switches", SWITCHES)
 @pytest.mark.parametrize("device", DEVICES)
 def test_discriminator_loss_and_gradients_with_the_switches_are_as_accurate_as_the_plain_ones(device, switches,
                                                                                            small_chunks):
-    """The loss, its monitored values and every parameter's gradient, with the switches on (all of them, and each
-    alone: which one loses accuracy, if one does) and with none, in fp32, each against the plain net in float64:
-    the switched path's error is at most twice the plain path's (both are fp32; they sum in other orders with other
-    convolution algorithms) plus 1e-5 of the largest value."""
+    """The loss, its monitored values and every parameter's gradient with the switches on (all of them, and each
+    alone), against the plain net's in float64. In float64 the switched net computes the same numbers (the same
+    math). In fp32, with TF32 off, it lies no further from float64 than the default fp32 path does, which lets
+    cuDNN round to TF32, nor than twice the plain path with TF32 off (the CPU has no TF32): the worst and the
+    median over the values. At the GAN's width on a GPU some gradients are ill-conditioned (an input changed
+    by 1e-6 of itself moves a norm bias's gradient by 2.5e-2 of its largest value in plain fp32, on an H200),
+    so a single value's error depends on the summation order and only these aggregates compare."""
     width, n = (8, 4) if device == "cpu" else (196, 32)
     # Still several chunks to conv1's rows of 8,192 on the CPU, few enough programs for the interpreter
     small_chunks.CHUNK, small_chunks.ROW_GROUP = (2048, 3) if device == "cpu" else (4096, 16)
     torch.manual_seed(0)
     disc = Discriminator(width).to(device)
-    fast = fast_twin(disc, Speed(**SWITCHES[switches]))
-    reference = fast_twin(disc, Speed()).double()
-    g = torch.Generator().manual_seed(1)
-    real, fake = (torch.rand(n, 3, 32, 32, generator=g).to(device) * 2 - 1 for _ in range(2))
-    real_labels, fake_labels = (torch.randint(0, 10, (n,), generator=g).to(device) for _ in range(2))
-    alpha = torch.rand(n, generator=g).to(device)
-    results = []
-    for model, dtype in ((reference, torch.float64), (disc, torch.float32), (fast, torch.float32)):
-        loss, monitored = gan.discriminator_loss(model, model, real.to(dtype), real_labels, fake.to(dtype),
-                                                       fake_labels, alpha.to(dtype), 10.0)
-        loss.backward()
-        values = {"loss": loss.detach(), **monitored, **{name: p.grad for name, p in model.named_parameters()}}
-        results.append({name: value.double() for name, value in values.items()})
-    exact, plain, ours = results
-    worse = []
-    for name, value in exact.items():
-        scale = value.abs().max().item() or 1.0
-        plain_error, our_error = ((r[name] - value).abs().max().item() / scale for r in (plain, ours))
-        if our_error > 2 * plain_error + 1e-5:
-            worse.append(f"{name} {our_error:.2g} against {plain_error:.2g}")
-    assert not worse, "less accurate than the plain path: " + ", ".join(worse)
+    exact = gradients_and_loss(fast_twin(disc, Speed()).double(), torch.float64, device, n)
+    same_math = errors(gradients_and_loss(fast_twin(disc, Speed(**SWITCHES[switches])).double(), torch.float64,
+                                          device, n), exact)
+    assert max(same_math.values()) < 1e-10, max(same_math.items(), key=lambda item: item[1])
+    plain = errors(gradients_and_loss(disc, torch.float32, device, n), exact)
+    default = errors(gradients_and_loss(fast_twin(disc, Speed()), torch.float32, device, n, tf32=True), exact)
+    ours = errors(gradients_and_loss(fast_twin(disc, Speed(**SWITCHES[switches])), torch.float32, device, n), exact)
+    for aggregate in (max, statistics.median):
+        bound = max(2 * aggregate(plain.values()), aggregate(default.values())) + 1e-5
+        assert aggregate(ours.values()) <= bound, (
+            f"{aggregate.__name__} error {aggregate(ours.values()):.2g}, above {bound:.2g}; worst: "
+            + ", ".join(f"{name} {error:.2g}" for name, error in sorted(ours.items(), key=lambda item: -item[1])[:5]))
 
 
-def test_speed_fast_switches_everything_on_one_gpu_and_auto_stays_plain():
+def test_speed_auto_is_fast_on_one_gpu_and_plain_on_the_cpu_and_under_torchrun(monkeypatch):
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    fast = Speed.choose("fast", cuda)
-    assert fast.channels_last and fast.conv_gradfix and fast.cuda_graphs and fast.triton_layer_norm
-    assert Speed.choose("auto", cuda) == Speed.choose("auto", cpu) == Speed.choose("plain", cuda) == Speed()
+    fast = Speed(channels_last=True, conv_gradfix=True, triton_layer_norm=True, cuda_graphs=True)
+    assert Speed.choose("fast", cuda) == Speed.choose("auto", cuda) == fast
+    assert Speed.choose("auto", cpu) == Speed.choose("plain", cuda) == Speed.choose("auto", cuda, world_size=2) == Speed()
     # Under torchrun DDP's hooks run between the kernels: no graphs, and without them no Triton kernels
     assert Speed.choose("fast", cuda, world_size=2) == Speed(channels_last=True, conv_gradfix=True)
     with pytest.raises(UserError, match="--speed fast needs a CUDA GPU"):
         Speed.choose("fast", cpu)
-
-
+    # Without Triton the graphs still pay (bench.py's fast-native-ln path)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    assert Speed.choose("auto", cuda) == Speed(channels_last=True, conv_gradfix=True, cuda_graphs=True)
 
 
 def test_gradfix_under_bf16_autocast_computes_what_autocast_conv2d_does():
