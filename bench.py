@@ -10,8 +10,8 @@ gradient penalty), each with the Meter's sums the trainers keep, for each path s
     fast          all four together: --speed fast, the trainers' default on one GPU                     (CUDA only)
     fast-native-ln, fast-autograd-conv   fast with PyTorch's LayerNorm, fast with autograd's conv2d    (CUDA only)
     bf16, fast-bf16   the eager and the fast path with --precision bf16                     (compute capability 8.0+)
-    old-ops       fp32 in the operations of before: nn.LayerNorm's generic second derivative and the augmentation
-                  as it was written then (the same numbers in about twice the kernels)
+    old-ops       the GAN iteration with nn.LayerNorm's own autograd, the operations of before: its generic
+                  second derivative (the same numbers in more kernels)
     one-batch     the GAN iteration with real, fake and interpolated images through the discriminator as one batch
                   and the penalty's double backward over all three (the same loss and gradients)
 Each path computes the same numbers as fp32 (tests/test_gpu.py checks that on a GPU, tests/test_models.py the
@@ -48,14 +48,13 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gan
 from baseline import freeze_critic_head, train_step
 from cli import UserError, check_range, run_main
-from data import CROP_SCALE, JITTER, augment
+from data import augment
 from models import Discriminator, Generator, LayerNorm, class_noise
 from running_means import Meter
 from runtime import DEVICE_HELP, GraphedStep, Runtime, Speed, bf16_capable
@@ -82,6 +81,7 @@ def parse_args(argv=None):
 
 
 def adam(params, betas, fused, capturable=False):
+    """Adam, fused where asked, also on the CPU: the operations are counted with the fused Adam of CUDA."""
     return torch.optim.Adam(params, lr=1e-4, betas=betas, fused=fused or None, capturable=capturable)
 
 
@@ -110,15 +110,13 @@ PATHS = {
     "old-ops": (True, False, Speed(), {"old": True}, False),
     "one-batch": (True, False, Speed(), {"one_batch": True}, False),
 }
-GAN_ONLY = {"one-batch"}
+GAN_ONLY = {"one-batch", "old-ops"}  # the baseline takes no second derivative
 
 
-def baseline_step(rt, width, batch, fused, bf16, old=False, speed=Speed()):
-    """The phases [(name, function)] of one baseline training step on a fixed synthetic batch; old: old-ops."""
+def baseline_step(rt, width, batch, fused, bf16, speed=Speed()):
+    """The phases [(name, function)] of one baseline training step on a fixed synthetic batch."""
     device = rt.device
     model = Discriminator(width).to(device)
-    if old:
-        old_ops(model)
     speed.prepare(model)
     freeze_critic_head(model)
     optimizer = adam((p for p in model.parameters() if p.requires_grad), (0.9, 0.999), fused, speed.cuda_graphs)
@@ -131,7 +129,7 @@ def baseline_step(rt, width, batch, fused, bf16, old=False, speed=Speed()):
         update = GraphedStep(update)
 
     def augmentation():
-        state["x"] = (old_augment if old else augment)(images, rng)
+        state["x"] = augment(images, rng)
 
     def step():
         state["loss"], state["acc"] = update(x=state["x"], labels=labels)
@@ -153,12 +151,11 @@ def gan_iteration(rt, width, batch, fused, bf16, one_batch=False, old=False, spe
     labels = torch.randint(0, 10, (batch,), device=device)
     rng = torch.Generator(device).manual_seed(0)
     meter, state = Meter(device), {}
-    recipe = argparse.Namespace(feature_matching=0.0, lambda_gp=10.0)
-    generator, discriminator = gan.training_steps(gen, disc, gen, disc, opt_g, opt_d, recipe, bf16,
-                                                        speed.cuda_graphs)
+    generator, discriminator = gan.training_steps(gan.Nets(gen, disc, gen, disc, opt_g, opt_d), gan.Recipe(bf16=bf16),
+                                                  speed.cuda_graphs)
 
     def augmentation():
-        state["real"] = (old_augment if old else augment)(images, rng)
+        state["real"] = augment(images, rng)
 
     def generator_step():
         state["generator"] = generator(batch, rng, None)
@@ -182,77 +179,6 @@ def gan_iteration(rt, width, batch, fused, bf16, one_batch=False, old=False, spe
         meter.add(**state["monitored"])
     return [("augmentation", augmentation), ("generator step", generator_step),
             ("discriminator step", one_batch_step if one_batch else discriminator_step), ("Meter", meter_add)]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The augmentation as it was written before (old-ops): the same transformation from the same random draws
-# (tests/test_speed.py checks it against data.augment), in about three times the operations.
-
-def _old_blend(x, other, factor):
-    return (factor.view(-1, 1, 1, 1) * x + (1 - factor.view(-1, 1, 1, 1)) * other).clamp_(0, 1)
-
-
-def _old_grayscale(x):
-    return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-
-
-def _old_rgb_to_hsv(x):
-    r, g, b = x.unbind(1)
-    maxc, minc = x.max(1).values, x.min(1).values
-    chroma = maxc - minc
-    grey = chroma == 0
-    s = chroma / torch.where(grey, torch.ones_like(maxc), maxc)
-    c = torch.where(grey, torch.ones_like(chroma), chroma)
-    rc, gc, bc = (maxc - r) / c, (maxc - g) / c, (maxc - b) / c
-    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2 + rc - bc, 4 + gc - rc))
-    h = torch.where(grey, torch.zeros_like(h), h)
-    return torch.stack([(h / 6).remainder(1), s, maxc], 1)
-
-
-def _old_hsv_to_rgb(x):
-    h, s, v = x.unbind(1)
-    sector = torch.floor(h * 6)
-    f = h * 6 - sector
-    sector = sector.long().remainder(6)
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    choices = torch.stack([torch.stack(c, 1) for c in
-                           [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]], 1)
-    return choices.gather(1, sector[:, None, None].expand(-1, 1, 3, *h.shape[1:])).squeeze(1)
-
-
-def old_color_jitter(x, brightness, contrast, saturation, hue):
-    x = _old_blend(x, torch.zeros_like(x), brightness)
-    x = _old_blend(x, _old_grayscale(x).mean((1, 2, 3), keepdim=True), contrast)
-    x = _old_blend(x, _old_grayscale(x), saturation)
-    hsv = _old_rgb_to_hsv(x)
-    hsv[:, 0] = (hsv[:, 0] + hue.view(-1, 1, 1)).remainder(1)
-    return _old_hsv_to_rgb(hsv)
-
-
-def old_resized_crop_flip(x, left, top, side, flip):
-    n, _, height, width = x.shape
-    theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
-    theta[:, 0, 0] = side / width * torch.where(flip, -1.0, 1.0)
-    theta[:, 0, 2] = (2 * left + side) / width - 1
-    theta[:, 1, 1] = side / height
-    theta[:, 1, 2] = (2 * top + side) / height - 1
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    low = torch.stack([(2 * left + 1) / width - 1, (2 * top + 1) / height - 1], 1).view(n, 1, 1, 2)
-    high = torch.stack([(2 * (left + side) - 1) / width - 1, (2 * (top + side) - 1) / height - 1], 1).view(n, 1, 1, 2)
-    grid = torch.maximum(torch.minimum(grid, high), low)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def old_augment(images, rng):
-    n, _, size, _ = images.shape
-    draw = lambda low, high: torch.empty(n, device=images.device).uniform_(low, high, generator=rng)
-    side = size * draw(*CROP_SCALE).sqrt()
-    left, top = (size - side) * draw(0, 1), (size - side) * draw(0, 1)
-    flip = draw(0, 1) < 0.5
-    x = old_resized_crop_flip(images.float() / 255, left, top, side, flip)
-    x = old_color_jitter(x, draw(1 - JITTER, 1 + JITTER), draw(1 - JITTER, 1 + JITTER),
-                         draw(1 - JITTER, 1 + JITTER), draw(-JITTER, JITTER))
-    return x * 2 - 1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -466,7 +392,7 @@ def print_table(results, names, args):
         ratio_text = " ".join(f"{r:7.2f}x" if r else f"{'':>8}" for r in ratios)
         counts = [str(ops[f"{job}_{key}"]["total"]) if f"{job}_{key}" in ops else "-" for job in ("baseline", "gan")]
         print(f"{name:<13} {cells[0]:>15} {cells[1]:>10} {ratio_text:>17} {counts[0]:>13} {counts[1]:>8}")
-    for key in ("baseline_fp32", "baseline_old_ops", "gan_fp32", "gan_old_ops", "gan_fast", "gan_gradfix"):
+    for key in ("baseline_fp32", "gan_fp32", "gan_old_ops", "gan_fast", "gan_gradfix"):
         if key in ops:
             parts = ", ".join(f"{name} {n}" for name, n in ops[key].items() if name != "total")
             print(f"operations per {'step' if key.startswith('baseline') else 'iteration'}, {key.replace('_', ' ')}: "

@@ -270,7 +270,7 @@ def table(report):
     else:
         lines += ["", f"bench.py: {status_text(bench_record)}"]
     tests = report["tests"]
-    lines += ["", f"GPU tests (`python -m pytest -m gpu tests`): "
+    lines += ["", "GPU tests (`python -m pytest -m gpu tests`): "
               + (outcome(tests) if tests["status"] in (PASSED, FAILED) else status_text(tests))]
     return "\n".join(lines) + "\n"
 

@@ -38,19 +38,27 @@ HINT = "choose another --out-dir, or pass --no-tensorboard"
 
 # The Scalars tab's groups (a tag's group is the part before its first /), by what a user looks for. The values
 # of the monitor windows (every training.LOG_EVERY batches) come from those; their epoch means stay in the metrics
-# file. A key named nowhere keeps its record's kind as its group.
+# file. The generator's loss and its terms (g_...) are losses and windowed, whatever their names; any other key
+# named nowhere keeps its record's kind as its group.
 GROUPS = {
     "health": ("wasserstein", "grad_norm"),
-    "losses": ("gp", "real_score", "fake_score", "real_ce", "fake_ce", "g_loss", "g_critic", "g_ce", "g_fm", "loss",
-               "train_loss"),
+    "losses": ("gp", "real_score", "fake_score", "real_ce", "fake_ce", "loss", "train_loss"),
     "accuracy": ("real_acc", "fake_acc", "test_acc", "acc", "train_acc"),
     "speed": ("images_per_s", "seconds", "seconds_per_epoch", "eta_s", "eval_seconds"),
     "settings": ("lr", "lambda_gp"),
     "eval": ("is_mean", "is_std", "fid", "kid_mean", "kid_std", "class_acc", "classifier_fd", "reference_is_mean"),
 }
 GROUP_OF = {key: group for group, keys in GROUPS.items() for key in keys}
-WINDOWED = {"gp", "real_score", "fake_score", "real_ce", "fake_ce", "g_loss", "g_critic", "g_ce", "g_fm", "loss",
-            "real_acc", "fake_acc", "acc", "wasserstein", "grad_norm"}
+WINDOWED = {"gp", "real_score", "fake_score", "real_ce", "fake_ce", "loss", "real_acc", "fake_acc", "acc", "wasserstein",
+            "grad_norm"}
+
+
+def group_of(key, kind):
+    return "losses" if key.startswith("g_") else GROUP_OF.get(key, kind)
+
+
+def windowed(key):
+    return key in WINDOWED or key.startswith("g_")
 
 # The GAN's Custom Scalars tab: the groups in the order a GAN user reads them, related curves in one chart. Tags
 # are matched in every run of the logdir: the baseline's test accuracy joins the accuracy chart.
@@ -65,7 +73,7 @@ GAN_LAYOUT = {
         "critic scores of real and fake images": ["Multiline", [r"^losses/(real|fake)_score$"]],
         "class cross entropy of real and fake images, and the generator's": ["Multiline",
                                                                              [r"^losses/(real_ce|fake_ce|g_ce)$"]],
-        "generator loss and its terms": ["Multiline", [r"^losses/g_(loss|critic|fm)$"]],
+        "generator loss and its terms": ["Multiline", [r"^losses/g_(?!ce$)"]],
         "gradient penalty": ["Multiline", [r"^losses/gp$"]],
     },
     "accuracy": {"classifier on real and fake batches, and the test set": ["Multiline", [r"^accuracy/"]]},
@@ -84,10 +92,10 @@ def tags(kind, record):
     values are left out."""
     found = {}
     for key, value in record.items():
-        if key in ("type", "epoch", "batch", "n", "seed") or (kind == "epoch" and key in WINDOWED):
+        if key in ("type", "epoch", "batch", "n", "seed") or (kind == "epoch" and windowed(key)):
             continue
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            found[f"{GROUP_OF.get(key, kind)}/{key}"] = value
+            found[f"{group_of(key, kind)}/{key}"] = value
         elif isinstance(value, list) and len(value) == len(CLASSES):
             name = key.removesuffix("_per_class")
             found.update({f"per_class/{name}/{c}": v for c, v in zip(CLASSES, value) if isinstance(v, (int, float))})

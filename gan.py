@@ -1,11 +1,17 @@
 """The GAN's losses and updates: the WGAN-GP critic with its ACGAN classifier, the generator against it, and one
 training iteration's two updates as train_gan.py runs them (and bench.py times them).
 
-    generator, discriminator = training_steps(gen_ddp, disc_ddp, gen, disc, opt_g, opt_d, args, bf16, cuda_graphs)
+    nets, recipe = Nets(gen_ddp, disc_ddp, gen, disc, opt_g, opt_d), Recipe.from_args(args, bf16=bf16)
+    generator, discriminator = training_steps(nets, recipe, cuda_graphs)
     monitored = discriminator(real, labels, rng, penalty_factor(batch, args.gp_every))
     monitored = generator(n, rng, real)
+
+A new generator loss term is a term in generator_loss (named g_...: the metrics file, TensorBoard and report.py
+show every g_ term), a Recipe field for its weight and a train_gan.py flag of the same name.
 """
+import dataclasses
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +26,31 @@ from runtime import GraphedStep, autocast
 # critic's input gradient at the interpolated images (the penalty's own quantity, held near 1).
 MONITORED = ("gp", "fake_score", "real_score", "real_ce", "fake_ce", "real_acc", "fake_acc", "wasserstein",
              "grad_norm")
+
+
+class Nets(NamedTuple):
+    """The two nets and their optimizers. gen_ddp and disc_ddp are what the forward passes go through: the
+    DistributedDataParallel wrappers under torchrun, else gen and disc themselves."""
+    gen_ddp: torch.nn.Module
+    disc_ddp: torch.nn.Module
+    gen: torch.nn.Module
+    disc: torch.nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How the updates compute their losses: the penalty's weight, the feature-matching term's weight (0: off) and
+    bf16 autocast of the discriminator. from_args reads each field from the flag of its name."""
+    lambda_gp: float = 10.0
+    feature_matching: float = 0.0
+    bf16: bool = False
+
+    @classmethod
+    def from_args(cls, args, **given):
+        from_flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+        return cls(**{**from_flags, **given})
 
 
 def gradient_penalty(score_hat, x_hat, lambda_gp):
@@ -88,16 +119,16 @@ def feature_matching_loss(real_features, fake_features):
     return (real_features.float().mean(0) - fake_features.float().mean(0)).pow(2).sum()
 
 
-def generator_loss(disc, fake, labels, real=None, feature_matching=0.0):
-    """-mean(fc1(G(z))) + CE(fc10(G(z)), label); with feature_matching W > 0 also
+def generator_loss(disc, fake, labels, recipe=Recipe(), real=None):
+    """-mean(fc1(G(z))) + CE(fc10(G(z)), label); with recipe.feature_matching W > 0 also
     W * feature_matching_loss of D's pooled last-block features on the real batch and on the fake one. Returns
     the loss and its terms, detached: g_critic, g_ce (and g_fm)."""
     fake_judged = disc(fake)
     terms = {"g_critic": -fake_judged.score.float().mean(), "g_ce": F.cross_entropy(fake_judged.logits.float(), labels)}
-    if feature_matching:
+    if recipe.feature_matching:
         with torch.no_grad():
             real_features = disc(real).features
-        terms["g_fm"] = feature_matching * feature_matching_loss(real_features, fake_judged.features)
+        terms["g_fm"] = recipe.feature_matching * feature_matching_loss(real_features, fake_judged.features)
     return sum(terms.values()), {name: value.detach() for name, value in terms.items()}
 
 
@@ -107,27 +138,27 @@ def generator_draws(n, rng):
     return labels, class_noise(labels, rng)
 
 
-def generator_update(gen_ddp, disc, opt_g, labels, noise, bf16=False, real=None, feature_matching=0.0):
+def generator_update(nets, recipe, labels, noise, real=None):
     """One generator update on the given noise and labels (and, for feature matching, a real batch). The
     discriminator (the plain module, not its DDP wrapper) is frozen: its parameters get no gradient and stay as
-    they are. bf16: autocast the discriminator to bf16 (the generator stays fp32: its gradient has come back
-    through both nets). Returns the monitored values: the loss g_loss and its terms."""
-    disc.requires_grad_(False)
+    they are. recipe.bf16: autocast the discriminator to bf16 (the generator stays fp32: its gradient has come
+    back through both nets). Returns the monitored values: the loss g_loss and its terms."""
+    nets.disc.requires_grad_(False)
     with record_function("generator forward + backward"):
-        fake = gen_ddp(noise)
-        with autocast(noise.device, bf16):
-            loss, terms = generator_loss(disc, fake, labels, real, feature_matching)
-        opt_g.zero_grad(set_to_none=True)
+        fake = nets.gen_ddp(noise)
+        with autocast(noise.device, recipe.bf16):
+            loss, terms = generator_loss(nets.disc, fake, labels, recipe, real)
+        nets.opt_g.zero_grad(set_to_none=True)
         loss.backward()
     with record_function("optimizer"):
-        opt_g.step()
-    disc.requires_grad_(True)
+        nets.opt_g.step()
+    nets.disc.requires_grad_(True)
     return {"g_loss": loss.detach(), **terms}
 
 
-def generator_step(gen_ddp, disc, opt_g, n, rng, bf16=False, real=None, feature_matching=0.0):
+def generator_step(nets, recipe, n, rng, real=None):
     """generator_update on fresh noise with random labels drawn from rng."""
-    return generator_update(gen_ddp, disc, opt_g, *generator_draws(n, rng), bf16, real, feature_matching)
+    return generator_update(nets, recipe, *generator_draws(n, rng), real)
 
 
 def discriminator_draws(n, rng):
@@ -137,52 +168,46 @@ def discriminator_draws(n, rng):
     return fake_labels, noise, torch.rand(n, device=rng.device, generator=rng)
 
 
-def discriminator_update(disc_ddp, disc, gen_ddp, opt_d, real, real_labels, fake_labels, noise, alpha, lambda_gp,
-                         bf16=False, penalty_factor=1):
+def discriminator_update(nets, recipe, real, real_labels, fake_labels, noise, alpha, penalty_factor=1):
     """One discriminator update against the fake batch of the given noise (made without gradients, so G is
-    untouched); returns the monitored values. bf16: autocast the discriminator to bf16. penalty_factor: see
-    discriminator_loss."""
+    untouched); returns the monitored values. recipe.bf16: autocast the discriminator to bf16. penalty_factor:
+    see discriminator_loss."""
     with torch.no_grad(), record_function("generator forward (fake batch)"):
-        fake = gen_ddp(noise)
-    with autocast(real.device, bf16):
-        loss, monitored = discriminator_loss(disc_ddp, disc, real, real_labels, fake, fake_labels, alpha, lambda_gp,
-                                             penalty_factor)
+        fake = nets.gen_ddp(noise)
+    with autocast(real.device, recipe.bf16):
+        loss, monitored = discriminator_loss(nets.disc_ddp, nets.disc, real, real_labels, fake, fake_labels, alpha,
+                                             recipe.lambda_gp, penalty_factor)
     with record_function("discriminator backward"):
-        opt_d.zero_grad(set_to_none=True)
+        nets.opt_d.zero_grad(set_to_none=True)
         loss.backward()
     with record_function("optimizer"):
-        opt_d.step()
+        nets.opt_d.step()
     return monitored
 
 
-def discriminator_step(disc_ddp, disc, gen_ddp, opt_d, real, real_labels, rng, lambda_gp, bf16=False,
-                       penalty_factor=1):
+def discriminator_step(nets, recipe, real, real_labels, rng, penalty_factor=1):
     """discriminator_update against a fresh fake batch drawn from rng."""
-    return discriminator_update(disc_ddp, disc, gen_ddp, opt_d, real, real_labels, *discriminator_draws(len(real), rng),
-                                lambda_gp, bf16, penalty_factor)
+    return discriminator_update(nets, recipe, real, real_labels, *discriminator_draws(len(real), rng), penalty_factor)
 
 
-def training_steps(gen_ddp, disc_ddp, gen, disc, opt_g, opt_d, args, bf16, cuda_graphs):
+def training_steps(nets, recipe, cuda_graphs):
     """(generator(n, rng, real), discriminator(real, labels, rng, penalty_factor)): one iteration's two updates as
     train() runs them, each drawing its random inputs from rng first. cuda_graphs: each update (and the
     discriminator's with and without the penalty) a runtime.GraphedStep, the draws made outside the graph in the
     eager order, so that both paths train on the same numbers; the optimizers must be capturable."""
-    fm = args.feature_matching
     if not cuda_graphs:  # the module's functions looked up at each call (the tests patch them)
-        return (lambda n, rng, real: generator_step(gen_ddp, disc, opt_g, n, rng, bf16, real, fm),
-                lambda real, labels, rng, factor: discriminator_step(disc_ddp, disc, gen_ddp, opt_d, real, labels, rng,
-                                                                     args.lambda_gp, bf16, factor))
-    g_graph = GraphedStep(functools.partial(generator_update, gen_ddp, disc, opt_g, bf16=bf16, feature_matching=fm))
+        return (lambda n, rng, real: generator_step(nets, recipe, n, rng, real),
+                lambda real, labels, rng, factor: discriminator_step(nets, recipe, real, labels, rng, factor))
+    g_graph = GraphedStep(functools.partial(generator_update, nets, recipe))
     d_graphs = {}
 
     def generator(n, rng, real):
         labels, noise = generator_draws(n, rng)
-        return g_graph(labels=labels, noise=noise, **({"real": real} if fm else {}))
+        return g_graph(labels=labels, noise=noise, **({"real": real} if real is not None else {}))
 
     def discriminator(real, labels, rng, factor):
         if factor not in d_graphs:
-            d_graphs[factor] = GraphedStep(functools.partial(discriminator_update, disc_ddp, disc, gen_ddp, opt_d,
-                                                             lambda_gp=args.lambda_gp, bf16=bf16,
+            d_graphs[factor] = GraphedStep(functools.partial(discriminator_update, nets, recipe,
                                                              penalty_factor=factor))
         fake_labels, noise, alpha = discriminator_draws(len(real), rng)
         return d_graphs[factor](real=real, real_labels=labels, fake_labels=fake_labels, noise=noise, alpha=alpha)

@@ -66,14 +66,11 @@ def train(args, stop):
         optimizer = adam((p for p in model.parameters() if p.requires_grad), args.lr, args.betas, rt.device,
                          capturable=speed.cuda_graphs)
         meter = Meter(rt.device)  # loss and accuracy over the epoch's training batches
-        start_epoch, start_batch = 0, 0
         if run.checkpoint is not None:
             ckpt = run.checkpoint
             restore_model(model, ckpt["model"], run.ckpt_path)
             load_optimizer(optimizer, ckpt["optimizer"], rt.device)
             meter.load_state(ckpt["meter"])
-            start_epoch, start_batch = ckpt["epoch"], ckpt["batch"]
-            run.print(f"resuming {run.ckpt_path} at epoch {start_epoch + 1}, batch {start_batch}")
         # The DistributedDataParallel wrapper under torchrun (it averages the gradients), else the model itself
         model_ddp = DistributedDataParallel(model) if rt.world_size > 1 else model
 
@@ -83,16 +80,16 @@ def train(args, stop):
                     "optimizer": optimizer.state_dict()}
 
         train_loader, test_loader = training_loaders(args, rt)
-        run.begin(TABLE)
+
         def eager_step(x, labels):
             return train_step(model_ddp, optimizer, x, labels, bf16)
 
         step = GraphedStep(eager_step) if speed.cuda_graphs else eager_step
-        for epoch in range(start_epoch, args.epochs):
+        for epoch, batches in run.epochs(train_loader, TABLE):
             set_lr(optimizer, lr_at(epoch, args))
 
             # Training batches, stopping cleanly on a signal
-            for b, images, labels in run.batches(train_loader, epoch, start_batch, args.epochs):
+            for b, images, labels in batches:
                 x = augment(images, rt.rng(args.seed, epoch, b))
                 loss, acc = step(x=x, labels=labels)
                 meter.add(len(labels), loss=loss, acc=acc)
@@ -109,7 +106,6 @@ def train(args, stop):
                       **run.pace(epoch, args.epochs, len(train_loader))}
             run.log(record)
             meter.reset()
-            start_batch = 0
             run.end_epoch(record, state(epoch + 1, 0), args.epochs)
 
         if rt.is_rank0:

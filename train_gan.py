@@ -25,7 +25,7 @@ from checkpoint import model_record, restore_model
 from cli import UserError, check_range, run_main
 from data import CLASSES, augment
 from files import image_bytes, torch_bytes
-from gan import penalty_factor, training_steps
+from gan import Nets, Recipe, penalty_factor, training_steps
 from images import epoch_grid_name, grid_image, to_unit
 from models import (MINIBATCH_DIMS, MINIBATCH_KERNELS, NUM_CLASSES, Discriminator, Generator, class_noise,
                     global_batch_norm)
@@ -173,7 +173,6 @@ def train(args, stop):
         opt_d = adam(disc.parameters(), args.lr, args.betas, rt.device, capturable=speed.cuda_graphs)
         noise = fixed_noise(args.seed)
         meter = Meter(rt.device)  # the monitored values and the generator's loss, over the epoch and per window
-        start_epoch, start_batch = 0, 0
         if run.checkpoint is not None:
             ckpt = run.checkpoint
             restore_model(gen, ckpt["generator"], run.ckpt_path)
@@ -181,12 +180,11 @@ def train(args, stop):
             load_optimizer(opt_g, ckpt["opt_g"], rt.device)
             load_optimizer(opt_d, ckpt["opt_d"], rt.device)
             meter.load_state(ckpt["meter"])
-            noise, start_epoch, start_batch = ckpt["fixed_noise"], ckpt["epoch"], ckpt["batch"]
-            run.print(f"resuming {run.ckpt_path} at epoch {start_epoch + 1}, batch {start_batch}")
+            noise = ckpt["fixed_noise"]
         noise = noise.to(rt.device)
         gen_ddp, disc_ddp = distribute(gen, disc, rt)
-        generator, discriminator = training_steps(gen_ddp, disc_ddp, gen, disc, opt_g, opt_d, args, bf16,
-                                                  speed.cuda_graphs)
+        generator, discriminator = training_steps(Nets(gen_ddp, disc_ddp, gen, disc, opt_g, opt_d),
+                                                  Recipe.from_args(args, bf16=bf16), speed.cuda_graphs)
         if args.speed == "fast" and rt.world_size > 1:
             run.print("note: under torchrun --speed fast runs without CUDA graphs and Triton kernels (DDP's hooks run "
                       "between the kernels): channels_last and the penalty's convolutions only")
@@ -203,10 +201,9 @@ def train(args, stop):
         evaluator = rt.rank0_first(lambda: make_evaluator(args, rt), others_too=False) if args.eval_every else None
         if evaluator is not None and evaluator.inception_note:
             run.print(f"note: {evaluator.inception_note}")
-        run.begin(TABLE)
-        for epoch in range(start_epoch, args.epochs):
+        for epoch, batches in run.epochs(train_loader, TABLE):
             # Training batches: a generator step every --n-critic iterations, a discriminator step every one
-            for b, images, labels in run.batches(train_loader, epoch, start_batch, args.epochs):
+            for b, images, labels in batches:
                 rng = rt.rng(args.seed, epoch, b)
                 real = augment(images, rng)
                 if b % args.n_critic == 0:
@@ -233,7 +230,6 @@ def train(args, stop):
                 rt.rank0_first(lambda: run.log({"type": "eval", "epoch": epoch + 1, **evaluator(gen)}),
                                others_too=False)
             meter.reset()
-            start_batch = 0
             grid = samples_png(samples)
             run.image("samples", grid, epoch + 1)
             run.end_epoch(record, state(epoch + 1, 0), args.epochs,

@@ -6,9 +6,9 @@ test accuracy, the per-epoch console table, and the metrics written to the metri
 A trainer's loop, in this module's terms:
 
     with Run("gan", "train_gan.py", args, rt, stop, config) as run:   # --out-dir locked; run.checkpoint
-        run.begin(table)                                             # a signal during start-up stops here
-        for epoch in ...:
-            for b, images, labels in run.batches(train_loader, epoch, start_batch, args.epochs):
+        ... the models restored from run.checkpoint, if any ...
+        for epoch, batches in run.epochs(train_loader, table):      # from where the checkpoint left off
+            for b, images, labels in batches:
                 ... one step ...; meter.add(loss=...)
                 if run.should_stop(meter, epoch, b, len(train_loader)):  # agreed; raises on a NaN loss
                     run.save_and_stop(state(epoch, b + 1))               # checkpoint, then exit 75
@@ -518,6 +518,16 @@ class Run:
             else:
                 advice = f"nothing was saved; run the same command with {lower} (half the learning rate)"
             raise UserError(f"a loss became NaN or infinite in epoch {epoch + 1} by batch {batch + 1}; {advice}")
+
+    def epochs(self, loader, table):
+        """The epochs left of --epochs, each as (epoch, its batches: see batches), from the checkpoint's epoch and
+        batch on. Before the first: the resume's position printed, then begin(table)."""
+        start_epoch, start_batch = (self.checkpoint["epoch"], self.checkpoint["batch"]) if self.checkpoint else (0, 0)
+        if self.checkpoint is not None:
+            self.print(f"resuming {self.ckpt_path} at epoch {start_epoch + 1}, batch {start_batch}")
+        self.begin(table)
+        for epoch in range(start_epoch, self.args.epochs):
+            yield epoch, self.batches(loader, epoch, start_batch if epoch == start_epoch else 0, self.args.epochs)
 
     def begin(self, table):
         """Before the first batch: stop if a signal came during start-up (the checkpoint untouched), else record

@@ -330,17 +330,6 @@ def test_hue_shift_matches_torchvision_at_ties_and_primaries():
                                    msg=f"hue shift {hue[i]:.3f}")
 
 
-def test_augment_equals_the_augmentation_written_before():
-    """bench.py keeps the earlier, longer formulation (old-ops): from the same generator state it draws the same
-    parameters and gives the same images, to fp32 rounding."""
-    from bench import old_augment
-
-    images = some_images(32)
-    ours = data.augment(images, torch.Generator().manual_seed(5))
-    before = old_augment(images, torch.Generator().manual_seed(5))
-    torch.testing.assert_close(ours, before, rtol=0, atol=5e-5)  # measured: 1.4e-5 at most
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Loader
 

@@ -44,8 +44,9 @@ def train_a_few_steps(rank, port, out_dir):
         real = torch.rand(4, 3, 32, 32, generator=data) * 2 - 1
         labels = torch.randint(0, 10, (4,), generator=data)
         rng = rt.rng(0, 0, b)
-        gan.generator_step(gen_ddp, disc, opt_g, 4, rng)
-        gan.discriminator_step(disc_ddp, disc, gen_ddp, opt_d, real, labels, rng, 10.0)
+        nets = gan.Nets(gen_ddp, disc_ddp, gen, disc, opt_g, opt_d)
+        gan.generator_step(nets, gan.Recipe(), 4, rng)
+        gan.discriminator_step(nets, gan.Recipe(), real, labels, rng)
         baseline.train_step(classifier_ddp, opt_c, real, labels)
     params = {f"{name}.{key}": value for name, model in (("gen", gen), ("disc", disc), ("cls", classifier))
               for key, value in model.named_parameters()}

@@ -127,9 +127,16 @@ def test_feature_matching_adds_the_squared_distance_of_the_mean_features():
         return x.amax((2, 3))
     distance = sum((a - b) ** 2 for a, b in zip(pooled(real).mean(0).tolist(), pooled(fake).mean(0).tolist()))
     plain = gan.generator_loss(disc, fake, labels)[0]
-    with_fm = gan.generator_loss(disc, fake, labels, real, feature_matching=0.5)[0]
+    with_fm = gan.generator_loss(disc, fake, labels, gan.Recipe(feature_matching=0.5), real)[0]
     assert with_fm.item() == pytest.approx(plain.item() + 0.5 * distance, rel=1e-5)
     assert distance > 1e-4
+
+
+def test_the_recipe_reads_each_field_from_the_flag_of_its_name():
+    """What a new loss term needs besides its function: a Recipe field and a train_gan.py flag of the same name."""
+    args = train_gan.parse_args(["--lambda-gp", "5", "--feature-matching", "0.25"])
+    assert gan.Recipe.from_args(args, bf16=True) == gan.Recipe(lambda_gp=5.0, feature_matching=0.25, bf16=True)
+    assert gan.Recipe.from_args(train_gan.parse_args([])) == gan.Recipe()  # the flags' defaults are the recipe's
 
 
 def test_minibatch_discrimination_keeps_real_fake_and_interpolated_apart():
@@ -159,7 +166,7 @@ def test_generator_step_leaves_the_discriminator_alone():
     d_params = [p.detach().clone() for p in disc.parameters()]
     d_grads = [p.grad.clone() for p in disc.parameters()]
     g_params = [p.detach().clone() for p in gen.parameters()]
-    gan.generator_step(gen, disc, opt_g, 4, torch.Generator().manual_seed(0))
+    gan.generator_step(gan.Nets(gen, disc, gen, disc, opt_g, None), gan.Recipe(), 4, torch.Generator().manual_seed(0))
     assert all(torch.equal(a, p) for a, p in zip(d_params, disc.parameters()))
     assert all(torch.equal(a, p.grad) for a, p in zip(d_grads, disc.parameters()))
     assert all(p.requires_grad for p in disc.parameters()), "D must be unfrozen again for its own step"
@@ -172,7 +179,8 @@ def test_discriminator_step_does_not_move_the_generator():
     g_params = [p.detach().clone() for p in gen.parameters()]
     d_params = [p.detach().clone() for p in disc.parameters()]
     real, labels = torch.rand(4, 3, 32, 32) * 2 - 1, torch.tensor([1, 2, 3, 4])
-    gan.discriminator_step(disc, disc, gen, opt_d, real, labels, torch.Generator().manual_seed(0), 10.0)
+    gan.discriminator_step(gan.Nets(gen, disc, gen, disc, None, opt_d), gan.Recipe(), real, labels,
+                           torch.Generator().manual_seed(0))
     assert all(torch.equal(a, p) for a, p in zip(g_params, gen.parameters()))
     assert all(p.grad is None for p in gen.parameters())
     assert any(not torch.equal(a, p) for a, p in zip(d_params, disc.parameters()))

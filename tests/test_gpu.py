@@ -31,7 +31,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import bench
 import gan
 import measures
 import sample

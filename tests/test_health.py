@@ -47,7 +47,7 @@ def test_the_generators_loss_splits_into_its_terms():
     gen, disc = Generator(8), Discriminator(8)
     labels = torch.tensor([0, 1, 2, 3, 4, 5])
     fake, real = gen(class_noise(labels)), torch.rand(6, 3, 32, 32) * 2 - 1
-    loss, terms = gan.generator_loss(disc, fake, labels, real, feature_matching=0.5)
+    loss, terms = gan.generator_loss(disc, fake, labels, gan.Recipe(feature_matching=0.5), real)
     scores, logits, _ = disc(fake)
     assert terms["g_critic"].item() == pytest.approx(-scores.mean().item(), rel=1e-6)
     assert terms["g_ce"].item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)

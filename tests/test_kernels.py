@@ -320,8 +320,8 @@ def test_graphed_gan_iterations_equal_the_eager_ones(gp_every, monkeypatch):
         speed.prepare(gen, disc)
         opt_g, opt_d = (torch.optim.Adam(m.parameters(), lr=1e-4, betas=(0.0, 0.9), fused=True, capturable=graphs)
                         for m in (gen, disc))
-        recipe = type("Recipe", (), {"feature_matching": 0.0, "lambda_gp": 10.0})
-        generator, discriminator = gan.training_steps(gen, disc, gen, disc, opt_g, opt_d, recipe, False, graphs)
+        generator, discriminator = gan.training_steps(gan.Nets(gen, disc, gen, disc, opt_g, opt_d), gan.Recipe(),
+                                                      graphs)
         images = torch.rand(32, 3, 32, 32, generator=torch.Generator().manual_seed(5)).to(device) * 2 - 1
         labels = torch.arange(32, device=device) % 10
         monitored = []

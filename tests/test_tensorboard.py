@@ -252,6 +252,15 @@ def test_the_gan_view_puts_health_first_and_each_class_in_one_chart(both):
     assert "accuracy/test_acc" in both_runs  # the baseline's test accuracy joins the GAN's chart
 
 
+def test_a_new_generator_term_is_a_windowed_loss_in_the_generators_chart():
+    """A g_ term added to gan.generator_loss reaches its group, its window curve and its chart by its prefix."""
+    assert events.tags("window", {"g_new": 0.5, "g_ce": 2.0}) == {"losses/g_new": 0.5, "losses/g_ce": 2.0}
+    assert events.tags("epoch", {"g_new": 0.5, "test_acc": 0.3}) == {"accuracy/test_acc": 0.3}
+    chart, = events.GAN_LAYOUT["losses"]["generator loss and its terms"][1]
+    assert [t for t in ("losses/g_loss", "losses/g_critic", "losses/g_fm", "losses/g_new", "losses/g_ce")
+            if re.search(chart, t)] == ["losses/g_loss", "losses/g_critic", "losses/g_fm", "losses/g_new"]
+
+
 def tensorboard_context(logdir):
     multiplexer = plugin_event_multiplexer.EventMultiplexer()
     multiplexer.AddRunsFromDirectory(str(logdir))
