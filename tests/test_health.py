@@ -9,6 +9,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import gan
 import health
 import report
+import report_inputs
+import report_pages
 import train_gan
 from data import CLASSES
 from files import append_metrics, read_metrics
@@ -168,7 +170,7 @@ def test_the_report_plots_the_signals_and_says_when_no_warning_came(tmp_path):
                 "collapsed_classes": []}]
     for record in records:
         append_metrics(tmp_path / "gan_metrics.jsonl", record)
-    fig = report.plot_gan([records[1]], [records[0]])
+    fig = report_pages.plot_gan([records[1]], [records[0]])
     titles = [ax.get_title() for ax in fig.axes]
     for title in ("Wasserstein estimate (real - fake)", "critic's gradient norm at x_hat", "generator loss",
                   "fixed-noise samples' spread per class"):
@@ -176,9 +178,10 @@ def test_the_report_plots_the_signals_and_says_when_no_warning_came(tmp_path):
     accuracy = fig.axes[titles.index("accuracy")]
     assert [line.get_label() for line in accuracy.get_lines()] == ["real training batches", "fake batches",
                                                                     "test set"]
-    quality = report.plot_quality([records[2]], [m for m in report.QUALITY if m[0] == "spread_ratio_per_class"])
+    quality = report_pages.plot_quality([records[2]],
+                                        [m for m in report_pages.QUALITY if m[0] == "spread_ratio_per_class"])
     assert [line.get_label() for line in quality.axes[0].get_lines()][:NUM_CLASSES] == list(CLASSES)
-    found = report.gather(report.parse_args(["--gan-dir", str(tmp_path), "--vis-dir", str(tmp_path / "none")]))
-    doc = report.Document()
-    report.write_health(doc, found)
+    found = report_inputs.gather(report.parse_args(["--gan-dir", str(tmp_path), "--vis-dir", str(tmp_path / "none")]))
+    doc = report_pages.Document()
+    report_pages.write_health(doc, found)
     assert "The health rules raised no warning." in doc.lines
