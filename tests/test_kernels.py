@@ -2,7 +2,7 @@
 (the GAN's sizes; marker gpu): the convolution whose backward is ordinary convolutions (models.Conv2d with
 gradfix), LayerNorm in Triton kernels (triton_layer_norm), LayerNorm on channels_last activations, the whole
 discriminator loss with every switch on, and on a GPU a few GAN iterations replayed from CUDA graphs against the
-same iterations run eagerly.
+same iterations run eagerly, and a replayed baseline step following the learning rate set after its capture.
 
 Tolerances: float64 to 1e-10; float32 on the CPU to 1e-5 of each tensor's largest value; on CUDA, TF32 is off in
 these tests (the paths use different convolution algorithms and layouts, whose TF32 roundings differ), and a
@@ -342,3 +342,34 @@ def test_graphed_gan_iterations_equal_the_eager_ones(gp_every, monkeypatch):
             assert_close(g, e, 1e-5, f"tensor {i}")
         else:
             assert torch.equal(g, e)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_a_replayed_baseline_step_follows_the_learning_rate_set_after_its_capture():
+    """The baseline keeps one CUDA graph for its whole schedule: a replay must use the lr that set_lr put in the
+    optimizer since the capture (a float lr would be baked into the graph)."""
+    import baseline
+    import training
+    from runtime import GraphedStep
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = Discriminator(16).to(device)
+    baseline.freeze_critic_head(model)
+    optimizer = training.adam([p for p in model.parameters() if p.requires_grad], 1e-3, (0.9, 0.999), device,
+                              capturable=True)
+    step = GraphedStep(lambda x, labels: baseline.train_step(model, optimizer, x, labels))
+    x, labels = torch.rand(8, 3, 32, 32, device=device) * 2 - 1, torch.arange(8, device=device)
+    for _ in range(GraphedStep.EAGER_CALLS + 1):  # the eager calls, then the capture (a step too)
+        step(x=x, labels=labels)
+    assert step.graph is not None
+
+    def change_by_one_replay(lr):
+        training.set_lr(optimizer, lr)
+        before = [p.detach().clone() for p in model.parameters()]
+        step(x=x, labels=labels)
+        torch.cuda.synchronize()
+        return max((p.detach() - b).abs().max().item() for p, b in zip(model.parameters(), before))
+
+    assert change_by_one_replay(0.0) == 0.0
+    assert change_by_one_replay(1e-3) > 0.0
