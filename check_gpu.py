@@ -1,7 +1,7 @@
 """Check and measure a GPU node in one command, the answers first: how fast (bench.py), how long (a short timed
 run of each trainer at the assignment's width, in fp32 and, on GPUs of compute capability 8.0 or newer, bf16),
-then whether every CUDA path works (the GPU tests). At the defaults it took 156 s on an
-H200 (the GPU tests 50 s of it).
+then whether every CUDA path works (the GPU tests). At the defaults it took 150 s on an
+H200 (the GPU tests 57 s of it).
 
     python check_gpu.py --data-dir data                      # on the GPU node
     python check_gpu.py --data-dir data --budget 120         # at most 2 minutes; what ran is kept
