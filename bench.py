@@ -9,6 +9,7 @@ gradient penalty), each with the Meter's sums the trainers keep, for each path s
     graphs        fp32 with each update captured as a CUDA graph and replayed                         (CUDA only)
     fast          all four together: --speed fast, the trainers' default on one GPU                     (CUDA only)
     fast-native-ln, fast-autograd-conv   fast with PyTorch's LayerNorm, fast with autograd's conv2d    (CUDA only)
+    fast-fused-act fast with the blocks' LeakyReLU inside the Triton LayerNorm kernels                  (CUDA only)
     bf16, fast-bf16   the eager and the fast path with --precision bf16                     (compute capability 8.0+)
     old-ops       the GAN iteration with nn.LayerNorm's own autograd, the operations of before: its generic
                   second derivative (the same numbers in more kernels)
@@ -105,6 +106,7 @@ PATHS = {
     "fast": (True, False, FAST, {}, True),
     "fast-native-ln": (True, False, dataclasses.replace(FAST, triton_layer_norm=False), {}, True),
     "fast-autograd-conv": (True, False, dataclasses.replace(FAST, conv_gradfix=False), {}, True),
+    "fast-fused-act": (True, False, dataclasses.replace(FAST, fused_leaky_relu=True), {}, True),
     "bf16": (True, True, Speed(), {}, True),
     "fast-bf16": (True, True, FAST, {}, True),
     "old-ops": (True, False, Speed(), {"old": True}, False),

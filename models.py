@@ -32,6 +32,7 @@ ARCHS = {
     "deep": [(1, 1), (1, 1), (2, 2), (2, 1), (2, 1), (4, 2), (4, 1), (4, 1), (4, 1), (4, 2)],
 }
 DEFAULT_WIDTH = {"hw": 196, "deep": 128}
+LEAKY_SLOPE = 0.01  # the blocks' LeakyReLU: F.leaky_relu's default
 MINIBATCH_KERNELS = 100  # B and C of the minibatch-discrimination layer when it is turned on
 MINIBATCH_DIMS = 5
 
@@ -155,6 +156,11 @@ class NativeKernels:
     backward = staticmethod(torch.ops.aten.native_layer_norm_backward)
 
 
+def _activation(slope):
+    """The keyword that asks triton_layer_norm's functions for the LeakyReLU fused in (none for slope None)."""
+    return {} if slope is None else {"slope": slope}
+
+
 def layer_norm_kernels(name):
     """The module of LayerNorm kernels called name: "native" (PyTorch's) or "triton" (triton_layer_norm)."""
     if name == "native":
@@ -168,22 +174,23 @@ class _LayerNormGrad(torch.autograd.Function):
     """layer_norm's first backward (g -> gradients of x, weight and bias) as one fused kernel, as nn.LayerNorm's,
     with its own derivative in closed form. The gradient penalty differentiates this backward once more; autograd's
     generic formula for that spends about 65 elementwise passes over the activation per layer, this one 18.
-    mean and rstd are functions of x (the derivative of x accounts for them); bias only gives gb its shape.
-    kernels: NativeKernels or triton_layer_norm."""
+    mean and rstd are functions of x (the derivative of x accounts for them); bias only gives gb its shape, or with
+    a LeakyReLU fused in, the activation's factor. kernels: NativeKernels or triton_layer_norm; slope, with
+    triton_layer_norm only: g is the gradient of leaky_relu(layer_norm(x), slope) (see triton_layer_norm)."""
 
     @staticmethod
-    def forward(ctx, g, x, weight, bias, mean, rstd, shape, mask, kernels):
-        gx, gw, gb = kernels.backward(g, x, shape, mean, rstd, weight, bias, mask)
+    def forward(ctx, g, x, weight, bias, mean, rstd, shape, mask, kernels, slope=None):
+        gx, gw, gb = kernels.backward(g, x, shape, mean, rstd, weight, bias, mask, **_activation(slope))
         ctx.set_materialize_grads(False)
-        ctx.shape, ctx.kernels = shape, kernels
-        ctx.save_for_backward(g, x, weight, mean, rstd, gx)
+        ctx.shape, ctx.kernels, ctx.slope = shape, kernels, slope
+        ctx.save_for_backward(g, x, weight, bias, mean, rstd, gx)
         return gx, gw, gb
 
     @staticmethod
     def backward(ctx, a, a_w, a_b):
         # With xh = (x - mean) * rstd, gh = g * weight and <.> the mean over the normalized dims:
         # gx = rstd * P(gh), P(v) = v - <v> - xh <v xh> (P is symmetric); gw = sum over the batch of g * xh; gb of g.
-        g, x, weight, mean, rstd, gx = ctx.saved_tensors
+        g, x, weight, bias, mean, rstd, gx = ctx.saved_tensors
         shape = ctx.shape
         dims = tuple(range(x.dim() - len(shape), x.dim()))
         batch_dims = tuple(range(x.dim() - len(shape)))
@@ -191,9 +198,9 @@ class _LayerNormGrad(torch.autograd.Function):
         x_in, x = x, x.to(mean.dtype)
         cast = lambda t, like: None if t is None else t.to(like.dtype)
         if hasattr(ctx.kernels, "double_backward"):  # the same formulas below, fused into three kernels
-            dg, dx, dw = ctx.kernels.double_backward(a, a_w, a_b, g, x, gx, shape, mean, rstd, weight,
-                                                     ctx.needs_input_grad[:3])
-            return cast(dg, g), cast(dx, x_in), cast(dw, weight), None, None, None, None, None, None
+            dg, dx, dw = ctx.kernels.double_backward(a, a_w, a_b, g, x, gx, shape, mean, rstd, weight, bias,
+                                                     ctx.needs_input_grad[:3], **_activation(ctx.slope))
+            return cast(dg, g), cast(dx, x_in), cast(dw, weight), None, None, None, None, None, None, None
         project = lambda v: ctx.kernels.backward(  # rstd * P(v)
             v.to(x.dtype).contiguous(), x, shape, mean, rstd, None, None, [True, False, False])[0]
         # -xh * rstd: the factors rstd and the signs below come out of it without further passes
@@ -221,17 +228,17 @@ class _LayerNormGrad(torch.autograd.Function):
             dg = dg + xh_w if dg is not None else xh_w
         if a_b is not None:
             dg = dg + a_b if dg is not None else a_b.expand_as(g)
-        return cast(dg, g), cast(dx, x_in), cast(dw, weight), None, None, None, None, None, None
+        return cast(dg, g), cast(dx, x_in), cast(dw, weight), None, None, None, None, None, None, None
 
 
 class _LayerNorm(torch.autograd.Function):
     """layer_norm as one fused kernel forward and backward (native_layer_norm and its backward, or Triton's), the
-    backward differentiable through _LayerNormGrad."""
+    backward differentiable through _LayerNormGrad; with a slope (Triton's kernels), leaky_relu(layer_norm(x))."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, shape, eps, kernels):
-        out, mean, rstd = kernels.forward(x, shape, weight, bias, eps)
-        ctx.shape, ctx.kernels = shape, kernels
+    def forward(ctx, x, weight, bias, shape, eps, kernels, slope=None):
+        out, mean, rstd = kernels.forward(x, shape, weight, bias, eps, **_activation(slope))
+        ctx.shape, ctx.kernels, ctx.slope = shape, kernels, slope
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         return out
 
@@ -240,10 +247,11 @@ class _LayerNorm(torch.autograd.Function):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         mask = [_engine_uses(ctx, i) for i in range(3)]
         if torch.is_grad_enabled():  # create_graph: this backward is differentiated in turn
-            gx, gw, gb = _LayerNormGrad.apply(g, x, weight, bias, mean, rstd, ctx.shape, mask, ctx.kernels)
+            gx, gw, gb = _LayerNormGrad.apply(g, x, weight, bias, mean, rstd, ctx.shape, mask, ctx.kernels, ctx.slope)
         else:
-            gx, gw, gb = ctx.kernels.backward(g.contiguous(), x, ctx.shape, mean, rstd, weight, bias, mask)
-        return gx, gw, gb, None, None, None
+            gx, gw, gb = ctx.kernels.backward(g.contiguous(), x, ctx.shape, mean, rstd, weight, bias, mask,
+                                              **_activation(ctx.slope))
+        return gx, gw, gb, None, None, None, None
 
 
 def is_channels_last(x):
@@ -257,12 +265,21 @@ class LayerNorm(nn.LayerNorm):
     compact_double_backward=False runs nn.LayerNorm's own autograd instead (the reference). kernels: "native"
     (PyTorch's) or "triton" (triton_layer_norm: rows split over the whole GPU; CUDA, or the CPU under
     TRITON_INTERPRET=1). A channels_last input is normalized as its NHWC view with the weight permuted alike: the
-    per-sample statistics do not depend on the layout, and no transposing copy is made."""
+    per-sample statistics do not depend on the layout, and no transposing copy is made.
+    forward(x, leaky_relu=True) returns F.leaky_relu(layer_norm(x)); with fuse_leaky_relu and the Triton kernels,
+    the activation is computed inside them (no passes of its own)."""
 
     compact_double_backward = True
     kernels = "native"
+    fuse_leaky_relu = False
 
-    def forward(self, x):
+    def forward(self, x, leaky_relu=False):
+        if leaky_relu and not (self.fuse_leaky_relu and self.kernels == "triton"):
+            return F.leaky_relu(self._layer_norm(x), LEAKY_SLOPE)
+        return self._layer_norm(x, LEAKY_SLOPE if leaky_relu else None)
+
+    def _layer_norm(self, x, slope=None):
+        """layer_norm(x), or with a slope (Triton's kernels only) leaky_relu(layer_norm(x), slope)."""
         channels_last = is_channels_last(x) and len(self.normalized_shape) == 3
         custom = self.compact_double_backward and torch.is_grad_enabled()
         if not (custom or channels_last or self.kernels != "native"):  # no Python overhead on the plain path
@@ -277,11 +294,12 @@ class LayerNorm(nn.LayerNorm):
             shape = shape[1:] + shape[:1]
         kernels = layer_norm_kernels(self.kernels)
         if custom:
-            y = _LayerNorm.apply(x, weight, bias, shape, self.eps, kernels)
-        elif torch.is_grad_enabled():
+            y = _LayerNorm.apply(x, weight, bias, shape, self.eps, kernels, slope)
+        elif torch.is_grad_enabled():  # the reference: autograd's own derivatives
             y = F.layer_norm(x, shape, weight, bias, self.eps)
+            y = y if slope is None else F.leaky_relu(y, slope)
         else:
-            y = kernels.forward(x, shape, weight, bias, self.eps)[0]
+            y = kernels.forward(x, shape, weight, bias, self.eps, **_activation(slope))[0]
         return y.permute(0, 3, 1, 2) if channels_last else y
 
 
@@ -295,7 +313,11 @@ class ConvBlock(nn.Module):
         self.norm = LayerNorm([out_channels, side, side])
 
     def forward(self, x):
-        return F.leaky_relu(self.norm(self.conv(x)))
+        # With the activation in the LayerNorm's kernels, the norm's output (for a hook) is activated. An
+        # nn.LayerNorm put in its place (the reference in the tests) has no such switch.
+        if getattr(self.norm, "fuse_leaky_relu", False):
+            return self.norm(self.conv(x), leaky_relu=True)
+        return F.leaky_relu(self.norm(self.conv(x)), LEAKY_SLOPE)
 
 
 class MinibatchDiscrimination(nn.Module):
@@ -462,14 +484,17 @@ def global_batch_norm(module):
     return module
 
 
-def set_kernels(model, conv_gradfix=False, layer_norm="native"):
+def set_kernels(model, conv_gradfix=False, layer_norm="native", fuse_leaky_relu=False):
     """The model's Conv2d and LayerNorm modules switched to the given kernels (the same math), in place:
-    conv_gradfix, Conv2d.gradfix; layer_norm, LayerNorm.kernels ("native" or "triton")."""
+    conv_gradfix, Conv2d.gradfix; layer_norm, LayerNorm.kernels ("native" or "triton"); fuse_leaky_relu (with
+    "triton"), LayerNorm.fuse_leaky_relu."""
+    if fuse_leaky_relu and layer_norm != "triton":
+        raise ValueError("fuse_leaky_relu needs the Triton LayerNorm kernels (layer_norm='triton')")
     for module in model.modules():
         if isinstance(module, Conv2d):
             module.gradfix = conv_gradfix
         elif isinstance(module, LayerNorm):
-            module.kernels = layer_norm
+            module.kernels, module.fuse_leaky_relu = layer_norm, fuse_leaky_relu
     return model
 
 

@@ -1,5 +1,5 @@
 """LayerNorm over whole samples as Triton kernels: the forward and the backward of native_layer_norm, for rows of
-hundreds of thousands of values.
+hundreds of thousands of values, optionally with the LeakyReLU that follows it fused in.
 
 PyTorch's own kernels give each row (here: each sample, C*H*W values) one thread block. A GAN batch has 128 rows
 of up to 200,704 values, so a few blocks stream the whole tensor and the GPU's memory bandwidth is mostly idle.
@@ -9,12 +9,19 @@ the weight and bias gradients are taken over groups of rows the same way.
 
     y, mean, rstd = forward(x, shape, weight, bias, eps)                      # as torch.native_layer_norm
     gx, gw, gb = backward(g, x, shape, mean, rstd, weight, bias, mask)      # as aten.native_layer_norm_backward
-    dg, dx, dw = double_backward(a, a_w, a_b, g, x, gx, shape, mean, rstd, weight, need)   # backward's derivative
+    dg, dx, dw = double_backward(a, a_w, a_b, g, x, gx, shape, mean, rstd, weight, bias, need)  # backward's derivative
+
+With slope=s given to each, the kernels compute leaky_relu(layer_norm(x), s) and its derivatives instead: the forward
+writes the activated output, and the backward kernels, given the gradient g of that output, take the LeakyReLU's
+factor (1 where the normalized y = xh * w + b is positive, else s) from x, w and b as they read them. That saves the
+activation's own passes over the tensor: its forward, its backward, and in the double backward its derivative (the
+factor again) and the zeros autograd adds for its input.
 
 x and g are contiguous; a channels_last activation is passed as its NHWC view (models.LayerNorm does that), whose
 per-sample statistics are the same. Sums are taken in float32 (float64 for float64 inputs, which the gradient
 checks use). With TRITON_INTERPRET=1 set before this module is imported, the kernels run on the CPU (the tests).
 """
+import functools
 import math
 
 import torch
@@ -54,6 +61,29 @@ def _normalized(x_ptr, mean_ptr, rstd_ptr, row, at, inside, ACC: tl.constexpr):
 
 
 @triton.jit
+def _leaky_relu_factor(xh, w_ptr, b_ptr, slope_ptr, cols, inside, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                       ACC: tl.constexpr):
+    """The LeakyReLU's derivative at y = xh * w + b, computed as the forward computes y: 1 where y > 0, else the
+    slope (read from a tensor of the sums' dtype: a float argument would be rounded to float32)."""
+    y = xh
+    if HAS_W:
+        y = y * _load(w_ptr, cols, inside, ACC)
+    if HAS_B:
+        y = y + _load(b_ptr, cols, inside, ACC)
+    return tl.where(y > 0, 1.0, tl.load(slope_ptr).to(ACC))
+
+
+@triton.jit
+def _output_grad(g_ptr, xh, w_ptr, b_ptr, slope_ptr, at, cols, inside, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                 ACT: tl.constexpr, ACC: tl.constexpr):
+    """The gradient of the LayerNorm's output: g, or with ACT g times the LeakyReLU's derivative."""
+    g = _load(g_ptr, at, inside, ACC)
+    if ACT:
+        g = g * _leaky_relu_factor(xh, w_ptr, b_ptr, slope_ptr, cols, inside, HAS_W, HAS_B, ACC)
+    return g
+
+
+@triton.jit
 def _chunk_moments(x_ptr, part_ptr, d, chunks, BLOCK: tl.constexpr, ACC: tl.constexpr):
     """part[row, chunk] = (sum, sum of squared deviations from the chunk's own mean) of one chunk of one row."""
     row, chunk, cols, inside, at = _row_chunk(d, BLOCK)
@@ -67,9 +97,9 @@ def _chunk_moments(x_ptr, part_ptr, d, chunks, BLOCK: tl.constexpr, ACC: tl.cons
 
 
 @triton.jit
-def _normalize(x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, y_ptr, d, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-               BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """y = (x - mean) * rstd * w + b over one chunk of one row."""
+def _normalize(x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, slope_ptr, y_ptr, d, HAS_W: tl.constexpr,
+               HAS_B: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """y = (x - mean) * rstd * w + b over one chunk of one row; with ACT, leaky_relu(y)."""
     row, chunk, cols, inside, at = _row_chunk(d, BLOCK)
     x = _load(x_ptr, at, inside, ACC)
     y = (x - tl.load(mean_ptr + row)) * tl.load(rstd_ptr + row)
@@ -77,39 +107,43 @@ def _normalize(x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, y_ptr, d, HAS_W: tl.cons
         y = y * _load(w_ptr, cols, inside, ACC)
     if HAS_B:
         y = y + _load(b_ptr, cols, inside, ACC)
+    if ACT:
+        y = tl.where(y > 0, y, y * tl.load(slope_ptr).to(ACC))
     tl.store(y_ptr + at, y.to(y_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
-def _chunk_grad_sums(g_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, part_ptr, d, chunks, HAS_W: tl.constexpr,
-                     BLOCK: tl.constexpr, ACC: tl.constexpr):
+def _chunk_grad_sums(g_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, slope_ptr, part_ptr, d, chunks,
+                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr,
+                     ACC: tl.constexpr):
     """part[row, chunk] = (sum of gh, sum of gh * xh) over one chunk, gh = g * w and xh the normalized x."""
     row, chunk, cols, inside, at = _row_chunk(d, BLOCK)
-    gh = _load(g_ptr, at, inside, ACC)
+    xh = _normalized(x_ptr, mean_ptr, rstd_ptr, row, at, inside, ACC)
+    gh = _output_grad(g_ptr, xh, w_ptr, b_ptr, slope_ptr, at, cols, inside, HAS_W, HAS_B, ACT, ACC)
     if HAS_W:
         gh = gh * _load(w_ptr, cols, inside, ACC)
-    xh = _normalized(x_ptr, mean_ptr, rstd_ptr, row, at, inside, ACC)
     out = part_ptr + (row * chunks + chunk) * 2
     tl.store(out, tl.sum(gh, axis=0))
     tl.store(out + 1, tl.sum(gh * xh, axis=0))
 
 
 @triton.jit
-def _input_grad(g_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, a_ptr, c_ptr, gx_ptr, d, HAS_W: tl.constexpr,
-                BLOCK: tl.constexpr, ACC: tl.constexpr):
+def _input_grad(g_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, slope_ptr, a_ptr, c_ptr, gx_ptr, d,
+                HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     """gx = rstd * (gh - a - xh * c), a and c the row's means of gh and gh * xh."""
     row, chunk, cols, inside, at = _row_chunk(d, BLOCK)
-    gh = _load(g_ptr, at, inside, ACC)
-    if HAS_W:
-        gh = gh * _load(w_ptr, cols, inside, ACC)
     rstd = tl.load(rstd_ptr + row)
     xh = _normalized(x_ptr, mean_ptr, rstd_ptr, row, at, inside, ACC)
+    gh = _output_grad(g_ptr, xh, w_ptr, b_ptr, slope_ptr, at, cols, inside, HAS_W, HAS_B, ACT, ACC)
+    if HAS_W:
+        gh = gh * _load(w_ptr, cols, inside, ACC)
     gx = rstd * (gh - tl.load(a_ptr + row) - xh * tl.load(c_ptr + row))
     tl.store(gx_ptr + at, gx.to(gx_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
-def _column_sums(g_ptr, x_ptr, mean_ptr, rstd_ptr, gw_ptr, gb_ptr, n, d, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+def _column_sums(g_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, slope_ptr, gw_ptr, gb_ptr, n, d,
+                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
                  ACC: tl.constexpr):
     """gw[group, cols] = sum of g * xh and gb[group, cols] = sum of g over one group of ROWS rows."""
     group = tl.program_id(1)
@@ -119,8 +153,8 @@ def _column_sums(g_ptr, x_ptr, mean_ptr, rstd_ptr, gw_ptr, gb_ptr, n, d, ROWS: t
     sum_g = tl.zeros([BLOCK], dtype=ACC)
     for i in range(ROWS):
         row, valid, at = _group_row(group, i, n, d, cols, inside, ROWS)
-        g = _load(g_ptr, at, valid, ACC)
         xh = _normalized(x_ptr, mean_ptr, rstd_ptr, row, at, valid, ACC)
+        g = _output_grad(g_ptr, xh, w_ptr, b_ptr, slope_ptr, at, cols, valid, HAS_W, HAS_B, ACT, ACC)
         sum_gxh += g * xh
         sum_g += g
     tl.store(gw_ptr + group * d + cols, sum_gxh, mask=inside)
@@ -142,8 +176,22 @@ def _stats_shape(x, shape):
     return x.shape[:x.dim() - len(shape)] + (1,) * len(shape)
 
 
-def forward(x, shape, weight, bias, eps):
-    """(y, mean, rstd) as torch.native_layer_norm(x, shape, weight, bias, eps); x contiguous."""
+@functools.lru_cache(maxsize=None)
+def _slope_tensor(slope, dtype, device):
+    """The LeakyReLU's slope as a one-value tensor, made once per dtype and device (by a graphed step's eager calls,
+    before its capture)."""
+    return torch.full((1,), slope, dtype=dtype, device=device)
+
+
+def _pointers(x, weight, bias, slope):
+    """The kernels' (w, b, slope) pointers: an absent one stands in as x, its kernel branch compiled out."""
+    slope_t = x if slope is None else _slope_tensor(slope, _acc_dtype(x)[0], x.device)
+    return weight if weight is not None else x, bias if bias is not None else x, slope_t
+
+
+def forward(x, shape, weight, bias, eps, slope=None):
+    """(y, mean, rstd) as torch.native_layer_norm(x, shape, weight, bias, eps), y activated by
+    leaky_relu(y, slope) when a slope is given; x contiguous."""
     x, weight, bias = (None if t is None else t.contiguous() for t in (x, weight, bias))
     n, d, block, chunks = _layout(x, shape)
     acc, acc_tl = _acc_dtype(x)
@@ -157,35 +205,37 @@ def forward(x, shape, weight, bias, eps):
     m2 = squares.sum(1) + (counts * (sums / counts - mean) ** 2).sum(1)
     mean, rstd = mean.view(n), torch.rsqrt(m2 / d + eps)
     y = torch.empty_like(x)
-    _normalize[(n, chunks)](x, weight if weight is not None else x, bias if bias is not None else x, mean, rstd, y,
-                            d, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=block, ACC=acc_tl)
+    w, b, slope_t = _pointers(x, weight, bias, slope)
+    _normalize[(n, chunks)](x, w, b, mean, rstd, slope_t, y, d, HAS_W=weight is not None, HAS_B=bias is not None,
+                            ACT=slope is not None, BLOCK=block, ACC=acc_tl)
     stats = _stats_shape(x, shape)
     return y, mean.view(stats), rstd.view(stats)
 
 
-def backward(g, x, shape, mean, rstd, weight, bias, mask):
-    """(gx, gw, gb) as aten.native_layer_norm_backward: the gradients that mask asks for, else None."""
+def backward(g, x, shape, mean, rstd, weight, bias, mask, slope=None):
+    """(gx, gw, gb) as aten.native_layer_norm_backward: the gradients that mask asks for, else None. With a slope, g
+    is the gradient of the activated output, as forward(..., slope) made it."""
     n, d, block, chunks = _layout(x, shape)
     acc, acc_tl = _acc_dtype(x)
     g, x = g.contiguous(), x.contiguous()
-    weight = None if weight is None else weight.contiguous()
+    weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
     mean, rstd = mean.reshape(n), rstd.reshape(n)
-    w = weight if weight is not None else x
+    w, b, slope_t = _pointers(x, weight, bias, slope)
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=slope is not None, ACC=acc_tl)
     gx = gw = gb = None
     if mask[0]:
         part = torch.empty(n, chunks, 2, device=x.device, dtype=acc)
-        _chunk_grad_sums[(n, chunks)](g, x, w, mean, rstd, part, d, chunks, HAS_W=weight is not None, BLOCK=block,
-                                      ACC=acc_tl)
+        _chunk_grad_sums[(n, chunks)](g, x, w, b, mean, rstd, slope_t, part, d, chunks, BLOCK=block, **flags)
         a, c = (part.sum(1) / d).unbind(1)
         gx = torch.empty_like(x)
-        _input_grad[(n, chunks)](g, x, w, mean, rstd, a.contiguous(), c.contiguous(), gx, d,
-                                 HAS_W=weight is not None, BLOCK=block, ACC=acc_tl)
+        _input_grad[(n, chunks)](g, x, w, b, mean, rstd, slope_t, a.contiguous(), c.contiguous(), gx, d, BLOCK=block,
+                                 **flags)
     if (mask[1] and weight is not None) or (mask[2] and bias is not None):
         groups, col_block = triton.cdiv(n, ROW_GROUP), min(1024, block)
         sums_gw = torch.empty(groups, d, device=x.device, dtype=acc)
         sums_gb = torch.empty(groups, d, device=x.device, dtype=acc)
-        _column_sums[(triton.cdiv(d, col_block), groups)](g, x, mean, rstd, sums_gw, sums_gb, n, d, ROWS=ROW_GROUP,
-                                                          BLOCK=col_block, ACC=acc_tl)
+        _column_sums[(triton.cdiv(d, col_block), groups)](g, x, w, b, mean, rstd, slope_t, sums_gw, sums_gb, n, d,
+                                                          ROWS=ROW_GROUP, BLOCK=col_block, **flags)
         if mask[1] and weight is not None:
             gw = sums_gw.sum(0).view(weight.shape).to(weight.dtype)
         if mask[2] and bias is not None:
@@ -200,13 +250,13 @@ def backward(g, x, shape, mean, rstd, weight, bias, mask):
 #   u  = -rstd <gh xh> a - rstd <a xh> gh + g a_w             dx = rstd * (u - <u> - xh <u xh>) - rstd <a gx> xh
 
 @triton.jit
-def _chunk_double_sums(a_ptr, g_ptr, x_ptr, gx_ptr, w_ptr, aw_ptr, mean_ptr, rstd_ptr, part_ptr, d, chunks,
-                       HAS_A: tl.constexpr, HAS_W: tl.constexpr, HAS_AW: tl.constexpr, BLOCK: tl.constexpr,
-                       ACC: tl.constexpr):
+def _chunk_double_sums(a_ptr, g_ptr, x_ptr, gx_ptr, w_ptr, b_ptr, aw_ptr, mean_ptr, rstd_ptr, slope_ptr, part_ptr, d,
+                       chunks, HAS_A: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_AW: tl.constexpr,
+                       ACT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     """part[row, chunk] = sums over one chunk of a, a xh, gh, gh xh, a gx, g a_w, g a_w xh (0 where absent)."""
     row, chunk, cols, inside, at = _row_chunk(d, BLOCK)
     xh = _normalized(x_ptr, mean_ptr, rstd_ptr, row, at, inside, ACC)
-    g = _load(g_ptr, at, inside, ACC)
+    g = _output_grad(g_ptr, xh, w_ptr, b_ptr, slope_ptr, at, cols, inside, HAS_W, HAS_B, ACT, ACC)
     out = part_ptr + (row * chunks + chunk) * 7
     if HAS_A:
         a = _load(a_ptr, at, inside, ACC)
@@ -225,14 +275,20 @@ def _chunk_double_sums(a_ptr, g_ptr, x_ptr, gx_ptr, w_ptr, aw_ptr, mean_ptr, rst
 
 
 @triton.jit
-def _double_grads(a_ptr, g_ptr, x_ptr, w_ptr, aw_ptr, ab_ptr, mean_ptr, rstd_ptr, row_ptr, dx_ptr, dg_ptr, d,
-                  HAS_A: tl.constexpr, HAS_W: tl.constexpr, HAS_AW: tl.constexpr, HAS_AB: tl.constexpr,
-                  WANT_DX: tl.constexpr, WANT_DG: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """dx and dg over one chunk of one row; row_ptr holds the row's <a>, <a xh>, s1, s2, <u>, <u xh>, <a gx>."""
+def _double_grads(a_ptr, g_ptr, x_ptr, w_ptr, b_ptr, aw_ptr, ab_ptr, mean_ptr, rstd_ptr, slope_ptr, row_ptr, dx_ptr,
+                  dg_ptr, d, HAS_A: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_AW: tl.constexpr,
+                  HAS_AB: tl.constexpr, ACT: tl.constexpr, WANT_DX: tl.constexpr, WANT_DG: tl.constexpr,
+                  BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """dx and dg over one chunk of one row; row_ptr holds the row's <a>, <a xh>, s1, s2, <u>, <u xh>, <a gx>. With
+    ACT, g is the activated output's gradient times the LeakyReLU's factor, and dg goes back through that factor
+    (which is constant in x where it has a derivative)."""
     row, chunk, cols, inside, at = _row_chunk(d, BLOCK)
     rstd = tl.load(rstd_ptr + row)
     xh = _normalized(x_ptr, mean_ptr, rstd_ptr, row, at, inside, ACC)
     g = _load(g_ptr, at, inside, ACC)
+    if ACT:
+        factor = _leaky_relu_factor(xh, w_ptr, b_ptr, slope_ptr, cols, inside, HAS_W, HAS_B, ACC)
+        g = g * factor
     stats = row_ptr + row * 7
     w = tl.full([BLOCK], 1.0, ACC)
     if HAS_W:
@@ -253,11 +309,14 @@ def _double_grads(a_ptr, g_ptr, x_ptr, w_ptr, aw_ptr, ab_ptr, mean_ptr, rstd_ptr
         dx = rstd * (u - tl.load(stats + 4) - xh * tl.load(stats + 5) - xh * tl.load(stats + 6))
         tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=inside)
     if WANT_DG:
+        if ACT:
+            dg = dg * factor
         tl.store(dg_ptr + at, dg.to(dg_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
-def _column_double_sums(a_ptr, g_ptr, x_ptr, mean_ptr, rstd_ptr, row_ptr, dw_ptr, n, d, ROWS: tl.constexpr,
+def _column_double_sums(a_ptr, g_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, slope_ptr, row_ptr, dw_ptr, n, d,
+                        HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, ROWS: tl.constexpr,
                         BLOCK: tl.constexpr, ACC: tl.constexpr):
     """dw[group, cols] = sum of g * q over one group of rows, q = rstd * (a - <a> - xh <a xh>)."""
     group = tl.program_id(1)
@@ -269,26 +328,28 @@ def _column_double_sums(a_ptr, g_ptr, x_ptr, mean_ptr, rstd_ptr, row_ptr, dw_ptr
         rstd = tl.load(rstd_ptr + row)
         xh = _normalized(x_ptr, mean_ptr, rstd_ptr, row, at, valid, ACC)
         a = _load(a_ptr, at, valid, ACC)
-        g = _load(g_ptr, at, valid, ACC)
+        g = _output_grad(g_ptr, xh, w_ptr, b_ptr, slope_ptr, at, cols, valid, HAS_W, HAS_B, ACT, ACC)
         q = rstd * (a - tl.load(row_ptr + row * 7) - xh * tl.load(row_ptr + row * 7 + 1))
         total += g * q
     tl.store(dw_ptr + group * d + cols, total, mask=inside)
 
 
-def double_backward(a, a_w, a_b, g, x, gx, shape, mean, rstd, weight, need):
+def double_backward(a, a_w, a_b, g, x, gx, shape, mean, rstd, weight, bias, need, slope=None):
     """(dg, dx, dw): the derivative of backward's (gx, gw, gb) taken along (a, a_w, a_b) (each may be None), with
-    respect to g, x and weight, for those that need asks for (else None). weight may be None."""
+    respect to g, x and weight, for those that need asks for (else None). weight and bias may be None; with a slope,
+    that of backward(..., slope) (bias then enters through the LeakyReLU's factor, which has no derivative)."""
     n, d, block, chunks = _layout(x, shape)
     acc, acc_tl = _acc_dtype(x)
     a, g, x, gx = (None if t is None else t.contiguous() for t in (a, g, x, gx))
-    weight, a_w, a_b = (None if t is None else t.contiguous() for t in (weight, a_w, a_b))
+    weight, bias, a_w, a_b = (None if t is None else t.contiguous() for t in (weight, bias, a_w, a_b))
     mean, rstd = mean.reshape(n).to(acc), rstd.reshape(n).to(acc)
     any_ptr = x  # stands for an absent tensor: its kernel branch is compiled out
+    w, b, slope_t = _pointers(x, weight, bias, slope)
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=slope is not None, ACC=acc_tl)
     part = torch.zeros(n, chunks, 7, device=x.device, dtype=acc)
-    _chunk_double_sums[(n, chunks)](any_ptr if a is None else a, g, x, any_ptr if gx is None else gx,
-                                    any_ptr if weight is None else weight, any_ptr if a_w is None else a_w, mean, rstd,
-                                    part, d, chunks, HAS_A=a is not None, HAS_W=weight is not None,
-                                    HAS_AW=a_w is not None, BLOCK=block, ACC=acc_tl)
+    _chunk_double_sums[(n, chunks)](any_ptr if a is None else a, g, x, any_ptr if gx is None else gx, w, b,
+                                    any_ptr if a_w is None else a_w, mean, rstd, slope_t, part, d, chunks,
+                                    HAS_A=a is not None, HAS_AW=a_w is not None, BLOCK=block, **flags)
     s_a, s_axh, s_gh, s_ghxh, s_agx, s_gaw, s_gawxh = (part.sum(1) / d).unbind(1)
     s1, s2 = -rstd * s_ghxh, -rstd * s_axh
     # Each row's scalars for the elementwise pass: <a>, <a xh>, s1, s2, <u>, <u xh>, <a gx>
@@ -297,17 +358,16 @@ def double_backward(a, a_w, a_b, g, x, gx, shape, mean, rstd, weight, need):
     rows = torch.stack([s_a, s_axh, s1, s2, u_mean, u_xh, s_agx], 1).contiguous()
     dx = torch.empty_like(x) if need[1] else None
     dg = torch.empty_like(g) if need[0] else None
-    _double_grads[(n, chunks)](any_ptr if a is None else a, g, x, any_ptr if weight is None else weight,
-                               any_ptr if a_w is None else a_w, any_ptr if a_b is None else a_b, mean, rstd, rows,
-                               any_ptr if dx is None else dx, any_ptr if dg is None else dg, d,
-                               HAS_A=a is not None, HAS_W=weight is not None, HAS_AW=a_w is not None,
+    _double_grads[(n, chunks)](any_ptr if a is None else a, g, x, w, b, any_ptr if a_w is None else a_w,
+                               any_ptr if a_b is None else a_b, mean, rstd, slope_t, rows, any_ptr if dx is None else dx,
+                               any_ptr if dg is None else dg, d, HAS_A=a is not None, HAS_AW=a_w is not None,
                                HAS_AB=a_b is not None, WANT_DX=dx is not None, WANT_DG=dg is not None, BLOCK=block,
-                               ACC=acc_tl)
+                               **flags)
     dw = None
     if need[2] and weight is not None and a is not None:
         groups, col_block = triton.cdiv(n, ROW_GROUP), min(1024, block)
         sums = torch.empty(groups, d, device=x.device, dtype=acc)
-        _column_double_sums[(triton.cdiv(d, col_block), groups)](a, g, x, mean, rstd, rows, sums, n, d, ROWS=ROW_GROUP,
-                                                                 BLOCK=col_block, ACC=acc_tl)
+        _column_double_sums[(triton.cdiv(d, col_block), groups)](a, g, x, w, b, mean, rstd, slope_t, rows, sums, n, d,
+                                                                 ROWS=ROW_GROUP, BLOCK=col_block, **flags)
         dw = sums.sum(0).view(weight.shape).to(weight.dtype)
     return dg, dx, dw

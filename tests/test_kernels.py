@@ -1,8 +1,9 @@
 """The speed paths' kernels against PyTorch's own, on the CPU (small sizes; Triton's interpreter) and on a GPU
 (the GAN's sizes; marker gpu): the convolution whose backward is ordinary convolutions (models.Conv2d with
-gradfix), LayerNorm in Triton kernels (triton_layer_norm), LayerNorm on channels_last activations, the whole
-discriminator loss with every switch on, and on a GPU a few GAN iterations replayed from CUDA graphs against the
-same iterations run eagerly, and a replayed baseline step following the learning rate set after its capture.
+gradfix), LayerNorm in Triton kernels (triton_layer_norm; also with the LeakyReLU after it fused in), LayerNorm on
+channels_last activations, the whole discriminator loss with every switch on, and on a GPU a few GAN iterations
+replayed from CUDA graphs against the same iterations run eagerly, and a replayed baseline step following the
+learning rate set after its capture.
 
 Tolerances: float64 to 1e-10; float32 on the CPU to 1e-5 of each tensor's largest value; on CUDA, TF32 is off in
 these tests (the paths use different convolution algorithms and layouts, whose TF32 roundings differ), and a
@@ -131,9 +132,15 @@ def test_triton_layer_norm_forward_and_backward_equal_native(device, small_chunk
                 assert_close(a, e, 1e-4 if device == "cuda" else 1e-5, name)
 
 
-def test_triton_layer_norm_passes_gradcheck_and_gradgradcheck(small_chunks):
+@pytest.mark.parametrize("slope", [None, models.LEAKY_SLOPE])
+def test_triton_layer_norm_passes_gradcheck_and_gradgradcheck(slope, small_chunks):
+    """LayerNorm, and with a slope leaky_relu(LayerNorm) in the same kernels."""
     x, w, b = (t.requires_grad_() for t in layer_norm_inputs("cpu", 2, [2, 3, 3], torch.float64, seed=1))
-    norm = lambda x, w, b: models._LayerNorm.apply(x, w, b, [2, 3, 3], 1e-5, small_chunks)
+    norm = lambda x, w, b: models._LayerNorm.apply(x, w, b, [2, 3, 3], 1e-5, small_chunks, slope)
+    if slope is not None:
+        normalized = F.layer_norm(x, [2, 3, 3], w, b, 1e-5)
+        assert (normalized < 0).any() and (normalized > 0).any()  # both sides of the LeakyReLU's kink
+        assert_close(norm(x, w, b), F.leaky_relu(normalized, slope), 1e-12, "y")
     assert gradcheck(norm, (x, w, b))
     assert gradgradcheck(norm, (x, w, b))
 
@@ -196,6 +203,45 @@ def test_layer_norm_on_channels_last_equals_nn_layer_norm(device, kernels, small
         assert_close(ours(x0.contiguous(memory_format=torch.channels_last)), reference(x0), tolerance, "no-grad")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_leaky_relu_equals_layer_norm_then_leaky_relu(device, small_chunks):
+    """models.LayerNorm(x, leaky_relu=True) with the LeakyReLU in the Triton kernels, in both layouts: the value,
+    the input gradient and the double backward (every gradient arriving) of nn.LayerNorm then F.leaky_relu, and
+    the value without autograd."""
+    n, shape = (4, [3, 4, 4]) if device == "cpu" else (128, [196, 16, 16])
+    x0, _, _ = layer_norm_inputs(device, n, shape, torch.float32, seed=4)
+    reference = nn.LayerNorm(shape).to(device)
+    with torch.no_grad():
+        reference.weight.normal_()
+        reference.bias.normal_()
+    fused = LayerNorm(shape).to(device)
+    fused.load_state_dict(reference.state_dict())
+    models.set_kernels(fused, layer_norm="triton", fuse_leaky_relu=True)
+    tolerance = 1e-3 if device == "cuda" else 1e-4
+    c = torch.randn_like(x0)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        results = []
+        for run in (lambda x: F.leaky_relu(reference(x)), lambda x: fused(x, leaky_relu=True)):
+            x = x0.clone(memory_format=layout).requires_grad_()
+            y = run(x)
+            # g: as large where y < 0 as elsewhere (the activation's factor shows), and a function of y
+            gx, = torch.autograd.grad((y * c + y.square()).sum(), x, create_graph=True)
+            (gx.square().sum() + y.square().sum()).backward()
+            results.append((y, gx, x.grad, *(p.grad for p in (reference, fused)[len(results)].parameters())))
+        assert (results[0][0] < 0).any() and (results[0][0] > 0).any()
+        for name, a, e in zip(("y", "gx", "x.grad", "weight.grad", "bias.grad"), results[1], results[0]):
+            assert_close(a, e, tolerance, f"{layout}: {name}")
+        reference.zero_grad(), fused.zero_grad()
+        with torch.no_grad():
+            x = x0.clone(memory_format=layout)
+            assert_close(fused(x, leaky_relu=True), F.leaky_relu(reference(x)), tolerance, f"{layout}: no-grad")
+
+
+def test_fused_leaky_relu_needs_the_triton_kernels():
+    with pytest.raises(ValueError, match="needs the Triton LayerNorm kernels"):
+        models.set_kernels(Discriminator(8), layer_norm="native", fuse_leaky_relu=True)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The whole discriminator loss with every switch on
 
@@ -208,7 +254,9 @@ def fast_twin(disc, speed):
 
 SWITCHES = {"all": dict(channels_last=True, conv_gradfix=True, triton_layer_norm=True),
             "channels_last": dict(channels_last=True), "conv_gradfix": dict(conv_gradfix=True),
-            "triton_layer_norm": dict(triton_layer_norm=True)}
+            "triton_layer_norm": dict(triton_layer_norm=True),
+            "all_and_fused_leaky_relu": dict(channels_last=True, conv_gradfix=True, triton_layer_norm=True,
+                                             fused_leaky_relu=True)}
 
 
 def gradients_and_loss(model, dtype, device, n, tf32=False):
