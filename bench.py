@@ -10,6 +10,8 @@ gradient penalty), each with the Meter's sums the trainers keep, for each path s
     fast          all four together: --speed fast, the trainers' default on one GPU                     (CUDA only)
     fast-native-ln, fast-autograd-conv   fast with PyTorch's LayerNorm, fast with autograd's conv2d    (CUDA only)
     fast-fused-act fast with the blocks' LeakyReLU inside the Triton LayerNorm kernels                  (CUDA only)
+    fast-row-kernels   fast with each LayerNorm row's few numbers in one small Triton kernel          (CUDA only)
+    fast-fused    fast with both                                                                      (CUDA only)
     bf16, fast-bf16   the eager and the fast path with --precision bf16                     (compute capability 8.0+)
     old-ops       the GAN iteration with nn.LayerNorm's own autograd, the operations of before: its generic
                   second derivative (the same numbers in more kernels)
@@ -107,6 +109,8 @@ PATHS = {
     "fast-native-ln": (True, False, dataclasses.replace(FAST, triton_layer_norm=False), {}, True),
     "fast-autograd-conv": (True, False, dataclasses.replace(FAST, conv_gradfix=False), {}, True),
     "fast-fused-act": (True, False, dataclasses.replace(FAST, fused_leaky_relu=True), {}, True),
+    "fast-row-kernels": (True, False, dataclasses.replace(FAST, row_kernels=True), {}, True),
+    "fast-fused": (True, False, dataclasses.replace(FAST, fused_leaky_relu=True, row_kernels=True), {}, True),
     "bf16": (True, True, Speed(), {}, True),
     "fast-bf16": (True, True, FAST, {}, True),
     "old-ops": (True, False, Speed(), {"old": True}, False),

@@ -156,11 +156,6 @@ class NativeKernels:
     backward = staticmethod(torch.ops.aten.native_layer_norm_backward)
 
 
-def _activation(slope):
-    """The keyword that asks triton_layer_norm's functions for the LeakyReLU fused in (none for slope None)."""
-    return {} if slope is None else {"slope": slope}
-
-
 def layer_norm_kernels(name):
     """The module of LayerNorm kernels called name: "native" (PyTorch's) or "triton" (triton_layer_norm)."""
     if name == "native":
@@ -175,14 +170,14 @@ class _LayerNormGrad(torch.autograd.Function):
     with its own derivative in closed form. The gradient penalty differentiates this backward once more; autograd's
     generic formula for that spends about 65 elementwise passes over the activation per layer, this one 18.
     mean and rstd are functions of x (the derivative of x accounts for them); bias only gives gb its shape, or with
-    a LeakyReLU fused in, the activation's factor. kernels: NativeKernels or triton_layer_norm; slope, with
-    triton_layer_norm only: g is the gradient of leaky_relu(layer_norm(x), slope) (see triton_layer_norm)."""
+    a LeakyReLU fused in, the activation's factor. kernels: NativeKernels or triton_layer_norm; options, keyword
+    arguments of triton_layer_norm's functions (slope: g is the gradient of leaky_relu(layer_norm(x), slope))."""
 
     @staticmethod
-    def forward(ctx, g, x, weight, bias, mean, rstd, shape, mask, kernels, slope=None):
-        gx, gw, gb = kernels.backward(g, x, shape, mean, rstd, weight, bias, mask, **_activation(slope))
+    def forward(ctx, g, x, weight, bias, mean, rstd, shape, mask, kernels, options):
+        gx, gw, gb = kernels.backward(g, x, shape, mean, rstd, weight, bias, mask, **options)
         ctx.set_materialize_grads(False)
-        ctx.shape, ctx.kernels, ctx.slope = shape, kernels, slope
+        ctx.shape, ctx.kernels, ctx.options = shape, kernels, options
         ctx.save_for_backward(g, x, weight, bias, mean, rstd, gx)
         return gx, gw, gb
 
@@ -199,7 +194,7 @@ class _LayerNormGrad(torch.autograd.Function):
         cast = lambda t, like: None if t is None else t.to(like.dtype)
         if hasattr(ctx.kernels, "double_backward"):  # the same formulas below, fused into three kernels
             dg, dx, dw = ctx.kernels.double_backward(a, a_w, a_b, g, x, gx, shape, mean, rstd, weight, bias,
-                                                     ctx.needs_input_grad[:3], **_activation(ctx.slope))
+                                                     ctx.needs_input_grad[:3], **ctx.options)
             return cast(dg, g), cast(dx, x_in), cast(dw, weight), None, None, None, None, None, None, None
         project = lambda v: ctx.kernels.backward(  # rstd * P(v)
             v.to(x.dtype).contiguous(), x, shape, mean, rstd, None, None, [True, False, False])[0]
@@ -233,12 +228,13 @@ class _LayerNormGrad(torch.autograd.Function):
 
 class _LayerNorm(torch.autograd.Function):
     """layer_norm as one fused kernel forward and backward (native_layer_norm and its backward, or Triton's), the
-    backward differentiable through _LayerNormGrad; with a slope (Triton's kernels), leaky_relu(layer_norm(x))."""
+    backward differentiable through _LayerNormGrad; options, keyword arguments of triton_layer_norm's functions (with
+    a slope: leaky_relu(layer_norm(x)))."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, shape, eps, kernels, slope=None):
-        out, mean, rstd = kernels.forward(x, shape, weight, bias, eps, **_activation(slope))
-        ctx.shape, ctx.kernels, ctx.slope = shape, kernels, slope
+    def forward(ctx, x, weight, bias, shape, eps, kernels, options):
+        out, mean, rstd = kernels.forward(x, shape, weight, bias, eps, **options)
+        ctx.shape, ctx.kernels, ctx.options = shape, kernels, options
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         return out
 
@@ -247,10 +243,11 @@ class _LayerNorm(torch.autograd.Function):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         mask = [_engine_uses(ctx, i) for i in range(3)]
         if torch.is_grad_enabled():  # create_graph: this backward is differentiated in turn
-            gx, gw, gb = _LayerNormGrad.apply(g, x, weight, bias, mean, rstd, ctx.shape, mask, ctx.kernels, ctx.slope)
+            gx, gw, gb = _LayerNormGrad.apply(g, x, weight, bias, mean, rstd, ctx.shape, mask, ctx.kernels,
+                                              ctx.options)
         else:
             gx, gw, gb = ctx.kernels.backward(g.contiguous(), x, ctx.shape, mean, rstd, weight, bias, mask,
-                                              **_activation(ctx.slope))
+                                              **ctx.options)
         return gx, gw, gb, None, None, None, None
 
 
@@ -267,11 +264,13 @@ class LayerNorm(nn.LayerNorm):
     TRITON_INTERPRET=1). A channels_last input is normalized as its NHWC view with the weight permuted alike: the
     per-sample statistics do not depend on the layout, and no transposing copy is made.
     forward(x, leaky_relu=True) returns F.leaky_relu(layer_norm(x)); with fuse_leaky_relu and the Triton kernels,
-    the activation is computed inside them (no passes of its own)."""
+    the activation is computed inside them (no passes of its own). row_kernels, with the Triton kernels: each row's
+    few numbers in one small kernel instead of a dozen torch operations (see triton_layer_norm)."""
 
     compact_double_backward = True
     kernels = "native"
     fuse_leaky_relu = False
+    row_kernels = False
 
     def forward(self, x, leaky_relu=False):
         if leaky_relu and not (self.fuse_leaky_relu and self.kernels == "triton"):
@@ -293,13 +292,16 @@ class LayerNorm(nn.LayerNorm):
             weight, bias = (None if t is None else t.permute(1, 2, 0) for t in (weight, bias))
             shape = shape[1:] + shape[:1]
         kernels = layer_norm_kernels(self.kernels)
+        options = {} if self.kernels == "native" else {"row_kernels": self.row_kernels}
+        if slope is not None:
+            options["slope"] = slope
         if custom:
-            y = _LayerNorm.apply(x, weight, bias, shape, self.eps, kernels, slope)
+            y = _LayerNorm.apply(x, weight, bias, shape, self.eps, kernels, options)
         elif torch.is_grad_enabled():  # the reference: autograd's own derivatives
             y = F.layer_norm(x, shape, weight, bias, self.eps)
             y = y if slope is None else F.leaky_relu(y, slope)
         else:
-            y = kernels.forward(x, shape, weight, bias, self.eps, **_activation(slope))[0]
+            y = kernels.forward(x, shape, weight, bias, self.eps, **options)[0]
         return y.permute(0, 3, 1, 2) if channels_last else y
 
 
@@ -484,17 +486,17 @@ def global_batch_norm(module):
     return module
 
 
-def set_kernels(model, conv_gradfix=False, layer_norm="native", fuse_leaky_relu=False):
+def set_kernels(model, conv_gradfix=False, layer_norm="native", fuse_leaky_relu=False, row_kernels=False):
     """The model's Conv2d and LayerNorm modules switched to the given kernels (the same math), in place:
-    conv_gradfix, Conv2d.gradfix; layer_norm, LayerNorm.kernels ("native" or "triton"); fuse_leaky_relu (with
-    "triton"), LayerNorm.fuse_leaky_relu."""
-    if fuse_leaky_relu and layer_norm != "triton":
-        raise ValueError("fuse_leaky_relu needs the Triton LayerNorm kernels (layer_norm='triton')")
+    conv_gradfix, Conv2d.gradfix; layer_norm, LayerNorm.kernels ("native" or "triton"); with "triton",
+    fuse_leaky_relu and row_kernels, LayerNorm's switches of those names."""
+    if (fuse_leaky_relu or row_kernels) and layer_norm != "triton":
+        raise ValueError("fuse_leaky_relu and row_kernels need the Triton LayerNorm kernels (layer_norm='triton')")
     for module in model.modules():
         if isinstance(module, Conv2d):
             module.gradfix = conv_gradfix
         elif isinstance(module, LayerNorm):
-            module.kernels, module.fuse_leaky_relu = layer_norm, fuse_leaky_relu
+            module.kernels, module.fuse_leaky_relu, module.row_kernels = layer_norm, fuse_leaky_relu, row_kernels
     return model
 
 

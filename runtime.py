@@ -216,14 +216,16 @@ class Speed:
     conv_gradfix: the discriminator's convolutions differentiate into ordinary convolution kernels;
     triton_layer_norm: LayerNorm's rows split over the whole GPU (triton_layer_norm.py);
     cuda_graphs: each training step captured once and replayed (GraphedStep), no Python between kernels;
-    fused_leaky_relu: with triton_layer_norm, the blocks' LeakyReLU computed inside the LayerNorm kernels (not yet
-    measured on a GPU: bench.py's fast-fused-act path alone, no --speed choice)."""
+    fused_leaky_relu: with triton_layer_norm, the blocks' LeakyReLU computed inside the LayerNorm kernels;
+    row_kernels: with triton_layer_norm, each row's few numbers in one small kernel, not a dozen torch operations.
+    The last two are not yet measured on a GPU: bench.py's paths alone, no --speed choice."""
 
     channels_last: bool = False
     conv_gradfix: bool = False
     triton_layer_norm: bool = False
     cuda_graphs: bool = False
     fused_leaky_relu: bool = False
+    row_kernels: bool = False
 
     @classmethod
     def choose(cls, name, device, world_size=1):
@@ -245,7 +247,7 @@ class Speed:
         """The models switched to these kernels and memory layout, in place."""
         for model in models:
             set_kernels(model, self.conv_gradfix, "triton" if self.triton_layer_norm else "native",
-                        self.fused_leaky_relu)
+                        self.fused_leaky_relu, self.row_kernels)
             if self.channels_last:
                 model.to(memory_format=torch.channels_last)
 

@@ -11,6 +11,10 @@ the weight and bias gradients are taken over groups of rows the same way.
     gx, gw, gb = backward(g, x, shape, mean, rstd, weight, bias, mask)      # as aten.native_layer_norm_backward
     dg, dx, dw = double_backward(a, a_w, a_b, g, x, gx, shape, mean, rstd, weight, bias, need)  # backward's derivative
 
+With row_kernels=True given to each, the few numbers per row (the statistics combined from the chunks' partial
+sums, and the double backward's scalars) are computed by one small Triton kernel instead of a dozen small torch
+operations: the same formulas in fewer launches.
+
 With slope=s given to each, the kernels compute leaky_relu(layer_norm(x), s) and its derivatives instead: the forward
 writes the activated output, and the backward kernels, given the gradient g of that output, take the LeakyReLU's
 factor (1 where the normalized y = xh * w + b is positive, else s) from x, w and b as they read them. That saves the
@@ -128,16 +132,16 @@ def _chunk_grad_sums(g_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, slope_ptr, 
 
 
 @triton.jit
-def _input_grad(g_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, slope_ptr, a_ptr, c_ptr, gx_ptr, d,
-                HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """gx = rstd * (gh - a - xh * c), a and c the row's means of gh and gh * xh."""
+def _input_grad(g_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, slope_ptr, sums_ptr, gx_ptr, d, HAS_W: tl.constexpr,
+                HAS_B: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """gx = rstd * (gh - a - xh * c), a and c the row's means of gh and gh * xh (sums holds the row's sums)."""
     row, chunk, cols, inside, at = _row_chunk(d, BLOCK)
     rstd = tl.load(rstd_ptr + row)
     xh = _normalized(x_ptr, mean_ptr, rstd_ptr, row, at, inside, ACC)
     gh = _output_grad(g_ptr, xh, w_ptr, b_ptr, slope_ptr, at, cols, inside, HAS_W, HAS_B, ACT, ACC)
     if HAS_W:
         gh = gh * _load(w_ptr, cols, inside, ACC)
-    gx = rstd * (gh - tl.load(a_ptr + row) - xh * tl.load(c_ptr + row))
+    gx = rstd * (gh - tl.load(sums_ptr + row * 2) / d - xh * (tl.load(sums_ptr + row * 2 + 1) / d))
     tl.store(gx_ptr + at, gx.to(gx_ptr.dtype.element_ty), mask=inside)
 
 
@@ -161,6 +165,24 @@ def _column_sums(g_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, slope_ptr, gw_p
     tl.store(gb_ptr + group * d + cols, sum_g, mask=inside)
 
 
+@triton.jit
+def _row_moments(part_ptr, eps_ptr, mean_ptr, rstd_ptr, d, chunks, block, CHUNKS: tl.constexpr, ACC: tl.constexpr):
+    """mean and rstd of one row from its chunks' (sum, squared deviations), combined as forward's torch operations
+    combine them."""
+    row = tl.program_id(0)
+    c = tl.arange(0, CHUNKS)
+    inside = c < chunks
+    at = part_ptr + (row * chunks + c) * 2
+    sums = tl.load(at, mask=inside, other=0.0).to(ACC)
+    squares = tl.load(at + 1, mask=inside, other=0.0).to(ACC)
+    counts = tl.where(inside, tl.minimum(d - c * block, block), 1).to(ACC)
+    mean = tl.sum(sums, axis=0) / d
+    deviation = tl.where(inside, sums / counts - mean, 0.0)
+    m2 = tl.sum(squares, axis=0) + tl.sum(counts * deviation * deviation, axis=0)
+    tl.store(mean_ptr + row, mean)
+    tl.store(rstd_ptr + row, 1.0 / tl.sqrt(m2 / d + tl.load(eps_ptr).to(ACC)))
+
+
 def _acc_dtype(x):
     return (torch.float64, tl.float64) if x.dtype == torch.float64 else (torch.float32, tl.float32)
 
@@ -177,19 +199,36 @@ def _stats_shape(x, shape):
 
 
 @functools.lru_cache(maxsize=None)
-def _slope_tensor(slope, dtype, device):
-    """The LeakyReLU's slope as a one-value tensor, made once per dtype and device (by a graphed step's eager calls,
-    before its capture)."""
-    return torch.full((1,), slope, dtype=dtype, device=device)
+def _constant(value, dtype, device):
+    """A one-value tensor, made once per value, dtype and device (by a graphed step's eager calls, before its
+    capture): a float argument of a kernel would be rounded to float32."""
+    return torch.full((1,), value, dtype=dtype, device=device)
 
 
 def _pointers(x, weight, bias, slope):
     """The kernels' (w, b, slope) pointers: an absent one stands in as x, its kernel branch compiled out."""
-    slope_t = x if slope is None else _slope_tensor(slope, _acc_dtype(x)[0], x.device)
+    slope_t = x if slope is None else _constant(slope, _acc_dtype(x)[0], x.device)
     return weight if weight is not None else x, bias if bias is not None else x, slope_t
 
 
-def forward(x, shape, weight, bias, eps, slope=None):
+def _row_statistics(part, d, block, eps, row_kernels):
+    """(mean, rstd) of each row from its chunks' (sum, squared deviations) in part (rows, chunks, 2): Chan's
+    combination of the chunks' means and squared deviations, no cancellation for large means."""
+    n, chunks, _ = part.shape
+    if row_kernels:
+        mean, rstd = torch.empty(2, n, device=part.device, dtype=part.dtype)
+        _row_moments[(n,)](part, _constant(eps, part.dtype, part.device), mean, rstd, d, chunks, block,
+                           CHUNKS=triton.next_power_of_2(chunks), ACC=_acc_dtype(part)[1])
+        return mean, rstd
+    # Values per chunk: block, and what is left in the last (made on the device: a CUDA graph may capture this)
+    counts = (d - block * torch.arange(chunks, device=part.device, dtype=part.dtype)).clamp_(max=block)
+    sums, squares = part.unbind(2)
+    mean = sums.sum(1, keepdim=True) / d
+    m2 = squares.sum(1) + (counts * (sums / counts - mean) ** 2).sum(1)
+    return mean.view(n), torch.rsqrt(m2 / d + eps)
+
+
+def forward(x, shape, weight, bias, eps, slope=None, row_kernels=False):
     """(y, mean, rstd) as torch.native_layer_norm(x, shape, weight, bias, eps), y activated by
     leaky_relu(y, slope) when a slope is given; x contiguous."""
     x, weight, bias = (None if t is None else t.contiguous() for t in (x, weight, bias))
@@ -197,13 +236,7 @@ def forward(x, shape, weight, bias, eps, slope=None):
     acc, acc_tl = _acc_dtype(x)
     part = torch.empty(n, chunks, 2, device=x.device, dtype=acc)
     _chunk_moments[(n, chunks)](x, part, d, chunks, BLOCK=block, ACC=acc_tl)
-    # Chan's combination of the chunks' means and squared deviations: no cancellation for large means
-    # Values per chunk: block, and what is left in the last (made on the device: a CUDA graph may capture this)
-    counts = (d - block * torch.arange(chunks, device=x.device, dtype=acc)).clamp_(max=block)
-    sums, squares = part.unbind(2)
-    mean = sums.sum(1, keepdim=True) / d
-    m2 = squares.sum(1) + (counts * (sums / counts - mean) ** 2).sum(1)
-    mean, rstd = mean.view(n), torch.rsqrt(m2 / d + eps)
+    mean, rstd = _row_statistics(part, d, block, eps, row_kernels)
     y = torch.empty_like(x)
     w, b, slope_t = _pointers(x, weight, bias, slope)
     _normalize[(n, chunks)](x, w, b, mean, rstd, slope_t, y, d, HAS_W=weight is not None, HAS_B=bias is not None,
@@ -212,9 +245,10 @@ def forward(x, shape, weight, bias, eps, slope=None):
     return y, mean.view(stats), rstd.view(stats)
 
 
-def backward(g, x, shape, mean, rstd, weight, bias, mask, slope=None):
+def backward(g, x, shape, mean, rstd, weight, bias, mask, slope=None, row_kernels=False):
     """(gx, gw, gb) as aten.native_layer_norm_backward: the gradients that mask asks for, else None. With a slope, g
-    is the gradient of the activated output, as forward(..., slope) made it."""
+    is the gradient of the activated output, as forward(..., slope) made it. row_kernels changes nothing here: the
+    rows' sums are one operation either way."""
     n, d, block, chunks = _layout(x, shape)
     acc, acc_tl = _acc_dtype(x)
     g, x = g.contiguous(), x.contiguous()
@@ -226,10 +260,8 @@ def backward(g, x, shape, mean, rstd, weight, bias, mask, slope=None):
     if mask[0]:
         part = torch.empty(n, chunks, 2, device=x.device, dtype=acc)
         _chunk_grad_sums[(n, chunks)](g, x, w, b, mean, rstd, slope_t, part, d, chunks, BLOCK=block, **flags)
-        a, c = (part.sum(1) / d).unbind(1)
         gx = torch.empty_like(x)
-        _input_grad[(n, chunks)](g, x, w, b, mean, rstd, slope_t, a.contiguous(), c.contiguous(), gx, d, BLOCK=block,
-                                 **flags)
+        _input_grad[(n, chunks)](g, x, w, b, mean, rstd, slope_t, part.sum(1), gx, d, BLOCK=block, **flags)
     if (mask[1] and weight is not None) or (mask[2] and bias is not None):
         groups, col_block = triton.cdiv(n, ROW_GROUP), min(1024, block)
         sums_gw = torch.empty(groups, d, device=x.device, dtype=acc)
@@ -334,7 +366,50 @@ def _column_double_sums(a_ptr, g_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, s
     tl.store(dw_ptr + group * d + cols, total, mask=inside)
 
 
-def double_backward(a, a_w, a_b, g, x, gx, shape, mean, rstd, weight, bias, need, slope=None):
+@triton.jit
+def _double_scalars(part_ptr, rstd_ptr, rows_ptr, d, chunks, CHUNKS: tl.constexpr, ACC: tl.constexpr):
+    """rows[row] = <a>, <a xh>, s1, s2, <u>, <u xh>, <a gx> from the row's chunk sums, as _double_row_scalars's torch
+    operations compute them."""
+    row = tl.program_id(0)
+    c = tl.arange(0, CHUNKS)
+    inside = c < chunks
+    at = part_ptr + (row * chunks + c) * 7
+    s_a = tl.sum(tl.load(at, mask=inside, other=0.0).to(ACC), axis=0) / d
+    s_axh = tl.sum(tl.load(at + 1, mask=inside, other=0.0).to(ACC), axis=0) / d
+    s_gh = tl.sum(tl.load(at + 2, mask=inside, other=0.0).to(ACC), axis=0) / d
+    s_ghxh = tl.sum(tl.load(at + 3, mask=inside, other=0.0).to(ACC), axis=0) / d
+    s_agx = tl.sum(tl.load(at + 4, mask=inside, other=0.0).to(ACC), axis=0) / d
+    s_gaw = tl.sum(tl.load(at + 5, mask=inside, other=0.0).to(ACC), axis=0) / d
+    s_gawxh = tl.sum(tl.load(at + 6, mask=inside, other=0.0).to(ACC), axis=0) / d
+    rstd = tl.load(rstd_ptr + row)
+    s1, s2 = -rstd * s_ghxh, -rstd * s_axh
+    out = rows_ptr + row * 7
+    tl.store(out, s_a)
+    tl.store(out + 1, s_axh)
+    tl.store(out + 2, s1)
+    tl.store(out + 3, s2)
+    tl.store(out + 4, s1 * s_a + s2 * s_gh + s_gaw)
+    tl.store(out + 5, s1 * s_axh + s2 * s_ghxh + s_gawxh)
+    tl.store(out + 6, s_agx)
+
+
+def _double_row_scalars(part, rstd, d, row_kernels):
+    """Each row's scalars for the double backward's elementwise pass, (rows, 7): <a>, <a xh>, s1, s2, <u>, <u xh>,
+    <a gx>, from the chunks' sums in part (rows, chunks, 7)."""
+    n, chunks, _ = part.shape
+    if row_kernels:
+        rows = torch.empty(n, 7, device=part.device, dtype=part.dtype)
+        _double_scalars[(n,)](part, rstd, rows, d, chunks, CHUNKS=triton.next_power_of_2(chunks),
+                              ACC=_acc_dtype(part)[1])
+        return rows
+    s_a, s_axh, s_gh, s_ghxh, s_agx, s_gaw, s_gawxh = (part.sum(1) / d).unbind(1)
+    s1, s2 = -rstd * s_ghxh, -rstd * s_axh
+    u_mean = s1 * s_a + s2 * s_gh + s_gaw
+    u_xh = s1 * s_axh + s2 * s_ghxh + s_gawxh
+    return torch.stack([s_a, s_axh, s1, s2, u_mean, u_xh, s_agx], 1).contiguous()
+
+
+def double_backward(a, a_w, a_b, g, x, gx, shape, mean, rstd, weight, bias, need, slope=None, row_kernels=False):
     """(dg, dx, dw): the derivative of backward's (gx, gw, gb) taken along (a, a_w, a_b) (each may be None), with
     respect to g, x and weight, for those that need asks for (else None). weight and bias may be None; with a slope,
     that of backward(..., slope) (bias then enters through the LeakyReLU's factor, which has no derivative)."""
@@ -350,12 +425,7 @@ def double_backward(a, a_w, a_b, g, x, gx, shape, mean, rstd, weight, bias, need
     _chunk_double_sums[(n, chunks)](any_ptr if a is None else a, g, x, any_ptr if gx is None else gx, w, b,
                                     any_ptr if a_w is None else a_w, mean, rstd, slope_t, part, d, chunks,
                                     HAS_A=a is not None, HAS_AW=a_w is not None, BLOCK=block, **flags)
-    s_a, s_axh, s_gh, s_ghxh, s_agx, s_gaw, s_gawxh = (part.sum(1) / d).unbind(1)
-    s1, s2 = -rstd * s_ghxh, -rstd * s_axh
-    # Each row's scalars for the elementwise pass: <a>, <a xh>, s1, s2, <u>, <u xh>, <a gx>
-    u_mean = s1 * s_a + s2 * s_gh + s_gaw
-    u_xh = s1 * s_axh + s2 * s_ghxh + s_gawxh
-    rows = torch.stack([s_a, s_axh, s1, s2, u_mean, u_xh, s_agx], 1).contiguous()
+    rows = _double_row_scalars(part, rstd, d, row_kernels)
     dx = torch.empty_like(x) if need[1] else None
     dg = torch.empty_like(g) if need[0] else None
     _double_grads[(n, chunks)](any_ptr if a is None else a, g, x, w, b, any_ptr if a_w is None else a_w,

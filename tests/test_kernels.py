@@ -110,21 +110,23 @@ def layer_norm_inputs(device, n, shape, dtype, seed=0):
     return x, w, b
 
 
+@pytest.mark.parametrize("row_kernels", [False, True])
 @pytest.mark.parametrize("device", DEVICES)
-def test_triton_layer_norm_forward_and_backward_equal_native(device, small_chunks):
-    """Values, statistics and the three gradients, against native_layer_norm and its backward."""
+def test_triton_layer_norm_forward_and_backward_equal_native(device, row_kernels, small_chunks):
+    """Values, statistics and the three gradients, against native_layer_norm and its backward (each row's numbers
+    from torch operations, and from the row kernels)."""
     n, shape = (5, [3, 5, 4]) if device == "cpu" else (128, [196, 32, 32])
     x, w, b = layer_norm_inputs(device, n, shape, torch.float32)
     if device == "cuda":
         small_chunks.CHUNK, small_chunks.ROW_GROUP = 4096, 16  # the sizes the GPU runs
-    ours = small_chunks.forward(x, shape, w, b, 1e-5)
+    ours = small_chunks.forward(x, shape, w, b, 1e-5, row_kernels=row_kernels)
     theirs = torch.native_layer_norm(x, shape, w, b, 1e-5)
     for name, a, e in zip(("y", "mean", "rstd"), ours, theirs):
         assert a.shape == e.shape
         assert_close(a, e, 1e-5, name)
     g = torch.randn_like(x)
     for mask in ([True, True, True], [True, False, False], [False, True, True]):
-        ours_grads = small_chunks.backward(g, x, shape, theirs[1], theirs[2], w, b, mask)
+        ours_grads = small_chunks.backward(g, x, shape, theirs[1], theirs[2], w, b, mask, row_kernels=row_kernels)
         their_grads = torch.ops.aten.native_layer_norm_backward(g, x, shape, theirs[1], theirs[2], w, b, mask)
         for name, a, e, wanted in zip(("gx", "gw", "gb"), ours_grads, their_grads, mask):
             assert (a is None) == (not wanted), name
@@ -134,9 +136,10 @@ def test_triton_layer_norm_forward_and_backward_equal_native(device, small_chunk
 
 @pytest.mark.parametrize("slope", [None, models.LEAKY_SLOPE])
 def test_triton_layer_norm_passes_gradcheck_and_gradgradcheck(slope, small_chunks):
-    """LayerNorm, and with a slope leaky_relu(LayerNorm) in the same kernels."""
+    """LayerNorm, and with a slope leaky_relu(LayerNorm) in the same kernels (with the row kernels)."""
     x, w, b = (t.requires_grad_() for t in layer_norm_inputs("cpu", 2, [2, 3, 3], torch.float64, seed=1))
-    norm = lambda x, w, b: models._LayerNorm.apply(x, w, b, [2, 3, 3], 1e-5, small_chunks, slope)
+    options = {} if slope is None else {"slope": slope, "row_kernels": True}
+    norm = lambda x, w, b: models._LayerNorm.apply(x, w, b, [2, 3, 3], 1e-5, small_chunks, options)
     if slope is not None:
         normalized = F.layer_norm(x, [2, 3, 3], w, b, 1e-5)
         assert (normalized < 0).any() and (normalized > 0).any()  # both sides of the LeakyReLU's kink
@@ -145,11 +148,13 @@ def test_triton_layer_norm_passes_gradcheck_and_gradgradcheck(slope, small_chunk
     assert gradgradcheck(norm, (x, w, b))
 
 
+@pytest.mark.parametrize("row_kernels", [False, True])
 @pytest.mark.parametrize("arriving", ["a", "a_w", "a_b", "a a_w a_b"])
 @pytest.mark.parametrize("with_weight", [True, False])
-def test_triton_double_backward_equals_the_formulas_in_torch(arriving, with_weight, small_chunks):
+def test_triton_double_backward_equals_the_formulas_in_torch(arriving, with_weight, row_kernels, small_chunks):
     """The derivative of the backward (dg, dx, dw) for each set of arriving gradients, against _LayerNormGrad's
-    torch formulas over the native kernels."""
+    torch formulas over the native kernels (the Triton kernels' row scalars from torch operations, and from the row
+    kernel)."""
     shape = [3, 5, 4]
     x, w, b = layer_norm_inputs("cpu", 5, shape, torch.float64, seed=3)
     w, b = (w, b) if with_weight else (None, None)
@@ -161,10 +166,10 @@ def test_triton_double_backward_equals_the_formulas_in_torch(arriving, with_weig
     if a is None and a_w is None and a_b is None:
         pytest.skip("nothing arrives without a weight and bias")
     results = []
-    for kernels in (models.NativeKernels, small_chunks):
+    for kernels, options in ((models.NativeKernels, {}), (small_chunks, {"row_kernels": row_kernels})):
         inputs = [t.clone().requires_grad_() if t is not None else None for t in (g, x, w)]
         outs = models._LayerNormGrad.apply(inputs[0], inputs[1], inputs[2], b, mean, rstd, shape,
-                                           [True, w is not None, b is not None], kernels)
+                                           [True, w is not None, b is not None], kernels, options)
         grads = [(o, t) for o, t in zip(outs, (a, a_w, a_b)) if o is not None and t is not None]
         wrt = [t for t in inputs if t is not None]
         results.append(torch.autograd.grad([o for o, _ in grads], wrt, [t for _, t in grads], allow_unused=True))
@@ -216,7 +221,7 @@ def test_fused_leaky_relu_equals_layer_norm_then_leaky_relu(device, small_chunks
         reference.bias.normal_()
     fused = LayerNorm(shape).to(device)
     fused.load_state_dict(reference.state_dict())
-    models.set_kernels(fused, layer_norm="triton", fuse_leaky_relu=True)
+    models.set_kernels(fused, layer_norm="triton", fuse_leaky_relu=True, row_kernels=True)
     tolerance = 1e-3 if device == "cuda" else 1e-4
     c = torch.randn_like(x0)
     for layout in (torch.contiguous_format, torch.channels_last):
@@ -237,9 +242,10 @@ def test_fused_leaky_relu_equals_layer_norm_then_leaky_relu(device, small_chunks
             assert_close(fused(x, leaky_relu=True), F.leaky_relu(reference(x)), tolerance, f"{layout}: no-grad")
 
 
-def test_fused_leaky_relu_needs_the_triton_kernels():
-    with pytest.raises(ValueError, match="needs the Triton LayerNorm kernels"):
-        models.set_kernels(Discriminator(8), layer_norm="native", fuse_leaky_relu=True)
+@pytest.mark.parametrize("switch", ["fuse_leaky_relu", "row_kernels"])
+def test_the_triton_switches_need_the_triton_kernels(switch):
+    with pytest.raises(ValueError, match="need the Triton LayerNorm kernels"):
+        models.set_kernels(Discriminator(8), layer_norm="native", **{switch: True})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -255,8 +261,10 @@ def fast_twin(disc, speed):
 SWITCHES = {"all": dict(channels_last=True, conv_gradfix=True, triton_layer_norm=True),
             "channels_last": dict(channels_last=True), "conv_gradfix": dict(conv_gradfix=True),
             "triton_layer_norm": dict(triton_layer_norm=True),
-            "all_and_fused_leaky_relu": dict(channels_last=True, conv_gradfix=True, triton_layer_norm=True,
-                                             fused_leaky_relu=True)}
+            "fused_leaky_relu": dict(triton_layer_norm=True, fused_leaky_relu=True),
+            "row_kernels": dict(triton_layer_norm=True, row_kernels=True),
+            "all_and_both": dict(channels_last=True, conv_gradfix=True, triton_layer_norm=True, fused_leaky_relu=True,
+                                 row_kernels=True)}
 
 
 def gradients_and_loss(model, dtype, device, n, tf32=False):

@@ -367,7 +367,7 @@ def layer_norm_inputs(dtype=torch.float64, shape=(3, 2, 2), n=4, seed=0):
 
 def test_layer_norm_passes_gradcheck_and_gradgradcheck_in_float64():
     x, weight, bias = layer_norm_inputs()
-    f = lambda x, w, b: models._LayerNorm.apply(x, w, b, [3, 2, 2], 1e-5, models.NativeKernels)
+    f = lambda x, w, b: models._LayerNorm.apply(x, w, b, [3, 2, 2], 1e-5, models.NativeKernels, {})
     assert torch.autograd.gradcheck(f, (x, weight, bias))
     assert torch.autograd.gradgradcheck(f, (x, weight, bias))  # every first derivative's derivative
 
