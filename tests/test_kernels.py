@@ -179,6 +179,17 @@ def test_triton_double_backward_equals_the_formulas_in_torch(arriving, with_weig
             assert_close(ours, theirs, 1e-10, name)
 
 
+def layer_norm_twins(device, shape):
+    """An nn.LayerNorm with random weight and bias, and a models.LayerNorm with the same parameters."""
+    reference = nn.LayerNorm(shape).to(device)
+    with torch.no_grad():
+        reference.weight.normal_()
+        reference.bias.normal_()
+    ours = LayerNorm(shape).to(device)
+    ours.load_state_dict(reference.state_dict())
+    return reference, ours
+
+
 @pytest.mark.parametrize("kernels", ["native", "triton"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_layer_norm_on_channels_last_equals_nn_layer_norm(device, kernels, small_chunks):
@@ -186,12 +197,7 @@ def test_layer_norm_on_channels_last_equals_nn_layer_norm(device, kernels, small
     its output channels_last too (the NHWC view normalized, no transposing copy)."""
     n, shape = (4, [3, 4, 4]) if device == "cpu" else (128, [196, 16, 16])
     x0, _, _ = layer_norm_inputs(device, n, shape, torch.float32)
-    reference = nn.LayerNorm(shape).to(device)
-    with torch.no_grad():
-        reference.weight.normal_()
-        reference.bias.normal_()
-    ours = LayerNorm(shape).to(device)
-    ours.load_state_dict(reference.state_dict())
+    reference, ours = layer_norm_twins(device, shape)
     ours.kernels = kernels
     results = []
     for norm, layout in ((reference, torch.contiguous_format), (ours, torch.channels_last)):
@@ -215,12 +221,7 @@ def test_fused_leaky_relu_equals_layer_norm_then_leaky_relu(device, small_chunks
     the value without autograd."""
     n, shape = (4, [3, 4, 4]) if device == "cpu" else (128, [196, 16, 16])
     x0, _, _ = layer_norm_inputs(device, n, shape, torch.float32, seed=4)
-    reference = nn.LayerNorm(shape).to(device)
-    with torch.no_grad():
-        reference.weight.normal_()
-        reference.bias.normal_()
-    fused = LayerNorm(shape).to(device)
-    fused.load_state_dict(reference.state_dict())
+    reference, fused = layer_norm_twins(device, shape)
     models.set_kernels(fused, layer_norm="triton", fuse_leaky_relu=True, row_kernels=True)
     tolerance = 1e-3 if device == "cuda" else 1e-4
     c = torch.randn_like(x0)
