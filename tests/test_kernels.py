@@ -360,11 +360,11 @@ def test_gradfix_under_bf16_autocast_computes_what_autocast_conv2d_does():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("gp_every", [1, 2])
-def test_graphed_gan_iterations_equal_the_eager_ones(gp_every, monkeypatch):
-    """8 iterations (3 eager, the capture, 4 replays) of both updates at width 64 with the fast kernels, captured
-    and not, from the same weights and the same draws: every monitored value and every weight and buffer after them
-    agree. (Against the plain kernels Adam's first steps, which move each weight by about lr whatever the size of
+@pytest.mark.parametrize("gp_every, unmeasured", [(1, False), (2, False), (1, True)])
+def test_graphed_gan_iterations_equal_the_eager_ones(gp_every, unmeasured, monkeypatch):
+    """8 iterations (3 eager, the capture, 4 replays) of both updates at width 64 with the fast kernels (unmeasured:
+    also the fused LeakyReLU and the row kernels), captured and not, from the same weights and the same draws: every
+    monitored value and every weight and buffer after them agree. (Against the plain kernels Adam's first steps, which move each weight by about lr whatever the size of
     its gradient, turn rounding differences in near-zero gradients into visible ones: the kernels are compared on
     one step above.) cuDNN's deterministic algorithms: others sum with atomics, in another order each run, and
     Adam's first steps would turn that into visible differences too (seen on an H200: 4e-5 in fake_score)."""
@@ -372,7 +372,8 @@ def test_graphed_gan_iterations_equal_the_eager_ones(gp_every, monkeypatch):
     device = torch.device("cuda")
     runs = []
     for graphs in (False, True):
-        speed = Speed(channels_last=True, conv_gradfix=True, triton_layer_norm=True, cuda_graphs=graphs)
+        speed = Speed(channels_last=True, conv_gradfix=True, triton_layer_norm=True, cuda_graphs=graphs,
+                      fused_leaky_relu=unmeasured, row_kernels=unmeasured)
         torch.manual_seed(0)
         gen, disc = Generator(64).to(device), Discriminator(64).to(device)
         speed.prepare(gen, disc)
