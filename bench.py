@@ -54,13 +54,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import gan
-from baseline import freeze_critic_head, train_step
-from cli import UserError, check_range, run_main
-from data import augment
+from training import gan_steps
+from training.baseline_step import freeze_critic_head, train_step
+from torch_utils.cli import UserError, check_range, run_main
+from training.data import augment
 from models import Discriminator, Generator, LayerNorm, class_noise
-from running_means import Meter
-from runtime import DEVICE_HELP, GraphedStep, Runtime, Speed, bf16_capable
+from training.running_means import Meter
+from torch_utils.runtime import DEVICE_HELP, GraphedStep, Runtime, Speed, bf16_capable
 
 
 def parse_args(argv=None):
@@ -157,7 +157,7 @@ def gan_iteration(rt, width, batch, fused, bf16, one_batch=False, old=False, spe
     labels = torch.randint(0, 10, (batch,), device=device)
     rng = torch.Generator(device).manual_seed(0)
     meter, state = Meter(device), {}
-    generator, discriminator = gan.training_steps(gan.Nets(gen, disc, gen, disc, opt_g, opt_d), gan.Recipe(bf16=bf16),
+    generator, discriminator = gan_steps.training_steps(gan_steps.Nets(gen, disc, gen, disc, opt_g, opt_d), gan_steps.Recipe(bf16=bf16),
                                                   speed.cuda_graphs)
 
     def augmentation():
@@ -171,7 +171,7 @@ def gan_iteration(rt, width, batch, fused, bf16, one_batch=False, old=False, spe
         with torch.no_grad():
             fake = gen(class_noise(fake_labels, rng))
         alpha = torch.rand(batch, device=device, generator=rng)
-        loss = gan.one_batch_discriminator_loss(disc, state["real"], labels, fake, fake_labels, alpha, 10.0)
+        loss = gan_steps.one_batch_discriminator_loss(disc, state["real"], labels, fake, fake_labels, alpha, 10.0)
         opt_d.zero_grad(set_to_none=True)
         loss.backward()
         opt_d.step()

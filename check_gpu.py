@@ -46,9 +46,9 @@ import time
 
 import torch
 
-from cli import check_range, run_main
-from files import atomic_write, output_folder, read_metrics, write_together
-from runtime import DEVICE_HELP, EXIT_STOPPED, StopSignal, bf16_capable, pick_device
+from torch_utils.cli import check_range, run_main
+from torch_utils.files import atomic_write, output_folder, read_metrics, write_together
+from torch_utils.runtime import DEVICE_HELP, EXIT_STOPPED, StopSignal, bf16_capable, pick_device
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TRAIN_IMAGES = 50_000  # CIFAR-10's training split: an epoch of the full schedule

@@ -28,8 +28,8 @@ matplotlib.use("Agg")  # batch jobs have no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from cli import UserError, run_main  # noqa: E402
-from files import output_folder, read_metrics, write_together  # noqa: E402
+from torch_utils.cli import UserError, run_main  # noqa: E402
+from torch_utils.files import output_folder, read_metrics, write_together  # noqa: E402
 
 JOBS = {"baseline": "baseline_metrics.jsonl", "gan": "gan_metrics.jsonl"}
 # The generator's measures: (key in evaluate.py's records, column, format)

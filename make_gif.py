@@ -17,9 +17,9 @@ import imageio.v3 as iio
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from cli import UserError, check_range, run_main
-from files import atomic_write, output_file
-from images import HEADER, epoch_grids
+from torch_utils.cli import UserError, check_range, run_main
+from torch_utils.files import atomic_write, output_file
+from torch_utils.images import HEADER, epoch_grids
 
 LAST_FRAME_MS = 2000  # time to look at the final grid before the loop starts over
 # Generated grids hardly compress (about 120 KB a frame at 340 pixels), so by default 500 epochs become 85

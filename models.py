@@ -160,7 +160,7 @@ def layer_norm_kernels(name):
     """The module of LayerNorm kernels called name: "native" (PyTorch's) or "triton" (triton_layer_norm)."""
     if name == "native":
         return NativeKernels
-    import triton_layer_norm  # Triton compiles on first use: only when asked for
+    from torch_utils.ops import triton_layer_norm  # Triton compiles on first use: only when asked for
 
     return triton_layer_norm
 

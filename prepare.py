@@ -30,10 +30,10 @@ from packaging.requirements import Requirement
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import calculate_md5, check_integrity, download_url, extract_archive
 
-from cli import UserError, run_main
-from data import load_split
-from files import file_digest
-from runtime import check_gpu_supported
+from torch_utils.cli import UserError, run_main
+from training.data import load_split
+from torch_utils.files import file_digest
+from torch_utils.runtime import check_gpu_supported
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA_DIR = "data"  # the trainers' --data-dir default, relative to the repository root the jobs run in
@@ -218,7 +218,7 @@ def weights_problem(path, expected_sha256, check_inception_weights):
 def prepare_inception(args):
     """(True, where the weights are) or (False, what is missing and what to do)."""
     try:
-        from measures import check_inception_weights, default_inception_weights
+        from metrics.measures import check_inception_weights, default_inception_weights
     except ImportError as e:
         return False, f"InceptionV3 weights: cannot check them ({one_line(e)}); pip install -r requirements.txt"
     path = args.inception_weights or default_inception_weights()

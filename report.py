@@ -23,10 +23,10 @@ the previous report.pdf as it was.
 import argparse
 import os
 
-from cli import UserError, run_main
-from files import output_folder
-from report_inputs import gather
-from report_pages import (Document, gap_lines, write_curves, write_generator, write_health, write_max_class,
+from torch_utils.cli import UserError, run_main
+from torch_utils.files import output_folder
+from reporting.inputs import gather
+from reporting.pages import (Document, gap_lines, write_curves, write_generator, write_health, write_max_class,
                           write_max_features, write_perturbation, write_quality, write_summary)
 
 

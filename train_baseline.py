@@ -15,14 +15,14 @@ import os
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from baseline import freeze_critic_head, train_step
-from checkpoint import model_record, restore_model, save_model
-from cli import run_main
-from data import augment
+from training.baseline_step import freeze_critic_head, train_step
+from training.checkpoint import model_record, restore_model, save_model
+from torch_utils.cli import run_main
+from training.data import augment
 from models import Discriminator
-from running_means import Meter
-from runtime import GraphedStep, Runtime, Speed, StopSignal, setup_speed
-from training import (Run, Table, accuracy, adam, add_data_args, add_recipe_args, load_optimizer,
+from training.running_means import Meter
+from torch_utils.runtime import GraphedStep, Runtime, Speed, StopSignal, setup_speed
+from training.run import (Run, Table, accuracy, adam, add_data_args, add_recipe_args, load_optimizer,
                       parse_trainer_args, run_config, set_lr, training_loaders)
 
 

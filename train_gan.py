@@ -20,18 +20,18 @@ import warnings
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-import health
-from checkpoint import model_record, restore_model
-from cli import UserError, check_range, run_main
-from data import CLASSES, augment
-from files import image_bytes, torch_bytes
-from gan import Nets, Recipe, penalty_factor, training_steps
-from images import epoch_grid_name, grid_image, to_unit
+from training import health
+from training.checkpoint import model_record, restore_model
+from torch_utils.cli import UserError, check_range, run_main
+from training.data import CLASSES, augment
+from torch_utils.files import image_bytes, torch_bytes
+from training.gan_steps import Nets, Recipe, penalty_factor, training_steps
+from torch_utils.images import epoch_grid_name, grid_image, to_unit
 from models import (MINIBATCH_DIMS, MINIBATCH_KERNELS, NUM_CLASSES, Discriminator, Generator, class_noise,
                     global_batch_norm)
-from running_means import Meter
-from runtime import Runtime, Speed, StopSignal, setup_speed
-from training import (Run, Table, accuracy, adam, add_data_args, add_recipe_args, load_optimizer,
+from training.running_means import Meter
+from torch_utils.runtime import Runtime, Speed, StopSignal, setup_speed
+from training.run import (Run, Table, accuracy, adam, add_data_args, add_recipe_args, load_optimizer,
                       parse_trainer_args, run_config, training_loaders)
 
 
@@ -139,7 +139,7 @@ def distribute(gen, disc, rt):
 
 def make_evaluator(args, rt):
     """evaluate.py's measures with their fixed parts (noise, the real images' features) prepared once."""
-    from measures import build_evaluator  # torch-fidelity takes a second to import: only when measuring
+    from metrics.measures import build_evaluator  # torch-fidelity takes a second to import: only when measuring
 
     return build_evaluator(args.data_dir, rt.device, args.eval_n, args.seed, args.eval_classifier,
                            args.inception_weights)

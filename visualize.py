@@ -29,13 +29,13 @@ import os
 import torch
 import torch.nn.functional as F
 
-from checkpoint import load_model
-from cli import UserError, run_main
-from data import CLASSES, load_split, to_float
-from images import MAX_CLASS_FILE, RESULTS_FILE, max_features_file, perturb_files, save_grid, to_unit
+from training.checkpoint import load_model
+from torch_utils.cli import UserError, run_main
+from training.data import CLASSES, load_split, to_float
+from torch_utils.images import MAX_CLASS_FILE, RESULTS_FILE, max_features_file, perturb_files, save_grid, to_unit
 from models import NUM_CLASSES
-from files import atomic_write, output_folder
-from runtime import DEVICE_HELP, Runtime, progress_bar
+from torch_utils.files import atomic_write, output_folder
+from torch_utils.runtime import DEVICE_HELP, Runtime, progress_bar
 
 LEVEL = 2 / 255  # one 8-bit intensity level on the [-1, 1] scale: the perturbation's unit step
 MAX_FEATURES = 100  # images shown per layer: features 0..99 (all of them when the layer is narrower)

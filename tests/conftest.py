@@ -17,8 +17,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-import data  # noqa: E402  (needs the repo root on sys.path)
-from data import CLASSES  # noqa: E402
+from training import data  # noqa: E402  (needs the repo root on sys.path)
+from training.data import CLASSES  # noqa: E402
 
 # The tests' nets are tiny: one thread runs them as fast as several, and far faster on a busy machine, where
 # several threads per process oversubscribe the cores. The variable carries it to the scripts run as

@@ -18,11 +18,11 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import health
+from training import health
 import train_baseline
 import train_gan
 from conftest import REPO
-from files import read_metrics
+from torch_utils.files import read_metrics
 
 TINY = ["--width", "8", "--batch-size", "32", "--device", "cpu", "--limit-test", "20"]
 

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-import checkpoint
-import data
+from training import checkpoint
+from training import data
 import models
 import train_baseline
-import training
+from training import run as training_run
 from conftest import REPO
 
 SCRIPT = os.path.join(REPO, "train_baseline.py")
@@ -36,17 +36,17 @@ def no_network(*args, **kwargs):
 
 socket.getaddrinfo = socket.create_connection = socket.socket.connect = no_network
 import train_baseline
-import training
+from training import run as training_run
 
 stop_after = int(os.environ.get("TEST_STOP_AFTER_EPOCH", "0"))
-append_metrics = training.append_metrics
+append_metrics = training_run.append_metrics
 
 def append_then_stop(path, record):
     append_metrics(path, record)
     if record["epoch"] == stop_after:
         os.kill(os.getpid(), signal.SIGTERM)
 
-training.append_metrics = append_then_stop
+training_run.append_metrics = append_then_stop
 train_baseline.main()
 """.format(repo=REPO)
 
@@ -141,7 +141,7 @@ def test_model_file_loads_with_weights_only_into_a_fresh_discriminator(finished_
         assert torch.equal(loaded.state_dict()[name], value)
     # It is the final model: its test accuracy is the last epoch's reported one.
     test = data.Loader(*data.load_split(data_dir, "test"), 500, "cpu", train=False)
-    assert training.accuracy(loaded, test) == pytest.approx(metrics(finished_run)[-1]["test_acc"])
+    assert training_run.accuracy(loaded, test) == pytest.approx(metrics(finished_run)[-1]["test_acc"])
 
 
 def test_loss_falls_during_a_cli_run(finished_run):
@@ -334,7 +334,7 @@ def test_discriminator_learns_a_separable_task(data_dir):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     train = data.Loader(*data.load_split(data_dir, "train"), 64, "cpu", train=True)
     test = data.Loader(*data.load_split(data_dir, "test"), 100, "cpu", train=False)
-    before = training.accuracy(model, test)
+    before = training_run.accuracy(model, test)
     losses = []
     for epoch in range(8):
         model.train()
@@ -344,7 +344,7 @@ def test_discriminator_learns_a_separable_task(data_dir):
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-    after = training.accuracy(model, test)
+    after = training_run.accuracy(model, test)
     assert sum(losses[-4:]) < 0.5 * sum(losses[:4])
     assert after >= 0.6 and after > before + 0.3
 

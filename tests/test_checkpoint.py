@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-import checkpoint
+from training import checkpoint
 import models
-from cli import UserError
+from torch_utils.cli import UserError
 
 
 def test_model_file_holds_only_plain_values_and_rebuilds_the_net(tmp_path):

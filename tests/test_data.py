@@ -10,8 +10,8 @@ import torchvision
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-import data
-from cli import UserError
+from training import data
+from torch_utils.cli import UserError
 from conftest import write_image_folder
 
 

@@ -10,14 +10,14 @@ import torch
 import torch.multiprocessing as mp
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import baseline
-import gan
+from training import baseline_step
+from training import gan_steps
 import train_gan
-from cli import UserError
+from torch_utils.cli import UserError
 from conftest import REPO
 from models import Discriminator, Generator
-from files import read_metrics
-from runtime import Runtime
+from torch_utils.files import read_metrics
+from torch_utils.runtime import Runtime
 
 
 def free_port():
@@ -36,7 +36,7 @@ def train_a_few_steps(rank, port, out_dir):
     gen_ddp, disc_ddp = train_gan.distribute(gen, disc, rt)
     opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3, betas=(0.0, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=1e-3, betas=(0.0, 0.9))
-    baseline.freeze_critic_head(classifier)
+    baseline_step.freeze_critic_head(classifier)
     classifier_ddp = torch.nn.parallel.DistributedDataParallel(classifier)
     opt_c = torch.optim.Adam((p for p in classifier.parameters() if p.requires_grad), lr=1e-3)
     data = torch.Generator().manual_seed(100 + rank)
@@ -44,10 +44,10 @@ def train_a_few_steps(rank, port, out_dir):
         real = torch.rand(4, 3, 32, 32, generator=data) * 2 - 1
         labels = torch.randint(0, 10, (4,), generator=data)
         rng = rt.rng(0, 0, b)
-        nets = gan.Nets(gen_ddp, disc_ddp, gen, disc, opt_g, opt_d)
-        gan.generator_step(nets, gan.Recipe(), 4, rng)
-        gan.discriminator_step(nets, gan.Recipe(), real, labels, rng)
-        baseline.train_step(classifier_ddp, opt_c, real, labels)
+        nets = gan_steps.Nets(gen_ddp, disc_ddp, gen, disc, opt_g, opt_d)
+        gan_steps.generator_step(nets, gan_steps.Recipe(), 4, rng)
+        gan_steps.discriminator_step(nets, gan_steps.Recipe(), real, labels, rng)
+        baseline_step.train_step(classifier_ddp, opt_c, real, labels)
     params = {f"{name}.{key}": value for name, model in (("gen", gen), ("disc", disc), ("cls", classifier))
               for key, value in model.named_parameters()}
     torch.save({k: v.detach() for k, v in params.items()}, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -79,8 +79,8 @@ def discriminator_gradients(rank, world_size, port, out_dir, bf16, shares=None):
     y_real, y_fake = torch.randint(0, 10, (8,), generator=data), torch.randint(0, 10, (8,), generator=data)
     alpha = torch.rand(8, generator=data)
     share = slice(rank, None, shares)
-    with gan.autocast(rt.device, bf16):
-        loss, _ = gan.discriminator_loss(disc_ddp, disc, real[share], y_real[share], fake[share],
+    with gan_steps.autocast(rt.device, bf16):
+        loss, _ = gan_steps.discriminator_loss(disc_ddp, disc, real[share], y_real[share], fake[share],
                                                y_fake[share], alpha[share], 10.0)
     loss.backward()
     torch.save({n: p.grad for n, p in disc.named_parameters()},

@@ -19,10 +19,10 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 import evaluate
-import measures
-from checkpoint import save_model
+from metrics import measures
+from training.checkpoint import save_model
 from conftest import REPO, class_image, write_image_folder
-from data import CLASSES, to_float
+from training.data import CLASSES, to_float
 from models import NUM_CLASSES, Discriminator, Generator
 
 CPU = torch.device("cpu")

@@ -17,12 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+from training import data
 import make_gif
 import sample
-from checkpoint import save_model
+from training.checkpoint import save_model
 from conftest import REPO, write_image_folder
-from files import read_metrics
+from torch_utils.files import read_metrics
 from models import Generator
 
 GAN = os.path.join(REPO, "train_gan.py")

@@ -9,13 +9,13 @@ import torch.nn.functional as F
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import gan
+from training import gan_steps
 import train_gan
-from checkpoint import load_model
-from images import HEADER
+from training.checkpoint import load_model
+from torch_utils.images import HEADER
 from models import NOISE_DIM, NUM_CLASSES, Discriminator, Generator
 from conftest import REPO
-from files import read_metrics
+from torch_utils.files import read_metrics
 
 
 def run_script(script, *args):
@@ -33,7 +33,7 @@ def test_gradient_penalty_of_a_linear_critic():
     torch.manual_seed(0)
     w = (torch.randn(3 * 32 * 32) * 0.05).requires_grad_(True)
     x_hat = torch.randn(5, 3, 32, 32, requires_grad=True)
-    gp, mean_norm = gan.gradient_penalty(x_hat.flatten(1) @ w + 0.3, x_hat, lambda_gp=10.0)
+    gp, mean_norm = gan_steps.gradient_penalty(x_hat.flatten(1) @ w + 0.3, x_hat, lambda_gp=10.0)
     norm = w.norm().item()
     assert gp.item() == pytest.approx(10.0 * (norm - 1) ** 2, rel=1e-5)
     assert mean_norm.item() == pytest.approx(norm, rel=1e-5)
@@ -47,7 +47,7 @@ def test_discriminator_loss_has_the_five_terms():
     torch.manual_seed(1)
     real, fake = torch.rand(4, 3, 32, 32).double() * 2 - 1, torch.rand(4, 3, 32, 32).double() * 2 - 1
     y_real, y_fake, alpha = torch.tensor([0, 1, 2, 3]), torch.tensor([9, 8, 7, 6]), torch.rand(4).double()
-    loss, monitored = gan.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0)
+    loss, monitored = gan_steps.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0)
 
     # By hand: three separate forward passes, the penalty from its definition.
     x_hat = (alpha.view(-1, 1, 1, 1) * real + (1 - alpha.view(-1, 1, 1, 1)) * fake).requires_grad_(True)
@@ -57,7 +57,7 @@ def test_discriminator_loss_has_the_five_terms():
     gp = 10.0 * ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
     expected = s_fake.mean() - s_real.mean() + F.cross_entropy(c_real, y_real) + F.cross_entropy(c_fake, y_fake) + gp
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert set(monitored) == set(gan.MONITORED)
+    assert set(monitored) == set(gan_steps.MONITORED)
     assert monitored["gp"].item() == pytest.approx(gp.item(), rel=1e-5)
     assert monitored["real_acc"].item() == (c_real.argmax(1) == y_real).float().mean().item()
     assert monitored["fake_score"].item() == pytest.approx(s_fake.mean().item(), rel=1e-5)
@@ -74,16 +74,16 @@ def test_a_lazy_penalty_is_weighted_k_times_every_k_th_step_and_skipped_between(
     """--gp-every K: the penalty factor is K on batches 0, K, 2K, ... and 0 between; factor K adds K times the
     penalty, factor 0 leaves it out (no penalty pass, no gp or grad_norm monitored); the rest of the loss and its
     monitored values are the same."""
-    assert [gan.penalty_factor(b, 3) for b in range(7)] == [3, 0, 0, 3, 0, 0, 3]
-    assert [gan.penalty_factor(b, 1) for b in range(3)] == [1, 1, 1]
+    assert [gan_steps.penalty_factor(b, 3) for b in range(7)] == [3, 0, 0, 3, 0, 0, 3]
+    assert [gan_steps.penalty_factor(b, 1) for b in range(3)] == [1, 1, 1]
     disc = tiny_nets()[1].double()
     torch.manual_seed(1)
     real, fake = torch.rand(4, 3, 32, 32).double() * 2 - 1, torch.rand(4, 3, 32, 32).double() * 2 - 1
     y_real, y_fake, alpha = torch.tensor([0, 1, 2, 3]), torch.tensor([9, 8, 7, 6]), torch.rand(4).double()
-    results = {k: gan.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0, k) for k in (0, 1, 4)}
+    results = {k: gan_steps.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0, k) for k in (0, 1, 4)}
     (plain, without), (one, every), (four, lazy) = results[0], results[1], results[4]
-    assert set(without) == set(gan.MONITORED) - {"gp", "grad_norm"}
-    assert set(every) == set(lazy) == set(gan.MONITORED)
+    assert set(without) == set(gan_steps.MONITORED) - {"gp", "grad_norm"}
+    assert set(every) == set(lazy) == set(gan_steps.MONITORED)
     assert lazy["gp"].item() == pytest.approx(every["gp"].item())  # monitored unweighted: comparable across K
     assert one.item() == pytest.approx(plain.item() + every["gp"].item())
     assert four.item() == pytest.approx(plain.item() + 4 * every["gp"].item())
@@ -113,7 +113,7 @@ def test_generator_loss_has_the_two_terms():
     fake = gen(z)
     scores, logits, _ = disc(fake)
     expected = -scores.mean() + F.cross_entropy(logits, labels)
-    assert gan.generator_loss(disc, fake, labels)[0].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert gan_steps.generator_loss(disc, fake, labels)[0].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_feature_matching_adds_the_squared_distance_of_the_mean_features():
@@ -126,8 +126,8 @@ def test_feature_matching_adds_the_squared_distance_of_the_mean_features():
             x = block(x)
         return x.amax((2, 3))
     distance = sum((a - b) ** 2 for a, b in zip(pooled(real).mean(0).tolist(), pooled(fake).mean(0).tolist()))
-    plain = gan.generator_loss(disc, fake, labels)[0]
-    with_fm = gan.generator_loss(disc, fake, labels, gan.Recipe(feature_matching=0.5), real)[0]
+    plain = gan_steps.generator_loss(disc, fake, labels)[0]
+    with_fm = gan_steps.generator_loss(disc, fake, labels, gan_steps.Recipe(feature_matching=0.5), real)[0]
     assert with_fm.item() == pytest.approx(plain.item() + 0.5 * distance, rel=1e-5)
     assert distance > 1e-4
 
@@ -135,8 +135,8 @@ def test_feature_matching_adds_the_squared_distance_of_the_mean_features():
 def test_the_recipe_reads_each_field_from_the_flag_of_its_name():
     """What a new loss term needs besides its function: a Recipe field and a train_gan.py flag of the same name."""
     args = train_gan.parse_args(["--lambda-gp", "5", "--feature-matching", "0.25"])
-    assert gan.Recipe.from_args(args, bf16=True) == gan.Recipe(lambda_gp=5.0, feature_matching=0.25, bf16=True)
-    assert gan.Recipe.from_args(train_gan.parse_args([])) == gan.Recipe()  # the flags' defaults are the recipe's
+    assert gan_steps.Recipe.from_args(args, bf16=True) == gan_steps.Recipe(lambda_gp=5.0, feature_matching=0.25, bf16=True)
+    assert gan_steps.Recipe.from_args(train_gan.parse_args([])) == gan_steps.Recipe()  # the flags' defaults are the recipe's
 
 
 def test_minibatch_discrimination_keeps_real_fake_and_interpolated_apart():
@@ -147,7 +147,7 @@ def test_minibatch_discrimination_keeps_real_fake_and_interpolated_apart():
     real, y = torch.rand(4, 3, 32, 32).double() * 2 - 1, torch.tensor([0, 1, 2, 3])
     fakes = [torch.rand(4, 3, 32, 32).double() * 2 - 1 for _ in range(2)]
     alphas = [torch.rand(4).double() for _ in range(2)]
-    runs = [gan.discriminator_loss(disc, disc, real, y, fake, y, alpha, 10.0)[1]
+    runs = [gan_steps.discriminator_loss(disc, disc, real, y, fake, y, alpha, 10.0)[1]
             for fake in fakes for alpha in alphas]
     for monitored in runs[1:]:
         for name in ("real_score", "real_ce", "real_acc"):
@@ -166,7 +166,7 @@ def test_generator_step_leaves_the_discriminator_alone():
     d_params = [p.detach().clone() for p in disc.parameters()]
     d_grads = [p.grad.clone() for p in disc.parameters()]
     g_params = [p.detach().clone() for p in gen.parameters()]
-    gan.generator_step(gan.Nets(gen, disc, gen, disc, opt_g, None), gan.Recipe(), 4, torch.Generator().manual_seed(0))
+    gan_steps.generator_step(gan_steps.Nets(gen, disc, gen, disc, opt_g, None), gan_steps.Recipe(), 4, torch.Generator().manual_seed(0))
     assert all(torch.equal(a, p) for a, p in zip(d_params, disc.parameters()))
     assert all(torch.equal(a, p.grad) for a, p in zip(d_grads, disc.parameters()))
     assert all(p.requires_grad for p in disc.parameters()), "D must be unfrozen again for its own step"
@@ -179,7 +179,7 @@ def test_discriminator_step_does_not_move_the_generator():
     g_params = [p.detach().clone() for p in gen.parameters()]
     d_params = [p.detach().clone() for p in disc.parameters()]
     real, labels = torch.rand(4, 3, 32, 32) * 2 - 1, torch.tensor([1, 2, 3, 4])
-    gan.discriminator_step(gan.Nets(gen, disc, gen, disc, None, opt_d), gan.Recipe(), real, labels,
+    gan_steps.discriminator_step(gan_steps.Nets(gen, disc, gen, disc, None, opt_d), gan_steps.Recipe(), real, labels,
                            torch.Generator().manual_seed(0))
     assert all(torch.equal(a, p) for a, p in zip(g_params, gen.parameters()))
     assert all(p.grad is None for p in gen.parameters())
@@ -211,7 +211,7 @@ def test_cli_two_epochs_then_resume(tiny_image_folder, tmp_path):
             assert grid.size == (grid_side, grid_side + HEADER)
     records = [r for r in read_metrics(out / "gan_metrics.jsonl")[0] if r["type"] == "epoch"]
     assert [r["epoch"] for r in records] == [1, 2]
-    for key in ("test_acc", "seconds", "images_per_s") + gan.MONITORED:
+    for key in ("test_acc", "seconds", "images_per_s") + gan_steps.MONITORED:
         assert key in records[0]
     assert load_model(out / "generator.model", "generator").width == 8
     assert load_model(out / "discriminator.model", "discriminator").width == 8
@@ -234,7 +234,7 @@ def test_nan_loss_stops_cleanly_and_keeps_the_checkpoint(tiny_image_folder, tmp_
     train_gan.main(list(map(str, gan_args(tiny_image_folder, out, "--epochs", 1))))
     before = (out / "gan.ckpt").read_bytes()
     capsys.readouterr()
-    monkeypatch.setattr(gan, "gradient_penalty", lambda score, x, lam: (score.sum() * float("nan"),) * 2)
+    monkeypatch.setattr(gan_steps, "gradient_penalty", lambda score, x, lam: (score.sum() * float("nan"),) * 2)
     with pytest.raises(SystemExit) as exit_info:
         train_gan.main(list(map(str, gan_args(tiny_image_folder, out, "--epochs", 2, "--resume"))))
     assert exit_info.value.code == 2
@@ -246,7 +246,7 @@ def test_nan_loss_stops_cleanly_and_keeps_the_checkpoint(tiny_image_folder, tmp_
 
 
 def test_sample_writes_a_grid_of_the_asked_classes(tmp_path):
-    from checkpoint import save_model
+    from training.checkpoint import save_model
 
     gen = Generator(8)
     save_model(gen, tmp_path / "generator.model")
@@ -298,8 +298,8 @@ def test_split_penalty_pass_equals_the_one_batch_formulation():
     disc = Discriminator(8)
     real, fake = torch.rand(6, 3, 32, 32) * 2 - 1, torch.rand(6, 3, 32, 32) * 2 - 1
     y_real, y_fake, alpha = torch.arange(6), torch.arange(6).flip(0), torch.rand(6)
-    split, _ = gan.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0)
-    one_batch = gan.one_batch_discriminator_loss(disc, real, y_real, fake, y_fake, alpha, 10.0)
+    split, _ = gan_steps.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0)
+    one_batch = gan_steps.one_batch_discriminator_loss(disc, real, y_real, fake, y_fake, alpha, 10.0)
     assert abs(split.item() - one_batch.item()) < 1e-6
     params = list(disc.parameters())
     got = torch.cat([g.flatten() for g in torch.autograd.grad(split, params)])
@@ -310,7 +310,7 @@ def test_split_penalty_pass_equals_the_one_batch_formulation():
 def test_eval_every_logs_the_measures_without_changing_the_training(tiny_image_folder, tmp_path):
     """Offline: the Inception metrics are reported unavailable in one note, the classifier's measures are
     logged every epoch, and the run trains exactly as one without them."""
-    from checkpoint import save_model
+    from training.checkpoint import save_model
 
     torch.manual_seed(0)
     save_model(Discriminator(8), tmp_path / "cifar10.model")

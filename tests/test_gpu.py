@@ -31,13 +31,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import gan
-import measures
+from training import gan_steps
+from metrics import measures
 import sample
-from checkpoint import save_model
+from training.checkpoint import save_model
 from conftest import REPO, write_image_folder
-from data import load_split
-from files import read_metrics, torch_bytes
+from training.data import load_split
+from torch_utils.files import read_metrics, torch_bytes
 from models import Discriminator, Generator, class_noise
 from test_evaluate import class_images, inception_weights, run_offline  # noqa: F401 (a fixture)
 
@@ -143,10 +143,10 @@ def losses_and_gradients(device, tf32):
     (real, y_real), (fake, y_fake) = (tuple(t.to(device) for t in batch(16, s)) for s in (1, 2))
     alpha = torch.rand(16, generator=torch.Generator().manual_seed(3)).to(device)
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=tf32):
-        d_loss, _ = gan.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0)
+        d_loss, _ = gan_steps.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0)
         c_loss = F.cross_entropy(disc(real).logits, y_real)
         z = class_noise(y_fake.cpu(), torch.Generator().manual_seed(4)).to(device)
-        g_loss, _ = gan.generator_loss(disc, gen(z), y_fake)
+        g_loss, _ = gan_steps.generator_loss(disc, gen(z), y_fake)
         results = []
         for loss, net in ((d_loss, disc), (c_loss, disc), (g_loss, gen)):
             grads = torch.autograd.grad(loss, list(net.parameters()), retain_graph=True, allow_unused=True)
@@ -172,7 +172,7 @@ def test_a_cuda_step_follows_the_cpu(tf32):
 def test_adam_state_moves_between_devices_and_steps():
     """The unit behind resuming across devices: a CPU optimizer's state into a fused CUDA Adam, and back, through
     a checkpoint's bytes read to the CPU, as checkpoint.load_checkpoint reads them."""
-    from training import adam, load_optimizer
+    from training.run import adam, load_optimizer
 
     for source, target in ((CPU, CUDA), (CUDA, CPU)):
         params = [torch.nn.Parameter(torch.randn(5, 3, device=source))]
@@ -226,9 +226,9 @@ def test_split_penalty_equals_one_batch_on_cuda():
     (real, y_real), (fake, y_fake) = (tuple(t.to(CUDA) for t in batch(16, s)) for s in (5, 6))
     alpha = torch.rand(16, device=CUDA)
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        split, _ = gan.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0)
+        split, _ = gan_steps.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0)
         split_grads = torch.autograd.grad(split, list(disc.parameters()))
-        one = gan.one_batch_discriminator_loss(disc, real, y_real, fake, y_fake, alpha, 10.0)
+        one = gan_steps.one_batch_discriminator_loss(disc, real, y_real, fake, y_fake, alpha, 10.0)
         one_grads = torch.autograd.grad(one, list(disc.parameters()))
     assert split.item() == pytest.approx(one.item(), rel=1e-5)
     for a, b in zip(one_grads, split_grads):

@@ -4,13 +4,13 @@ torchrun ones are in test_torchrun_sync.py)."""
 import pytest
 import torch
 
-import gan
-import measures
+from training import gan_steps
+from metrics import measures
 import sample
-import training
-from cli import UserError
+from training import run as training_run
+from torch_utils.cli import UserError
 from models import MinibatchDiscrimination, class_noise
-from runtime import setup_speed
+from torch_utils.runtime import setup_speed
 
 META = torch.device("meta")
 
@@ -28,10 +28,10 @@ def test_a_cpu_checkpoint_resumes_with_every_adam_tensor_on_the_gpu(monkeypatch)
     """The meta device stands in for the GPU (fused there): `step` must follow exp_avg onto it, or the fused
     kernel refuses tensors on two devices at the first step."""
     state, _ = adam_state(fused=None)
-    monkeypatch.setattr(training, "fused_adam", lambda device: True)
+    monkeypatch.setattr(training_run, "fused_adam", lambda device: True)
     params = [torch.nn.Parameter(torch.empty(3, 2, device=META)), torch.nn.Parameter(torch.empty(4, device=META))]
     optimizer = torch.optim.Adam(params, lr=1e-3)
-    training.load_optimizer(optimizer, state, META)
+    training_run.load_optimizer(optimizer, state, META)
     assert all(group["fused"] is True for group in optimizer.param_groups)
     for p in params:
         assert {name: t.device for name, t in optimizer.state[p].items()} == dict.fromkeys(
@@ -42,7 +42,7 @@ def test_a_fused_checkpoint_resumes_plain_on_the_cpu_and_steps():
     state, _ = adam_state(fused=True)
     params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
     optimizer = torch.optim.Adam(params, lr=1e-3)
-    training.load_optimizer(optimizer, state, torch.device("cpu"))
+    training_run.load_optimizer(optimizer, state, torch.device("cpu"))
     assert all(group["fused"] is None for group in optimizer.param_groups)
     sum(p.sum() for p in params).backward()
     optimizer.step()
@@ -55,7 +55,7 @@ def penalty_and_gradient(dtype, bf16):
     layer = MinibatchDiscrimination(32).to(dtype)
     x = torch.randn(16, 32).to(dtype).requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        gp, _ = gan.gradient_penalty(layer(x).sum(1), x, 10.0)
+        gp, _ = gan_steps.gradient_penalty(layer(x).sum(1), x, 10.0)
     gp.backward()
     return gp.detach().double(), layer.T.grad.double()
 
@@ -150,10 +150,10 @@ def test_a_plain_checkpoint_resumes_with_moments_laid_out_as_channels_last_weigh
     optimizer = torch.optim.Adam(plain.parameters(), lr=1e-3)
     plain(torch.randn(2, 3, 32, 32))[0].sum().backward()
     optimizer.step()
-    monkeypatch.setattr(training, "fused_adam", lambda device: True)
+    monkeypatch.setattr(training_run, "fused_adam", lambda device: True)
     fast = Discriminator(8).to(META, memory_format=torch.channels_last)
     resumed = torch.optim.Adam(fast.parameters(), lr=1e-3, capturable=True)
-    training.load_optimizer(resumed, optimizer.state_dict(), META)
+    training_run.load_optimizer(resumed, optimizer.state_dict(), META)
     conv = fast.blocks[1].conv.weight
     assert not conv.is_contiguous() and conv.is_contiguous(memory_format=torch.channels_last)
     assert conv in resumed.state
@@ -168,13 +168,13 @@ def test_a_capturable_adams_learning_rate_is_one_tensor_that_set_lr_changes_in_p
     """A CUDA graph replays the lr tensor it captured: the baseline's schedule must change that tensor, not put a
     new number in its place (which the graph would never see), also after a resume from a plain checkpoint."""
     params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
-    optimizer = training.adam(params, 1e-4, (0.9, 0.999), torch.device("cpu"), capturable=True)
+    optimizer = training_run.adam(params, 1e-4, (0.9, 0.999), torch.device("cpu"), capturable=True)
     plain_state, _ = adam_state(fused=None)
-    training.load_optimizer(optimizer, plain_state, torch.device("cpu"))
+    training_run.load_optimizer(optimizer, plain_state, torch.device("cpu"))
     captured = optimizer.param_groups[0]["lr"]
     assert torch.is_tensor(captured) and captured.item() == pytest.approx(1e-4)  # this run's lr, not the saved 1e-3
-    training.set_lr(optimizer, 1e-5)
+    training_run.set_lr(optimizer, 1e-5)
     assert optimizer.param_groups[0]["lr"] is captured and captured.item() == pytest.approx(1e-5)
-    plain = training.adam(params, 1e-4, (0.9, 0.999), torch.device("cpu"))
-    training.set_lr(plain, 1e-5)
+    plain = training_run.adam(params, 1e-4, (0.9, 0.999), torch.device("cpu"))
+    training_run.set_lr(plain, 1e-5)
     assert plain.param_groups[0]["lr"] == 1e-5

@@ -6,14 +6,14 @@ import torch
 import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import gan
-import health
+from training import gan_steps
+from training import health
 import report
-import report_inputs
-import report_pages
+from reporting import inputs
+from reporting import pages
 import train_gan
-from data import CLASSES
-from files import append_metrics, read_metrics
+from training.data import CLASSES
+from torch_utils.files import append_metrics, read_metrics
 from models import NOISE_DIM, NUM_CLASSES, Discriminator, Generator, class_noise
 
 # Window values of a healthy run: the range seen on CIFAR-10 (train_gan.py --width 16 --batch-size 64, two
@@ -32,7 +32,7 @@ def test_the_critics_signals_match_a_hand_computation():
     torch.manual_seed(0)
     disc = Discriminator(8).double()
     real, y_real, fake, y_fake, alpha = batch(1)
-    _, monitored = gan.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0)
+    _, monitored = gan_steps.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0)
     s_real, c_real, _ = disc(real)
     s_fake, c_fake, _ = disc(fake)
     x_hat = (alpha.view(-1, 1, 1, 1) * real + (1 - alpha.view(-1, 1, 1, 1)) * fake).requires_grad_(True)
@@ -49,7 +49,7 @@ def test_the_generators_loss_splits_into_its_terms():
     gen, disc = Generator(8), Discriminator(8)
     labels = torch.tensor([0, 1, 2, 3, 4, 5])
     fake, real = gen(class_noise(labels)), torch.rand(6, 3, 32, 32) * 2 - 1
-    loss, terms = gan.generator_loss(disc, fake, labels, gan.Recipe(feature_matching=0.5), real)
+    loss, terms = gan_steps.generator_loss(disc, fake, labels, gan_steps.Recipe(feature_matching=0.5), real)
     scores, logits, _ = disc(fake)
     assert terms["g_critic"].item() == pytest.approx(-scores.mean().item(), rel=1e-6)
     assert terms["g_ce"].item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
@@ -77,7 +77,7 @@ def test_a_critic_whose_gradients_blow_up_warns_once_when_it_has_lasted():
         disc.fc1.weight.mul_(1000)
     records = []
     for seed in range(health.SUSTAIN + 2):
-        monitored = gan.discriminator_loss(disc, disc, *batch(seed)[:4], batch(seed)[4], 10.0)[1]
+        monitored = gan_steps.discriminator_loss(disc, disc, *batch(seed)[:4], batch(seed)[4], 10.0)[1]
         records += windows({k: v.item() for k, v in monitored.items()}, 1)
     assert all(r["grad_norm"] > health.GRAD_NORM_RANGE[1] for r in records)
     fired = fired_along(records)
@@ -170,7 +170,7 @@ def test_the_report_plots_the_signals_and_says_when_no_warning_came(tmp_path):
                 "collapsed_classes": []}]
     for record in records:
         append_metrics(tmp_path / "gan_metrics.jsonl", record)
-    fig = report_pages.plot_gan([records[1]], [records[0]])
+    fig = pages.plot_gan([records[1]], [records[0]])
     titles = [ax.get_title() for ax in fig.axes]
     for title in ("Wasserstein estimate (real - fake)", "critic's gradient norm at x_hat", "generator loss",
                   "fixed-noise samples' spread per class"):
@@ -178,10 +178,10 @@ def test_the_report_plots_the_signals_and_says_when_no_warning_came(tmp_path):
     accuracy = fig.axes[titles.index("accuracy")]
     assert [line.get_label() for line in accuracy.get_lines()] == ["real training batches", "fake batches",
                                                                     "test set"]
-    quality = report_pages.plot_quality([records[2]],
-                                        [m for m in report_pages.QUALITY if m[0] == "spread_ratio_per_class"])
+    quality = pages.plot_quality([records[2]],
+                                        [m for m in pages.QUALITY if m[0] == "spread_ratio_per_class"])
     assert [line.get_label() for line in quality.axes[0].get_lines()][:NUM_CLASSES] == list(CLASSES)
-    found = report_inputs.gather(report.parse_args(["--gan-dir", str(tmp_path), "--vis-dir", str(tmp_path / "none")]))
-    doc = report_pages.Document()
-    report_pages.write_health(doc, found)
+    found = inputs.gather(report.parse_args(["--gan-dir", str(tmp_path), "--vis-dir", str(tmp_path / "none")]))
+    doc = pages.Document()
+    pages.write_health(doc, found)
     assert "The health rules raised no warning." in doc.lines

@@ -20,11 +20,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
-import gan
+from training import gan_steps
 import models
-from cli import UserError
+from torch_utils.cli import UserError
 from models import Discriminator, Generator, LayerNorm
-from runtime import Speed
+from torch_utils.runtime import Speed
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
 CUDA = torch.cuda.is_available()
@@ -42,7 +42,7 @@ def no_tf32():
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Rows cut into several chunks (one of them partial) and row groups of 3, as large rows are on a GPU."""
-    import triton_layer_norm
+    from torch_utils.ops import triton_layer_norm
     monkeypatch.setattr(triton_layer_norm, "CHUNK", 16)
     monkeypatch.setattr(triton_layer_norm, "ROW_GROUP", 3)
     return triton_layer_norm
@@ -276,7 +276,7 @@ def gradients_and_loss(model, dtype, device, n, tf32=False):
     alpha = torch.rand(n, generator=g).to(device, dtype)
     torch.backends.cudnn.allow_tf32 = tf32
     try:
-        loss, monitored = gan.discriminator_loss(model, model, real, real_labels, fake, fake_labels, alpha, 10.0)
+        loss, monitored = gan_steps.discriminator_loss(model, model, real, real_labels, fake, fake_labels, alpha, 10.0)
         loss.backward()
     finally:
         torch.backends.cudnn.allow_tf32 = False
@@ -379,7 +379,7 @@ def test_graphed_gan_iterations_equal_the_eager_ones(gp_every, unmeasured, monke
         speed.prepare(gen, disc)
         opt_g, opt_d = (torch.optim.Adam(m.parameters(), lr=1e-4, betas=(0.0, 0.9), fused=True, capturable=graphs)
                         for m in (gen, disc))
-        generator, discriminator = gan.training_steps(gan.Nets(gen, disc, gen, disc, opt_g, opt_d), gan.Recipe(),
+        generator, discriminator = gan_steps.training_steps(gan_steps.Nets(gen, disc, gen, disc, opt_g, opt_d), gan_steps.Recipe(),
                                                       graphs)
         images = torch.rand(32, 3, 32, 32, generator=torch.Generator().manual_seed(5)).to(device) * 2 - 1
         labels = torch.arange(32, device=device) % 10
@@ -387,7 +387,7 @@ def test_graphed_gan_iterations_equal_the_eager_ones(gp_every, unmeasured, monke
         for b in range(8):
             rng = torch.Generator(device).manual_seed(b)
             values = {**generator(32, rng, None),
-                      **discriminator(images, labels, rng, gan.penalty_factor(b, gp_every))}
+                      **discriminator(images, labels, rng, gan_steps.penalty_factor(b, gp_every))}
             monitored.append({k: v.item() for k, v in values.items()})
         runs.append((monitored, [t.detach().clone() for t in (*gen.parameters(), *disc.parameters(), *gen.buffers())]))
     (eager, eager_tensors), (graphed, graphed_tensors) = runs
@@ -408,23 +408,23 @@ def test_graphed_gan_iterations_equal_the_eager_ones(gp_every, unmeasured, monke
 def test_a_replayed_baseline_step_follows_the_learning_rate_set_after_its_capture():
     """The baseline keeps one CUDA graph for its whole schedule: a replay must use the lr that set_lr put in the
     optimizer since the capture (a float lr would be baked into the graph)."""
-    import baseline
-    import training
-    from runtime import GraphedStep
+    from training import baseline_step
+    from training import run as training_run
+    from torch_utils.runtime import GraphedStep
     device = torch.device("cuda")
     torch.manual_seed(0)
     model = Discriminator(16).to(device)
-    baseline.freeze_critic_head(model)
-    optimizer = training.adam([p for p in model.parameters() if p.requires_grad], 1e-3, (0.9, 0.999), device,
+    baseline_step.freeze_critic_head(model)
+    optimizer = training_run.adam([p for p in model.parameters() if p.requires_grad], 1e-3, (0.9, 0.999), device,
                               capturable=True)
-    step = GraphedStep(lambda x, labels: baseline.train_step(model, optimizer, x, labels))
+    step = GraphedStep(lambda x, labels: baseline_step.train_step(model, optimizer, x, labels))
     x, labels = torch.rand(8, 3, 32, 32, device=device) * 2 - 1, torch.arange(8, device=device)
     for _ in range(GraphedStep.EAGER_CALLS + 1):  # the eager calls, then the capture (a step too)
         step(x=x, labels=labels)
     assert step.graph is not None
 
     def change_by_one_replay(lr):
-        training.set_lr(optimizer, lr)
+        training_run.set_lr(optimizer, lr)
         before = [p.detach().clone() for p in model.parameters()]
         step(x=x, labels=labels)
         torch.cuda.synchronize()

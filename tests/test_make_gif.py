@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 import make_gif
-from images import HEADER
+from torch_utils.images import HEADER
 
 
 def colour(epoch):

@@ -422,7 +422,7 @@ def as_before(d):
 def test_discriminator_loss_and_gradients_equal_those_of_nn_layer_norm():
     """gan.py's discriminator loss with the penalty, fp32: the loss and each parameter's gradient agree with
     nn.LayerNorm's to 1e-6 (relative; fp32 rounds each in another order)."""
-    import gan
+    from training import gan_steps
 
     g = torch.Generator().manual_seed(1)
     real, fake = (torch.rand(6, 3, 32, 32, generator=g) * 2 - 1 for _ in range(2))
@@ -434,7 +434,7 @@ def test_discriminator_loss_and_gradients_equal_those_of_nn_layer_norm():
         d = models.Discriminator(8)
         if before:
             as_before(d)
-        loss, _ = gan.discriminator_loss(d, d, real, real_labels, fake, fake_labels, alpha, 10.0)
+        loss, _ = gan_steps.discriminator_loss(d, d, real, real_labels, fake, fake_labels, alpha, 10.0)
         loss.backward()
         results.append((loss.item(), {name: p.grad for name, p in d.named_parameters()}))
     (loss, grads), (loss_before, grads_before) = results
@@ -466,7 +466,7 @@ def test_layer_norm_under_cpu_bf16_autocast_behaves_like_nn_layer_norm():
 
 
 def test_model_files_and_checkpoints_written_with_nn_layer_norm_still_load(tmp_path):
-    from checkpoint import load_model, model_record, restore_model, save_model
+    from training.checkpoint import load_model, model_record, restore_model, save_model
 
     torch.manual_seed(0)
     before = as_before(models.Discriminator(WIDTH)).eval()

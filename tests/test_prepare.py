@@ -25,8 +25,8 @@ import torch
 from torch_fidelity import feature_extractor_inceptionv3 as inception
 from torchvision.datasets import CIFAR10
 
-import data
-import measures
+from training import data
+from metrics import measures
 import prepare
 from conftest import REPO
 

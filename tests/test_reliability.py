@@ -12,9 +12,9 @@ import torch
 
 import train_baseline
 import train_gan
-import training
+from training import run as training_run
 from conftest import REPO, write_image_folder
-from files import read_metrics
+from torch_utils.files import read_metrics
 
 GAN = os.path.join(REPO, "train_gan.py")
 BASELINE = os.path.join(REPO, "train_baseline.py")
@@ -90,13 +90,13 @@ def test_no_room_for_the_image_cache_is_a_note_and_training_goes_on(tmp_path):
 # Sends the given signal to the trainer itself when it starts batch 3 of its first epoch.
 SIGNAL_AT_BATCH_3 = """
 import os, signal, training
-batches = training.Run.batches
+batches = training_run.Run.batches
 def batches_then_signal(self, loader, epoch, start, epochs):
     for item in batches(self, loader, epoch, start, epochs):
         if item[0] == 3:
             os.kill(os.getpid(), signal.{name})
         yield item
-training.Run.batches = batches_then_signal
+training_run.Run.batches = batches_then_signal
 """
 
 
@@ -140,11 +140,11 @@ def test_a_signal_during_start_up_exits_75_and_leaves_the_checkpoint(data_dir, t
     """SIGTERM while the data is loading (a scheduler's walltime warning that comes early)."""
     during_loading = """
 import os, signal, training
-load_split = training.load_split
+load_split = training_run.load_split
 def load_split_then_signal(*args):
     os.kill(os.getpid(), signal.SIGTERM)
     return load_split(*args)
-training.load_split = load_split_then_signal
+training_run.load_split = load_split_then_signal
 """
     out = tmp_path / "run"
     args = ["--data-dir", data_dir, "--out-dir", out, *COMMON]
@@ -163,14 +163,14 @@ def test_a_kill_while_appending_metrics_loses_no_epoch(data_dir, tmp_path):
     holds every epoch once, and report.py reads all of them."""
     half_line_then_die = """
 import os, training
-append = training.append_metrics
+append = training_run.append_metrics
 def append_or_die(path, record):
     if record["epoch"] == 2:
         with open(path, "a") as f:
             f.write('{"epoch": 2, "lr": 0.00')
         os._exit(137)
     append(path, record)
-training.append_metrics = append_or_die
+training_run.append_metrics = append_or_die
 """
     out = tmp_path / "run"
     args = ["--data-dir", data_dir, "--out-dir", out, *COMMON, "--epochs", 3]
@@ -241,7 +241,7 @@ def test_the_fused_adam_setting_follows_the_device_not_the_checkpoint():
     params = [torch.nn.Parameter(torch.randn(3))]
     saved = torch.optim.Adam(params, lr=1e-3, fused=True).state_dict()  # as written on a GPU
     optimizer = torch.optim.Adam(params, lr=1e-3)
-    training.load_optimizer(optimizer, saved, torch.device("cpu"))
+    training_run.load_optimizer(optimizer, saved, torch.device("cpu"))
     assert [g["fused"] for g in optimizer.param_groups] == [None]
 
 

@@ -14,11 +14,11 @@ from PIL import Image
 
 import make_gif
 import report
-import report_inputs
-import report_pages
+from reporting import inputs
+from reporting import pages
 from conftest import REPO
-from data import CLASSES
-from quality import format_table
+from training.data import CLASSES
+from metrics.quality import format_table
 
 SECTIONS = ["## Test accuracy", "## Training curves", "## Generator progress", "## Generator quality",
             "## Perturbed images", "## Synthetic images maximizing each class",
@@ -81,9 +81,9 @@ def write_model(vis, name, layers, perturb=True, noise=True, scaling="min-max pe
     folder = vis / name
     files = ["max_class.png"]
     if perturb:
-        files += [f for f, _ in report_inputs.PERTURB_FILES]
+        files += [f for f, _ in inputs.PERTURB_FILES]
     if noise:
-        files += [f for f, _ in report_inputs.NOISE_FILES]
+        files += [f for f, _ in inputs.NOISE_FILES]
     for file in files + [f"max_features_layer{k}.png" for k in layers]:
         png(folder / file)
     settings = {"iterations": 200, "lr": 0.1, "weight_decay": 0.001, "start": start}
@@ -294,7 +294,7 @@ def test_without_eval_records_the_report_says_how_to_get_them(tmp_path, capsys):
 
 
 def test_a_damaged_grid_is_listed_and_the_rest_is_complete(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(report_pages.matplotlib.rcParams, "pdf.compression", 0)  # for pdf_text
+    monkeypatch.setitem(pages.matplotlib.rcParams, "pdf.compression", 0)  # for pdf_text
     write_baseline(tmp_path)
     write_gan(tmp_path)
     make_gif.main(["--input", str(tmp_path / "output"), "--output", str(tmp_path / "progress.gif")])
@@ -339,7 +339,7 @@ def test_a_cut_metrics_line_is_skipped_and_counted(tmp_path, capsys):
     gan.insert(5, gan[5][:40])  # a monitor line of epoch 2 cut short, then written again in full
     (tmp_path / "gan_metrics.jsonl").write_text("\n".join(gan) + "\n")
     args = report.parse_args(["--baseline-dir", str(tmp_path), "--gan-dir", str(tmp_path)])
-    found = report_inputs.gather(args)
+    found = inputs.gather(args)
     assert [r["epoch"] for r in found.baseline] == [1, 2, 3, 4]
     assert found.baseline[1]["test_acc"] == 0.55
     assert [r["epoch"] for r in found.gan_epochs] == [1, 2, 3]
@@ -377,7 +377,7 @@ HOLD = """
 import glob, os, sys, time
 sys.path.insert(0, {repo!r})
 import report
-import report_pages
+from reporting import pages
 moment, marker, out = sys.argv[1:4]
 
 def hold():
@@ -385,12 +385,12 @@ def hold():
     time.sleep(600)
 
 if moment == "render":
-    draw = report_pages.PdfPages.savefig
+    draw = pages.PdfPages.savefig
     def savefig(self, *args, **kwargs):
         draw(self, *args, **kwargs)
         if self.get_pagecount() == 3:
             hold()
-    report_pages.PdfPages.savefig = savefig
+    pages.PdfPages.savefig = savefig
 else:
     fsync = os.fsync
     def fsync_then_hold(fd):

@@ -17,12 +17,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import baseline
+from training import baseline_step
 import bench
-import gan
+from training import gan_steps
 from conftest import REPO
 from models import Discriminator, Generator
-from runtime import Runtime
+from torch_utils.runtime import Runtime
 
 LOSS_RTOL = 3e-2
 MIN_COSINE = 0.8
@@ -61,7 +61,7 @@ def test_baseline_step_bf16_matches_fp32():
     losses = []
     for model, use_bf16 in ((fp32, False), (bf16, True)):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # keep the weights; look at the gradients
-        losses.append(baseline.train_step(model, optimizer, x, y, use_bf16)[0].item())
+        losses.append(baseline_step.train_step(model, optimizer, x, y, use_bf16)[0].item())
     assert losses[1] == pytest.approx(losses[0], rel=LOSS_RTOL)
     assert_close_gradients(fp32, bf16)
 
@@ -73,8 +73,8 @@ def test_discriminator_loss_bf16_matches_fp32():
     alpha = torch.rand(16, generator=torch.Generator().manual_seed(3))
     results = []
     for model, use_bf16 in ((fp32, False), (bf16, True)):
-        with gan.autocast(real.device, use_bf16):
-            loss, monitored = gan.discriminator_loss(model, model, real, y_real, fake, y_fake, alpha, 10.0)
+        with gan_steps.autocast(real.device, use_bf16):
+            loss, monitored = gan_steps.discriminator_loss(model, model, real, y_real, fake, y_fake, alpha, 10.0)
         loss.backward()
         results.append((loss.item(), monitored))
     assert results[1][0] == pytest.approx(results[0][0], rel=LOSS_RTOL)
@@ -89,8 +89,8 @@ def test_generator_loss_bf16_matches_fp32():
     losses = []
     for gen, use_bf16 in ((gen_fp32, False), (gen_bf16, True)):
         optimizer = torch.optim.SGD(gen.parameters(), lr=0.0)  # keep the weights; look at the gradients
-        nets = gan.Nets(gen, disc, gen, disc, optimizer, None)
-        losses.append(gan.generator_step(nets, gan.Recipe(bf16=use_bf16), 16, torch.Generator().manual_seed(4))
+        nets = gan_steps.Nets(gen, disc, gen, disc, optimizer, None)
+        losses.append(gan_steps.generator_step(nets, gan_steps.Recipe(bf16=use_bf16), 16, torch.Generator().manual_seed(4))
                       ["g_loss"].item())
     assert losses[1] == pytest.approx(losses[0], rel=LOSS_RTOL)
     assert_close_gradients(gen_fp32, gen_bf16)

@@ -19,13 +19,13 @@ from tensorboard.plugins import base_plugin
 from tensorboard.plugins.custom_scalar import custom_scalars_plugin
 from tensorboard.plugins.hparams import api_pb2, backend_context, list_session_groups, plugin_data_pb2
 
-import events
-import health
+from training import events
+from training import health
 import train_baseline
 import train_gan
 from conftest import REPO
-from data import CLASSES
-from files import read_metrics
+from training.data import CLASSES
+from torch_utils.files import read_metrics
 
 
 def gan_args(data_dir, out, *extra):

@@ -11,12 +11,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-import baseline
-import gan
-import running_means
+from training import baseline_step
+from training import gan_steps
+from training import running_means
 import train_gan
 from models import Discriminator, GlobalBatchNorm, Generator, class_noise
-from runtime import Runtime
+from torch_utils.runtime import Runtime
 from test_distributed import free_port
 
 
@@ -73,17 +73,17 @@ def logged_means(rt, rank, world_size, out_dir):
     share = slice(rank, None, world_size)
     torch.manual_seed(0)
     model = Discriminator(8)
-    baseline.freeze_critic_head(model)
+    baseline_step.freeze_critic_head(model)
     net = DistributedDataParallel(model) if world_size > 1 else model
     optimizer = torch.optim.SGD((p for p in model.parameters() if p.requires_grad), lr=0.1)
     baseline_meter, gan_meter = running_means.Meter(rt.device), running_means.Meter(rt.device)
     for b in range(3):
         x, y = global_batch(b)
-        loss, acc = baseline.train_step(net, optimizer, x[share], y[share])
+        loss, acc = baseline_step.train_step(net, optimizer, x[share], y[share])
         baseline_meter.add(len(y[share]), loss=loss, acc=acc)
         fake, fake_labels = global_batch(10 + b)
         alpha = torch.rand(8, generator=torch.Generator().manual_seed(20 + b))
-        _, monitored = gan.discriminator_loss(model, model, x[share], y[share], fake[share],
+        _, monitored = gan_steps.discriminator_loss(model, model, x[share], y[share], fake[share],
                                               fake_labels[share], alpha[share], 10.0)
         gan_meter.add(g_loss=loss)
         gan_meter.add(**monitored)
@@ -120,7 +120,7 @@ def train_generator(rt, rank, world_size, out_dir):
         z = class_noise(labels, torch.Generator().manual_seed(step))
         with torch.no_grad():
             gen_ddp(z[share])  # the discriminator step's fake batch: statistics, no gradient
-        loss, _ = gan.generator_loss(disc, gen_ddp(z[share]), labels[share])
+        loss, _ = gan_steps.generator_loss(disc, gen_ddp(z[share]), labels[share])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import visualize
-from checkpoint import save_model
+from training.checkpoint import save_model
 from conftest import REPO, write_image_folder
 from models import Discriminator, Generator
 

@@ -10,7 +10,7 @@ Records without a rule's values (the baseline's, a GAN run without --eval-classi
 """
 from typing import Callable, NamedTuple
 
-from data import CLASSES
+from training.data import CLASSES
 
 # Thresholds. Windows are of training.LOG_EVERY (50) batches.
 SUSTAIN = 5  # windows in a row (250 batches) before a window rule fires: one noisy window is no failure

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from models import NUM_CLASSES, class_noise
-from runtime import GraphedStep, autocast
+from torch_utils.runtime import GraphedStep, autocast
 
 # The discriminator step's monitored values, each a mean over the batch: gradient penalty, critic scores of
 # fake and real images, class cross entropy of real and fake images, the accuracy on the real and on the fake

@@ -2,7 +2,7 @@
 train_baseline.py runs it; bench.py times it."""
 import torch.nn.functional as F
 
-from runtime import autocast
+from torch_utils.runtime import autocast
 
 
 def freeze_critic_head(model):

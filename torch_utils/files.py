@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from cli import UserError
+from torch_utils.cli import UserError
 
 
 def _file_in_the_way(path):

@@ -28,8 +28,8 @@ from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
 from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard import SummaryWriter
 
-from data import CLASSES
-from files import atomic_write, write_error
+from training.data import CLASSES
+from torch_utils.files import atomic_write, write_error
 
 FLUSH_SECS = 30  # a watching TensorBoard lags the run by at most this; every checkpoint flushes too
 HPARAMS_TAG = hparams_metadata.SESSION_START_INFO_TAG  # the hparams plugin's tag of a run's configuration

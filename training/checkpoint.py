@@ -11,8 +11,8 @@ import os
 
 import torch
 
-from cli import UserError
-from files import save_torch
+from torch_utils.cli import UserError
+from torch_utils.files import save_torch
 from models import Discriminator, Generator
 
 MODEL_CLASSES = {"discriminator": Discriminator, "generator": Generator}

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
 
-from cli import UserError
-from files import atomic_write, image_bytes
+from torch_utils.cli import UserError
+from torch_utils.files import atomic_write, image_bytes
 
 HEADER = 14  # pixels of the label strip above a grid or a frame
 GRID_NAME = re.compile(r"^(\d{3,})\.png$")  # NNN.png: the 0-based epoch index, zero-padded to 3 or more digits

@@ -7,8 +7,8 @@ import threading
 import time
 import uuid
 
-from cli import UserError
-from files import atomic_write, write_error
+from torch_utils.cli import UserError
+from torch_utils.files import atomic_write, write_error
 
 
 class OutDirLock:

@@ -28,14 +28,14 @@ import time
 
 import torch
 
-import health
-from checkpoint import load_checkpoint
-from cli import UserError, check_range
-from data import Loader, load_split, to_float
-from files import append_metrics, output_folder, read_metrics, rewrite_metrics, torch_bytes, write_together
+from training import health
+from training.checkpoint import load_checkpoint
+from torch_utils.cli import UserError, check_range
+from training.data import Loader, load_split, to_float
+from torch_utils.files import append_metrics, output_folder, read_metrics, rewrite_metrics, torch_bytes, write_together
 from models import ARCHS, DEFAULT_WIDTH
-from outdir_lock import OutDirLock
-from runtime import DEVICE_HELP, EXIT_STOPPED, SPEED_HELP, progress_bar
+from training.outdir_lock import OutDirLock
+from torch_utils.runtime import DEVICE_HELP, EXIT_STOPPED, SPEED_HELP, progress_bar
 
 LOG_EVERY = 50  # batches between running means in the progress bar and the metrics file (each a host sync)
 AGREE_EVERY = 10  # batches between the processes' agreement on stopping, under torchrun (each a host sync)
@@ -405,7 +405,7 @@ class Run:
         first, at its first step: a process that dies before its first checkpoint loses them with its other
         events."""
         if self.events is None and self._tensorboard and self.rt.is_rank0:
-            from events import GAN_LAYOUT, Events  # TensorBoard's modules, only where they are used
+            from training.events import GAN_LAYOUT, Events  # TensorBoard's modules, only where they are used
 
             ckpt = self.checkpoint
             reached = ckpt["epoch"] * self._per_epoch + ckpt["batch"] if ckpt else -1

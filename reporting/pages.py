@@ -12,12 +12,12 @@ import matplotlib.pyplot as plt
 from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.ticker import MaxNLocator
 
-import health
-from data import CLASSES
-from files import atomic_write
-from images import MAX_CLASS_FILE, max_features_file
-from quality import COLLAPSE_BELOW, format_table
-from report_inputs import DESCRIPTIONS, NOISE_FILES, PERTURB_FILES, test_accuracies
+from training import health
+from training.data import CLASSES
+from torch_utils.files import atomic_write
+from torch_utils.images import MAX_CLASS_FILE, max_features_file
+from metrics.quality import COLLAPSE_BELOW, format_table
+from reporting.inputs import DESCRIPTIONS, NOISE_FILES, PERTURB_FILES, test_accuracies
 
 PAGE = (11.69, 8.27)  # A4 landscape, inches
 STARTS = {"real": "real test images", "mean": "the mean image of the test batch", "noise": "uniform noise images"}

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cli import UserError
+from torch_utils.cli import UserError
 from models import set_kernels
 
 DEVICE_HELP = "cuda, cuda:N, cpu, or auto: cuda when present (default: auto)"

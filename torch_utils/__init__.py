@@ -1,0 +1,1 @@
+"""Command-line plumbing, safe file writes, image grids, the device and its speed switches."""
