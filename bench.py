@@ -58,7 +58,8 @@ from training import gan_steps
 from training.baseline_step import freeze_critic_head, train_step
 from torch_utils.cli import UserError, check_range, run_main
 from training.data import augment
-from models import Discriminator, Generator, LayerNorm, class_noise
+from models import Discriminator, Generator, class_noise
+from torch_utils.ops.layer_norm import LayerNorm
 from training.running_means import Meter
 from torch_utils.runtime import DEVICE_HELP, GraphedStep, Runtime, Speed, bf16_capable
 

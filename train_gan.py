@@ -27,8 +27,8 @@ from training.data import CLASSES, augment
 from torch_utils.files import image_bytes, torch_bytes
 from training.gan_steps import Nets, Recipe, penalty_factor, training_steps
 from torch_utils.images import epoch_grid_name, grid_image, to_unit
-from models import (MINIBATCH_DIMS, MINIBATCH_KERNELS, NUM_CLASSES, Discriminator, Generator, class_noise,
-                    global_batch_norm)
+from models import MINIBATCH_DIMS, MINIBATCH_KERNELS, NUM_CLASSES, Discriminator, Generator, class_noise
+from torch_utils.ops.global_batch_norm import global_batch_norm
 from training.running_means import Meter
 from torch_utils.runtime import Runtime, Speed, StopSignal, setup_speed
 from training.run import (Run, Table, accuracy, adam, add_data_args, add_recipe_args, load_optimizer,
@@ -125,7 +125,7 @@ def epoch_outputs(gen, disc, grid, out_dir, epoch):
 
 def distribute(gen, disc, rt):
     """(gen_ddp, disc_ddp): the nets' DistributedDataParallel wrappers under torchrun, else the nets. The
-    generator's batch statistics cover the global batch (models.GlobalBatchNorm, NCCL and gloo alike), as one
+    generator's batch statistics cover the global batch (torch_utils.ops.global_batch_norm, NCCL and gloo alike), as one
     process would see them; its running statistics are then the same on every process, so DDP does not
     broadcast them before each forward."""
     if rt.world_size == 1:

@@ -51,8 +51,8 @@ def test_discriminator_loss_has_the_five_terms():
 
     # By hand: three separate forward passes, the penalty from its definition.
     x_hat = (alpha.view(-1, 1, 1, 1) * real + (1 - alpha.view(-1, 1, 1, 1)) * fake).requires_grad_(True)
-    s_real, c_real, _ = disc(real)
-    s_fake, c_fake, _ = disc(fake)
+    s_real, c_real = disc(real)
+    s_fake, c_fake = disc(fake)
     grad, = torch.autograd.grad(disc(x_hat).score.sum(), x_hat, create_graph=True)
     gp = 10.0 * ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
     expected = s_fake.mean() - s_real.mean() + F.cross_entropy(c_real, y_real) + F.cross_entropy(c_fake, y_fake) + gp
@@ -111,7 +111,7 @@ def test_generator_loss_has_the_two_terms():
     gen, disc = tiny_nets()
     z, labels = torch.randn(6, NOISE_DIM), torch.tensor([0, 1, 2, 3, 4, 5])
     fake = gen(z)
-    scores, logits, _ = disc(fake)
+    scores, logits = disc(fake)
     expected = -scores.mean() + F.cross_entropy(logits, labels)
     assert gan_steps.generator_loss(disc, fake, labels)[0].item() == pytest.approx(expected.item(), rel=1e-6)
 
@@ -161,7 +161,7 @@ def test_minibatch_discrimination_keeps_real_fake_and_interpolated_apart():
 def test_generator_step_leaves_the_discriminator_alone():
     gen, disc = tiny_nets()
     opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3, betas=(0.0, 0.9))
-    scores, logits, _ = disc(torch.rand(2, 3, 32, 32))
+    scores, logits = disc(torch.rand(2, 3, 32, 32))
     (scores.sum() + logits.sum()).backward()  # give D gradients that must survive
     d_params = [p.detach().clone() for p in disc.parameters()]
     d_grads = [p.grad.clone() for p in disc.parameters()]

@@ -1,5 +1,5 @@
 """The speed paths' kernels against PyTorch's own, on the CPU (small sizes; Triton's interpreter) and on a GPU
-(the GAN's sizes; marker gpu): the convolution whose backward is ordinary convolutions (models.Conv2d with
+(the GAN's sizes; marker gpu): the convolution whose backward is ordinary convolutions (conv2d_gradfix.Conv2d with
 gradfix), LayerNorm in Triton kernels (triton_layer_norm; also with the LeakyReLU after it fused in), LayerNorm on
 channels_last activations, the whole discriminator loss with every switch on, and on a GPU a few GAN iterations
 replayed from CUDA graphs against the same iterations run eagerly, and a replayed baseline step following the
@@ -22,8 +22,10 @@ from torch.autograd import gradcheck, gradgradcheck
 
 from training import gan_steps
 import models
+from models import Discriminator, Generator
 from torch_utils.cli import UserError
-from models import Discriminator, Generator, LayerNorm
+from torch_utils.ops import conv2d_gradfix, layer_norm, set_kernels
+from torch_utils.ops.layer_norm import LayerNorm
 from torch_utils.runtime import Speed
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
@@ -63,7 +65,7 @@ def test_conv_gradfix_passes_gradcheck_and_gradgradcheck(stride):
     x = torch.randn(2, 3, 7, 7, dtype=torch.float64, generator=g).requires_grad_()
     w = torch.randn(4, 3, 3, 3, dtype=torch.float64, generator=g).requires_grad_()
     b = torch.randn(4, dtype=torch.float64, generator=g).requires_grad_()
-    conv = lambda x, w, b: models._Conv2d.apply(x, w, b, stride, 1)
+    conv = lambda x, w, b: conv2d_gradfix._Conv2d.apply(x, w, b, stride, 1)
     assert gradcheck(conv, (x, w, b))
     assert gradgradcheck(conv, (x, w, b))
 
@@ -77,7 +79,7 @@ def test_conv_gradfix_penalty_gradients_equal_autograds(stride):
     w0 = torch.randn(5, 4, 3, 3, dtype=torch.float64, generator=g)
     b0 = torch.randn(5, dtype=torch.float64, generator=g)
     results = []
-    for conv in (lambda x, w, b: F.conv2d(x, w, b, stride, 1), lambda x, w, b: models._Conv2d.apply(x, w, b, stride, 1)):
+    for conv in (lambda x, w, b: F.conv2d(x, w, b, stride, 1), lambda x, w, b: conv2d_gradfix._Conv2d.apply(x, w, b, stride, 1)):
         x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
         y = torch.tanh(conv(x, w, b))
         gx, = torch.autograd.grad(y.square().sum(), x, create_graph=True)
@@ -90,8 +92,8 @@ def test_conv_gradfix_penalty_gradients_equal_autograds(stride):
 
 def test_conv_gradfix_computes_no_weight_gradient_in_the_first_order_pass(monkeypatch):
     calls = []
-    monkeypatch.setattr(models._ConvWeightGrad, "forward", staticmethod(lambda *a: calls.append(1)))
-    conv = models.Conv2d(3, 4, 3, padding=1)
+    monkeypatch.setattr(conv2d_gradfix._ConvWeightGrad, "forward", staticmethod(lambda *a: calls.append(1)))
+    conv = conv2d_gradfix.Conv2d(3, 4, 3, padding=1)
     conv.gradfix = True
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
     torch.autograd.grad(conv(x).square().sum(), x, create_graph=True)
@@ -139,7 +141,7 @@ def test_triton_layer_norm_passes_gradcheck_and_gradgradcheck(slope, small_chunk
     """LayerNorm, and with a slope leaky_relu(LayerNorm) in the same kernels (with the row kernels)."""
     x, w, b = (t.requires_grad_() for t in layer_norm_inputs("cpu", 2, [2, 3, 3], torch.float64, seed=1))
     options = {} if slope is None else {"slope": slope, "row_kernels": True}
-    norm = lambda x, w, b: models._LayerNorm.apply(x, w, b, [2, 3, 3], 1e-5, small_chunks, options)
+    norm = lambda x, w, b: layer_norm._LayerNorm.apply(x, w, b, [2, 3, 3], 1e-5, small_chunks, options)
     if slope is not None:
         normalized = F.layer_norm(x, [2, 3, 3], w, b, 1e-5)
         assert (normalized < 0).any() and (normalized > 0).any()  # both sides of the LeakyReLU's kink
@@ -166,9 +168,9 @@ def test_triton_double_backward_equals_the_formulas_in_torch(arriving, with_weig
     if a is None and a_w is None and a_b is None:
         pytest.skip("nothing arrives without a weight and bias")
     results = []
-    for kernels, options in ((models.NativeKernels, {}), (small_chunks, {"row_kernels": row_kernels})):
+    for kernels, options in ((layer_norm.NativeKernels, {}), (small_chunks, {"row_kernels": row_kernels})):
         inputs = [t.clone().requires_grad_() if t is not None else None for t in (g, x, w)]
-        outs = models._LayerNormGrad.apply(inputs[0], inputs[1], inputs[2], b, mean, rstd, shape,
+        outs = layer_norm._LayerNormGrad.apply(inputs[0], inputs[1], inputs[2], b, mean, rstd, shape,
                                            [True, w is not None, b is not None], kernels, options)
         grads = [(o, t) for o, t in zip(outs, (a, a_w, a_b)) if o is not None and t is not None]
         wrt = [t for t in inputs if t is not None]
@@ -180,7 +182,7 @@ def test_triton_double_backward_equals_the_formulas_in_torch(arriving, with_weig
 
 
 def layer_norm_twins(device, shape):
-    """An nn.LayerNorm with random weight and bias, and a models.LayerNorm with the same parameters."""
+    """An nn.LayerNorm with random weight and bias, and a layer_norm.LayerNorm with the same parameters."""
     reference = nn.LayerNorm(shape).to(device)
     with torch.no_grad():
         reference.weight.normal_()
@@ -193,7 +195,7 @@ def layer_norm_twins(device, shape):
 @pytest.mark.parametrize("kernels", ["native", "triton"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_layer_norm_on_channels_last_equals_nn_layer_norm(device, kernels, small_chunks):
-    """models.LayerNorm on a channels_last activation: nn.LayerNorm's value, input gradient and double backward,
+    """layer_norm.LayerNorm on a channels_last activation: nn.LayerNorm's value, input gradient and double backward,
     its output channels_last too (the NHWC view normalized, no transposing copy)."""
     n, shape = (4, [3, 4, 4]) if device == "cpu" else (128, [196, 16, 16])
     x0, _, _ = layer_norm_inputs(device, n, shape, torch.float32)
@@ -216,18 +218,18 @@ def test_layer_norm_on_channels_last_equals_nn_layer_norm(device, kernels, small
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_leaky_relu_equals_layer_norm_then_leaky_relu(device, small_chunks):
-    """models.LayerNorm(x, leaky_relu=True) with the LeakyReLU in the Triton kernels, in both layouts: the value,
+    """layer_norm.LayerNorm(x, slope=models.LEAKY_SLOPE) with the LeakyReLU in the Triton kernels, in both layouts: the value,
     the input gradient and the double backward (every gradient arriving) of nn.LayerNorm then F.leaky_relu, and
     the value without autograd."""
     n, shape = (4, [3, 4, 4]) if device == "cpu" else (128, [196, 16, 16])
     x0, _, _ = layer_norm_inputs(device, n, shape, torch.float32, seed=4)
     reference, fused = layer_norm_twins(device, shape)
-    models.set_kernels(fused, layer_norm="triton", fuse_leaky_relu=True, row_kernels=True)
+    set_kernels(fused, layer_norm="triton", fuse_leaky_relu=True, row_kernels=True)
     tolerance = 1e-3 if device == "cuda" else 1e-4
     c = torch.randn_like(x0)
     for layout in (torch.contiguous_format, torch.channels_last):
         results = []
-        for run in (lambda x: F.leaky_relu(reference(x)), lambda x: fused(x, leaky_relu=True)):
+        for run in (lambda x: F.leaky_relu(reference(x)), lambda x: fused(x, slope=models.LEAKY_SLOPE)):
             x = x0.clone(memory_format=layout).requires_grad_()
             y = run(x)
             # g: as large where y < 0 as elsewhere (the activation's factor shows), and a function of y
@@ -240,13 +242,13 @@ def test_fused_leaky_relu_equals_layer_norm_then_leaky_relu(device, small_chunks
         reference.zero_grad(), fused.zero_grad()
         with torch.no_grad():
             x = x0.clone(memory_format=layout)
-            assert_close(fused(x, leaky_relu=True), F.leaky_relu(reference(x)), tolerance, f"{layout}: no-grad")
+            assert_close(fused(x, slope=models.LEAKY_SLOPE), F.leaky_relu(reference(x)), tolerance, f"{layout}: no-grad")
 
 
 @pytest.mark.parametrize("switch", ["fuse_leaky_relu", "row_kernels"])
 def test_the_triton_switches_need_the_triton_kernels(switch):
     with pytest.raises(ValueError, match="need the Triton LayerNorm kernels"):
-        models.set_kernels(Discriminator(8), layer_norm="native", **{switch: True})
+        set_kernels(Discriminator(8), layer_norm="native", **{switch: True})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -345,7 +347,7 @@ def test_gradfix_under_bf16_autocast_computes_what_autocast_conv2d_does():
     results = []
     for model in (plain, fast):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            score, logits, _ = model(x)
+            score, logits = model(x)
         (score.float().sum() + logits.float().square().sum()).backward()
         results.append(logits.float())
     assert_close(results[1], results[0], 1e-6, "logits")

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import models
+from torch_utils.ops import layer_norm
 
 WIDTH = 16  # small nets for speed; the parameter-count tests use the assignment's 196
 
@@ -70,7 +71,7 @@ def conv_output_shapes(model, x):
 def test_discriminator_heads_and_layer_sizes():
     d = models.Discriminator(WIDTH)
     x = torch.rand(5, 3, 32, 32) * 2 - 1
-    score, logits, _ = d(x)
+    score, logits = d(x)
     assert score.shape == (5, 1) and logits.shape == (5, 10)
     sides = [32, 16, 16, 8, 8, 8, 8, 4]
     assert conv_output_shapes(d, x) == [(WIDTH, s, s) for s in sides]
@@ -131,7 +132,7 @@ def test_deep_preset_trains_on_the_cpu():
     optimizer = torch.optim.Adam(d.parameters(), 1e-3)
     losses = []
     for _ in range(5):
-        score, logits, _ = d(x)
+        score, logits = d(x)
         loss = F.cross_entropy(logits, labels) + F.mse_loss(score, target)
         optimizer.zero_grad()
         loss.backward()
@@ -182,8 +183,8 @@ def test_the_features_are_the_pooled_input_of_the_heads():
     torch.manual_seed(0)
     d = models.Discriminator(WIDTH)
     x = torch.rand(3, 3, 32, 32) * 2 - 1
-    score, logits, features = d(x)
-    assert d(x)._fields == ("score", "logits", "features")
+    (score, logits), features = d.heads_and_features(x)
+    assert d(x)._fields == ("score", "logits")
     assert features.shape == (3, WIDTH)
     # Without minibatch features the heads read exactly these features.
     torch.testing.assert_close(score, d.fc1(features))
@@ -241,7 +242,7 @@ def test_discriminator_samples_are_independent(arch, width):
         torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-6)
         assert not torch.allclose(a[1:], b[1:])
     x.requires_grad_(True)
-    score, logits, _ = d(x)
+    score, logits = d(x)
     (score[0].sum() + logits[0].sum()).backward()
     assert x.grad[0].abs().sum() > 0
     assert torch.all(x.grad[1:] == 0)
@@ -284,7 +285,7 @@ def mbd_discriminator(arch="hw", width=WIDTH):
 
 
 def outputs_with_minibatch_features(d, x, groups):
-    score, logits, features = d(x, groups=groups)
+    (score, logits), features = d.heads_and_features(x, groups=groups)
     return score, logits, d.minibatch(features, groups)
 
 
@@ -315,7 +316,7 @@ def test_minibatch_gradient_stays_in_the_group_and_supports_the_gradient_penalty
     backward reaches T."""
     d = mbd_discriminator()
     x = (torch.rand(6, 3, 32, 32) * 2 - 1).requires_grad_(True)
-    score, _, _ = d(x, groups=3)
+    score, _ = d(x, groups=3)
     grad, = torch.autograd.grad(score[:2].sum(), x, create_graph=True)
     assert grad[:2].abs().sum() > 0 and torch.all(grad[2:] == 0)
     ((grad[:2].flatten(1).norm(dim=1) - 1) ** 2).mean().backward()
@@ -357,7 +358,7 @@ def test_class_noise_puts_one_hot_labels_first():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# models.LayerNorm: nn.LayerNorm with a compact second derivative (the gradient penalty's double backward)
+# layer_norm.LayerNorm: nn.LayerNorm with a compact second derivative (the gradient penalty's double backward)
 
 def layer_norm_inputs(dtype=torch.float64, shape=(3, 2, 2), n=4, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -367,7 +368,7 @@ def layer_norm_inputs(dtype=torch.float64, shape=(3, 2, 2), n=4, seed=0):
 
 def test_layer_norm_passes_gradcheck_and_gradgradcheck_in_float64():
     x, weight, bias = layer_norm_inputs()
-    f = lambda x, w, b: models._LayerNorm.apply(x, w, b, [3, 2, 2], 1e-5, models.NativeKernels, {})
+    f = lambda x, w, b: layer_norm._LayerNorm.apply(x, w, b, [3, 2, 2], 1e-5, layer_norm.NativeKernels, {})
     assert torch.autograd.gradcheck(f, (x, weight, bias))
     assert torch.autograd.gradgradcheck(f, (x, weight, bias))  # every first derivative's derivative
 
@@ -377,7 +378,7 @@ def test_layer_norm_equals_nn_layer_norm_to_the_second_derivative():
     results = []
     for compact in (True, False):
         torch.manual_seed(0)
-        norm = models.LayerNorm([3, 2, 2]).double()
+        norm = layer_norm.LayerNorm([3, 2, 2]).double()
         nn.init.normal_(norm.weight), nn.init.normal_(norm.bias)
         norm.compact_double_backward = compact
         x = layer_norm_inputs()[0]
@@ -402,7 +403,7 @@ def test_layer_norm_first_backward_computes_only_what_the_pass_uses():
                 masks.append(list(args[-1]))
             return op(*args, **(kwargs or {}))
 
-    norm = models.LayerNorm([3, 2, 2])
+    norm = layer_norm.LayerNorm([3, 2, 2])
     x = torch.randn(4, 3, 2, 2).requires_grad_(True)
     with Masks():
         torch.autograd.grad(norm(x * 1).sum(), x, create_graph=True)
@@ -472,7 +473,7 @@ def test_model_files_and_checkpoints_written_with_nn_layer_norm_still_load(tmp_p
     before = as_before(models.Discriminator(WIDTH)).eval()
     save_model(before, tmp_path / "cifar10.model")
     loaded = load_model(tmp_path / "cifar10.model", "discriminator")
-    assert all(isinstance(block.norm, models.LayerNorm) for block in loaded.blocks)
+    assert all(isinstance(block.norm, layer_norm.LayerNorm) for block in loaded.blocks)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(loaded(x), before(x), rtol=0, atol=0)
     resumed = models.Discriminator(WIDTH)
@@ -483,7 +484,7 @@ def test_model_files_and_checkpoints_written_with_nn_layer_norm_still_load(tmp_p
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_layer_norm_under_cuda_bf16_autocast_runs_in_fp32_like_nn_layer_norm():
-    """CUDA autocast runs layer_norm in fp32: models.LayerNorm casts its input as autocast does for nn.LayerNorm."""
+    """CUDA autocast runs layer_norm in fp32: layer_norm.LayerNorm casts its input as autocast does for nn.LayerNorm."""
     results = []
     for compact in (True, False):
         torch.manual_seed(0)

@@ -15,7 +15,8 @@ from training import baseline_step
 from training import gan_steps
 from training import running_means
 import train_gan
-from models import Discriminator, GlobalBatchNorm, Generator, class_noise
+from models import Discriminator, Generator, class_noise
+from torch_utils.ops.global_batch_norm import GlobalBatchNorm
 from torch_utils.runtime import Runtime
 from test_distributed import free_port
 

@@ -33,7 +33,7 @@ class FirstPixelModel(torch.nn.Module):
 
     def forward(self, x):
         value = ((x[:, 0, 0, 0] + 1) * 127.5).round().long()
-        return Judgement(torch.zeros(len(x), 1), torch.nn.functional.one_hot(value % 10, 10).float(), x.flatten(1))
+        return Judgement(torch.zeros(len(x), 1), torch.nn.functional.one_hot(value % 10, 10).float())
 
 
 def test_accuracy_equals_a_hand_count():

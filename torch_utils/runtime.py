@@ -18,7 +18,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from torch_utils.cli import UserError
-from models import set_kernels
+from torch_utils.ops import set_kernels
 
 DEVICE_HELP = "cuda, cuda:N, cpu, or auto: cuda when present (default: auto)"
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal, resumable; the job scripts resubmit on it
@@ -211,7 +211,7 @@ SPEED_HELP = ("how the nets run on a CUDA GPU, the same math either way: fast, c
 
 @dataclasses.dataclass(frozen=True)
 class Speed:
-    """The speed switches of a run on a CUDA GPU, each the same math as the plain path (models.set_kernels):
+    """The speed switches of a run on a CUDA GPU, each the same math as the plain path (torch_utils.ops.set_kernels):
     channels_last: weights and activations NHWC, the layout cuDNN's tensor-core kernels use (no transposes);
     conv_gradfix: the discriminator's convolutions differentiate into ordinary convolution kernels;
     triton_layer_norm: LayerNorm's rows split over the whole GPU (triton_layer_norm.py);

@@ -123,12 +123,12 @@ def generator_loss(disc, fake, labels, recipe=Recipe(), real=None):
     """-mean(fc1(G(z))) + CE(fc10(G(z)), label); with recipe.feature_matching W > 0 also
     W * feature_matching_loss of D's pooled last-block features on the real batch and on the fake one. Returns
     the loss and its terms, detached: g_critic, g_ce (and g_fm)."""
-    fake_judged = disc(fake)
+    fake_judged, fake_features = disc.heads_and_features(fake)
     terms = {"g_critic": -fake_judged.score.float().mean(), "g_ce": F.cross_entropy(fake_judged.logits.float(), labels)}
     if recipe.feature_matching:
         with torch.no_grad():
-            real_features = disc(real).features
-        terms["g_fm"] = recipe.feature_matching * feature_matching_loss(real_features, fake_judged.features)
+            real_features = disc.heads_and_features(real)[1]
+        terms["g_fm"] = recipe.feature_matching * feature_matching_loss(real_features, fake_features)
     return sum(terms.values()), {name: value.detach() for name, value in terms.items()}
 
 
