@@ -19,13 +19,13 @@ import json
 
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
-from training.checkpoint import load_model
-from torch_utils.cli import run_main
-from training.data import CLASSES
-from torch_utils.files import atomic_write, output_file
 from metrics.measures import build_evaluator
 from metrics.quality import format_table
+from torch_utils.cli import run_main
+from torch_utils.files import atomic_write, output_file
 from torch_utils.runtime import DEVICE_HELP, Runtime
+from training.checkpoint import load_model
+from training.data import CLASSES
 
 
 def parse_args(argv=None):

@@ -22,9 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from torch_utils.ops import Conv2d, LayerNorm
+from training.data import CLASSES
 
 NOISE_DIM = 100
-NUM_CLASSES = 10
+NUM_CLASSES = len(CLASSES)  # the classifier head's outputs, one per class name of the data
 IMAGE_SIZE = 32
 
 # Block tables: one (channels as a multiple of width, stride) per conv block, in order. The spatial side

@@ -31,9 +31,9 @@ from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import calculate_md5, check_integrity, download_url, extract_archive
 
 from torch_utils.cli import UserError, run_main
-from training.data import load_split
 from torch_utils.files import file_digest
 from torch_utils.runtime import check_gpu_supported
+from training.data import load_split
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA_DIR = "data"  # the trainers' --data-dir default, relative to the repository root the jobs run in

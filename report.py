@@ -23,11 +23,11 @@ the previous report.pdf as it was.
 import argparse
 import os
 
-from torch_utils.cli import UserError, run_main
-from torch_utils.files import output_folder
 from reporting.inputs import gather
 from reporting.pages import (Document, gap_lines, write_curves, write_generator, write_health, write_max_class,
                           write_max_features, write_perturbation, write_quality, write_summary)
+from torch_utils.cli import check_range, run_main
+from torch_utils.files import output_folder
 
 
 def parse_args(argv=None):
@@ -48,8 +48,7 @@ def parse_args(argv=None):
 
 
 def report(args):
-    if args.grids < 2:
-        raise UserError(f"--grids must be at least 2, got {args.grids}")
+    check_range(args, "grids", 2)
     output_folder(args.out_dir, "--out-dir")
     found = gather(args)
     doc = Document()

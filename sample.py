@@ -12,13 +12,13 @@ import os
 
 import torch
 
-from training.checkpoint import load_model
-from torch_utils.cli import UserError, check_range, run_main
-from training.data import CLASSES
-from torch_utils.images import grid_image, to_unit
 from models import class_noise
+from torch_utils.cli import UserError, check_range, run_main
 from torch_utils.files import atomic_write, image_bytes, output_file
+from torch_utils.images import grid_image, to_unit
 from torch_utils.runtime import DEVICE_HELP, Runtime
+from training.checkpoint import load_model
+from training.data import CLASSES
 
 
 # The formats --output may name, by extension (what Pillow writes of an RGB grid), and their options: JPEG and

@@ -15,15 +15,15 @@ import os
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from models import Discriminator
+from torch_utils.cli import run_main
+from torch_utils.runtime import GraphedStep, Runtime, Speed, StopSignal, setup_speed
 from training.baseline_step import freeze_critic_head, train_step
 from training.checkpoint import model_record, restore_model, save_model
-from torch_utils.cli import run_main
 from training.data import augment
-from models import Discriminator
-from training.running_means import Meter
-from torch_utils.runtime import GraphedStep, Runtime, Speed, StopSignal, setup_speed
-from training.run import (Run, Table, accuracy, adam, add_data_args, add_recipe_args, load_optimizer,
+from training.run import (Run, Table, adam, loader_accuracy, add_data_args, add_recipe_args, load_optimizer,
                       parse_trainer_args, run_config, set_lr, training_loaders)
+from training.running_means import Meter
 
 
 def parse_args(argv=None):
@@ -101,7 +101,7 @@ def train(args, stop):
             # Evaluate, log, save (the log line first: a resumed run drops lines its checkpoint has not reached)
             train_means = meter.means()
             record = {"type": "epoch", "epoch": epoch + 1, "lr": lr_at(epoch, args), "train_loss": train_means["loss"],
-                      "train_acc": train_means["acc"], "test_acc": accuracy(model, test_loader),
+                      "train_acc": train_means["acc"], "test_acc": loader_accuracy(model, test_loader),
                       "seconds": seconds, "images_per_s": images_per_s,
                       **run.pace(epoch, args.epochs, len(train_loader))}
             run.log(record)

@@ -20,19 +20,19 @@ import warnings
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from models import MINIBATCH_DIMS, MINIBATCH_KERNELS, NUM_CLASSES, Discriminator, Generator, class_noise
+from torch_utils.cli import UserError, check_range, run_main
+from torch_utils.files import image_bytes, torch_bytes
+from torch_utils.images import epoch_grid_name, grid_image, to_unit
+from torch_utils.ops.global_batch_norm import global_batch_norm
+from torch_utils.runtime import Runtime, Speed, StopSignal, setup_speed
 from training import health
 from training.checkpoint import model_record, restore_model
-from torch_utils.cli import UserError, check_range, run_main
 from training.data import CLASSES, augment
-from torch_utils.files import image_bytes, torch_bytes
-from training.gan_steps import Nets, Recipe, penalty_factor, training_steps
-from torch_utils.images import epoch_grid_name, grid_image, to_unit
-from models import MINIBATCH_DIMS, MINIBATCH_KERNELS, NUM_CLASSES, Discriminator, Generator, class_noise
-from torch_utils.ops.global_batch_norm import global_batch_norm
-from training.running_means import Meter
-from torch_utils.runtime import Runtime, Speed, StopSignal, setup_speed
-from training.run import (Run, Table, accuracy, adam, add_data_args, add_recipe_args, load_optimizer,
+from training.gan_steps import MONITORED, Nets, Recipe, penalty_factor, training_steps
+from training.run import (Run, Table, adam, loader_accuracy, add_data_args, add_recipe_args, load_optimizer,
                       parse_trainer_args, run_config, training_loaders)
+from training.running_means import Meter
 
 
 def parse_args(argv=None):
@@ -88,8 +88,8 @@ def parse_args(argv=None):
 # losses' weights and the critic's pace are TUNABLE as --lr is: a resume may change them (what the warnings
 # advise), and the run records each change.
 # The per-epoch console table, of the epoch record
-TABLE = Table(("epoch", "epoch", "5d"), ("test acc", "test_acc", "8.4f"), ("real acc", "real_acc", "8.4f"),
-              ("gp", "gp", "7.3f"), ("fake", "fake_score", "8.3f"), ("real", "real_score", "8.3f"),
+TABLE = Table(("epoch", "epoch", "5d"), ("test acc", "test_acc", "8.4f"),
+              *((m.column, m.key, m.format) for m in MONITORED if m.column),
               ("seconds", "seconds", "7.1f"), ("img/s", "images_per_s", "6.0f"),
               ("eta", lambda record: Run.duration(record["eta_s"]), ">7"))
 TUNABLE = {"lambda_gp", "n_critic", "feature_matching"}
@@ -219,7 +219,7 @@ def train(args, stop):
             # log lines its checkpoint has not reached)
             means = meter.means()
             samples = fixed_samples(gen, noise)  # the epoch's grid; how much each class's samples vary
-            record = {"type": "epoch", "epoch": epoch + 1, "test_acc": accuracy(disc, test_loader),
+            record = {"type": "epoch", "epoch": epoch + 1, "test_acc": loader_accuracy(disc, test_loader),
                       "seconds": seconds, "images_per_s": images_per_s,
                       **run.pace(epoch, args.epochs, len(train_loader)), "lr": args.lr, "lambda_gp": args.lambda_gp,
                       **means,

@@ -29,13 +29,14 @@ import os
 import torch
 import torch.nn.functional as F
 
-from training.checkpoint import load_model
-from torch_utils.cli import UserError, run_main
-from training.data import CLASSES, load_split, to_float
-from torch_utils.images import MAX_CLASS_FILE, RESULTS_FILE, max_features_file, perturb_files, save_grid, to_unit
+from metrics.accuracy import accuracy
 from models import NUM_CLASSES
+from torch_utils.cli import UserError, check_range, run_main
 from torch_utils.files import atomic_write, output_folder
+from torch_utils.images import MAX_CLASS_FILE, RESULTS_FILE, max_features_file, perturb_files, save_grid, to_unit
 from torch_utils.runtime import DEVICE_HELP, Runtime, progress_bar
+from training.checkpoint import load_model
+from training.data import CLASSES, load_split, to_float
 
 LEVEL = 2 / 255  # one 8-bit intensity level on the [-1, 1] scale: the perturbation's unit step
 MAX_FEATURES = 100  # images shown per layer: features 0..99 (all of them when the layer is narrower)
@@ -106,16 +107,12 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Every flag checked before any model or image is read (the layers once the models are loaded)."""
-    if not 1 <= args.batch_size <= 10_000:
-        raise UserError(f"--batch-size must be in [1, 10000], got {args.batch_size}")
-    if not 0 <= getattr(args, "gain", 0) <= 255:
-        raise UserError(f"--gain must be in [0, 255] levels, got {args.gain:g}")
-    if not 0 <= getattr(args, "iterations", 0) <= 100_000:
-        raise UserError(f"--iterations must be in [0, 100000], got {args.iterations}")
-    if not 0 < getattr(args, "lr", 1) <= 100:
-        raise UserError(f"--lr must be in (0, 100], got {args.lr:g}")
-    if not 0 <= getattr(args, "weight_decay", 0) <= 1:
-        raise UserError(f"--weight-decay must be in [0, 1], got {args.weight_decay:g}")
+    check_range(args, "batch_size", 1, 10_000)
+    # each subcommand has some of these flags
+    for name, low, high, low_open in (("gain", 0, 255, False), ("iterations", 0, 100_000, False),
+                                      ("lr", 0, 100, True), ("weight_decay", 0, 1, False)):
+        if hasattr(args, name):
+            check_range(args, name, low, high, low_open)
 
 
 ASSIGNMENT_LAYERS = (2, 3, 4, 6, 8)  # the assignment's examples, for its 8-layer net
@@ -147,11 +144,6 @@ def model_names(paths, names):
     return names
 
 
-def accuracy(model, x, y):
-    with torch.no_grad():
-        return (model(x).logits.argmax(1) == y).float().mean().item()
-
-
 def gradient_image(grad, scale="batch"):
     """The gradient as images in [0, 1]: one min-max over the whole batch (scale="batch", as the assignment
     does: images with small gradients look flat grey next to the one with the largest), or each image min-max
@@ -177,8 +169,8 @@ def perturb(model, x, y, gain, scale="batch"):
     grad, = torch.autograd.grad(F.cross_entropy(model(x).logits, alternative), x)
     jittered = (x.detach() - gain * LEVEL * grad.sign()).clamp(-1, 1)
     return {"gradient": gradient_image(grad, scale), "jittered": jittered,
-            "accuracy_before": accuracy(model, x.detach(), y), "accuracy_after": accuracy(model, jittered, y),
-            "alternative_after": accuracy(model, jittered, alternative)}
+            "accuracy_before": accuracy(model, [(x.detach(), y)]), "accuracy_after": accuracy(model, [(jittered, y)]),
+            "alternative_after": accuracy(model, [(jittered, alternative)])}
 
 
 def ascend(x, objective, iterations, lr, weight_decay, desc=None):

@@ -17,14 +17,14 @@ from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 
-from training.checkpoint import load_model
+from metrics.quality import COLLAPSE_BELOW
+from models import NUM_CLASSES, class_noise
 from torch_utils.cli import UserError
-from training.data import CLASSES, load_split, to_float
 from torch_utils.files import file_digest
 from torch_utils.images import to_unit
-from models import NUM_CLASSES, class_noise
-from metrics.quality import COLLAPSE_BELOW
 from torch_utils.runtime import progress_bar
+from training.checkpoint import load_model
+from training.data import CLASSES, load_split, to_float
 
 INCEPTION = "inception-v3-compat"  # torch-fidelity's port of the TensorFlow InceptionV3 the papers used
 MIN_SAMPLES = 2 * NUM_CLASSES  # the per-class spread needs two samples of every class

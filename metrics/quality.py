@@ -1,7 +1,7 @@
 """evaluate.py's record of a generator's quality, read without torch-fidelity: the mode-collapse threshold and the
 table that evaluate.py prints and report.py includes."""
-from training.data import CLASSES
 from models import NUM_CLASSES
+from training.data import CLASSES
 
 COLLAPSE_BELOW = 0.5  # a class whose samples spread less than half as much as real images is flagged
 

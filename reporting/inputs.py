@@ -9,11 +9,11 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
+from metrics.quality import format_table
 from torch_utils.cli import UserError
 from torch_utils.files import read_metrics
 from torch_utils.images import (FEATURES_NAME, MAX_CLASS_FILE, RESULTS_FILE, epoch_grids, max_features_file,
                     perturb_files)
-from metrics.quality import format_table
 
 PERTURB_FILES, NOISE_FILES = perturb_files(), perturb_files("noise_")
 # The files that make a folder of --vis-dir a model's visualizations.

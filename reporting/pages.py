@@ -12,12 +12,12 @@ import matplotlib.pyplot as plt
 from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.ticker import MaxNLocator
 
-from training import health
-from training.data import CLASSES
-from torch_utils.files import atomic_write
-from torch_utils.images import MAX_CLASS_FILE, max_features_file
 from metrics.quality import COLLAPSE_BELOW, format_table
 from reporting.inputs import DESCRIPTIONS, NOISE_FILES, PERTURB_FILES, test_accuracies
+from torch_utils.files import atomic_write
+from torch_utils.images import MAX_CLASS_FILE, max_features_file
+from training import gan_steps, health
+from training.data import CLASSES
 
 PAGE = (11.69, 8.27)  # A4 landscape, inches
 STARTS = {"real": "real test images", "mean": "the mean image of the test batch", "noise": "uniform noise images"}
@@ -66,35 +66,40 @@ def plot_gan(epochs, monitors):
     per_epoch = max((r["batch"] for r in monitors), default=1) or 1
     points = monitors or epochs
     x = [r["epoch"] - 1 + r["batch"] / per_epoch for r in monitors] if monitors else [r["epoch"] for r in epochs]
-    fig, axes = plt.subplots(2, 4, figsize=PAGE)
-    # Every term of the generator's loss that the records hold, under its name in the metrics file
+    # A panel per report panel of the discriminator's monitors, in the table's order, then the generator's loss
+    # with every term the records hold (under its name in the metrics file); its class term joins the class
+    # cross entropies. The last axes: the fixed-noise samples' spread.
+    panels = {}
+    for m in gan_steps.MONITORED:
+        panels.setdefault(m.panel, []).append((m.key, m.label))
+    panels.setdefault("class cross entropy", []).append(("g_ce", "generator's class term"))
     terms = [(key, key) for key in dict.fromkeys(k for r in points for k in r if k.startswith("g_") and k != "g_loss")]
-    panels = [(axes[0, 0], "critic score fc1", [("real_score", "real"), ("fake_score", "fake")]),
-              (axes[0, 1], "Wasserstein estimate (real - fake)", [("wasserstein", "estimate")]),
-              (axes[0, 2], "gradient penalty", [("gp", "GP")]),
-              (axes[0, 3], "critic's gradient norm at x_hat", [("grad_norm", "mean norm")]),
-              (axes[1, 0], "class cross entropy", [("real_ce", "real"), ("fake_ce", "fake"),
-                                                   ("g_ce", "generator's class term")]),
-              (axes[1, 1], "generator loss", [("g_loss", "loss"), *terms]),
-              (axes[1, 2], "accuracy", [("real_acc", "real training batches"), ("fake_acc", "fake batches")])]
-    for ax, title, series in panels:
+    panels["generator loss"] = [("g_loss", "loss"), *terms]
+    fig, axes = plt.subplots(2, (len(panels) + 2) // 2, figsize=PAGE)
+    panel_axes = dict(zip(panels, axes.flat))
+    for title, series in panels.items():
+        ax = panel_axes[title]
         for key, name in series:
             ax.plot(x, [r.get(key, float("nan")) for r in points], label=name, linewidth=0.8)
         ax.set_title(title, fontsize=9)
+    axes_of = {m.key: panel_axes[m.panel] for m in gan_steps.MONITORED}
     for bound in health.GRAD_NORM_RANGE:
-        axes[0, 3].axhline(bound, color="grey", linestyle=":")
-    axes[0, 1].axhline(health.WASSERSTEIN_BELOW, color="grey", linestyle=":")
-    axes[1, 2].plot([r["epoch"] for r in epochs], [r.get("test_acc", float("nan")) for r in epochs],
-                    label="test set", marker=".")
+        axes_of["grad_norm"].axhline(bound, color="grey", linestyle=":")
+    axes_of["wasserstein"].axhline(health.WASSERSTEIN_BELOW, color="grey", linestyle=":")
+    axes_of["real_acc"].plot([r["epoch"] for r in epochs], [r.get("test_acc", float("nan")) for r in epochs],
+                             label="test set", marker=".")
     spread = [r for r in epochs if isinstance(r.get("noise_spread_per_class"), list)]
-    axes[1, 3].plot([r["epoch"] for r in spread], [min(r["noise_spread_per_class"]) for r in spread],
-                    marker=".", label="least varied class")
-    axes[1, 3].axhline(health.NOISE_SPREAD_BELOW, color="grey", linestyle=":", label="warning below")
-    axes[1, 3].set_title("fixed-noise samples' spread per class", fontsize=9)
-    for ax in axes.flat:
+    spread_axes = axes.flat[len(panels)]
+    spread_axes.plot([r["epoch"] for r in spread], [min(r["noise_spread_per_class"]) for r in spread],
+                     marker=".", label="least varied class")
+    spread_axes.axhline(health.NOISE_SPREAD_BELOW, color="grey", linestyle=":", label="warning below")
+    spread_axes.set_title("fixed-noise samples' spread per class", fontsize=9)
+    for ax in axes.flat[:len(panels) + 1]:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend()
+    for ax in axes.flat[len(panels) + 1:]:
+        ax.axis("off")
     fig.suptitle("GAN (train_gan.py)")
     fig.tight_layout()
     return fig

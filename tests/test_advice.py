@@ -18,11 +18,11 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from training import health
-import train_baseline
-import train_gan
 from conftest import REPO
 from torch_utils.files import read_metrics
+import train_baseline
+import train_gan
+from training import health
 
 TINY = ["--width", "8", "--batch-size", "32", "--device", "cpu", "--limit-test", "20"]
 
@@ -156,8 +156,9 @@ def test_each_warnings_advice_runs_on_a_resume(data_dir, tmp_path, capsys):
 
 # Kills the trainer (SIGKILL) as it writes its first checkpoint: what it appended to the metrics stays.
 KILL_IN_FIRST_SAVE = """
-import os, signal, training
-training.write_together = lambda files, **options: os.kill(os.getpid(), signal.SIGKILL)
+import os, signal
+from training import run as training_run
+training_run.write_together = lambda files, **options: os.kill(os.getpid(), signal.SIGKILL)
 """
 
 

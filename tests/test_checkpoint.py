@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from training import checkpoint
 import models
 from torch_utils.cli import UserError
+from training import checkpoint
 
 
 def test_model_file_holds_only_plain_values_and_rebuilds_the_net(tmp_path):

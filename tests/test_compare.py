@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 import compare
-from training import run as training_run
 from conftest import REPO, write_image_folder
+from training import run as training_run
 
 TINY = ["--width", "8", "--batch-size", "32", "--limit-train", "128", "--limit-test", "50", "--device", "cpu"]
 

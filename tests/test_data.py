@@ -10,9 +10,9 @@ import torchvision
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from training import data
-from torch_utils.cli import UserError
 from conftest import write_image_folder
+from torch_utils.cli import UserError
+from training import data
 
 
 class DownloadAttempted(Exception):

@@ -10,14 +10,14 @@ import torch
 import torch.multiprocessing as mp
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from training import baseline_step
-from training import gan_steps
-import train_gan
-from torch_utils.cli import UserError
 from conftest import REPO
 from models import Discriminator, Generator
+from torch_utils.cli import UserError
 from torch_utils.files import read_metrics
 from torch_utils.runtime import Runtime
+import train_gan
+from training import baseline_step
+from training import gan_steps
 
 
 def free_port():

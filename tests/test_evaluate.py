@@ -18,12 +18,12 @@ import torch_fidelity
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+from conftest import REPO, class_image, write_image_folder
 import evaluate
 from metrics import measures
-from training.checkpoint import save_model
-from conftest import REPO, class_image, write_image_folder
-from training.data import CLASSES, to_float
 from models import NUM_CLASSES, Discriminator, Generator
+from training.checkpoint import save_model
+from training.data import CLASSES, to_float
 
 CPU = torch.device("cpu")
 CAT = CLASSES.index("cat")

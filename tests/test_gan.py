@@ -9,13 +9,14 @@ import torch.nn.functional as F
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from training import gan_steps
-import train_gan
-from training.checkpoint import load_model
-from torch_utils.images import HEADER
-from models import NOISE_DIM, NUM_CLASSES, Discriminator, Generator
+import bench
 from conftest import REPO
+from models import NOISE_DIM, NUM_CLASSES, Discriminator, Generator
 from torch_utils.files import read_metrics
+from torch_utils.images import HEADER
+import train_gan
+from training import gan_steps
+from training.checkpoint import load_model
 
 
 def run_script(script, *args):
@@ -57,7 +58,7 @@ def test_discriminator_loss_has_the_five_terms():
     gp = 10.0 * ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
     expected = s_fake.mean() - s_real.mean() + F.cross_entropy(c_real, y_real) + F.cross_entropy(c_fake, y_fake) + gp
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert set(monitored) == set(gan_steps.MONITORED)
+    assert set(monitored) == gan_steps.MONITORED_KEYS
     assert monitored["gp"].item() == pytest.approx(gp.item(), rel=1e-5)
     assert monitored["real_acc"].item() == (c_real.argmax(1) == y_real).float().mean().item()
     assert monitored["fake_score"].item() == pytest.approx(s_fake.mean().item(), rel=1e-5)
@@ -80,10 +81,11 @@ def test_a_lazy_penalty_is_weighted_k_times_every_k_th_step_and_skipped_between(
     torch.manual_seed(1)
     real, fake = torch.rand(4, 3, 32, 32).double() * 2 - 1, torch.rand(4, 3, 32, 32).double() * 2 - 1
     y_real, y_fake, alpha = torch.tensor([0, 1, 2, 3]), torch.tensor([9, 8, 7, 6]), torch.rand(4).double()
-    results = {k: gan_steps.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0, k) for k in (0, 1, 4)}
+    results = {k: gan_steps.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0, k)
+               for k in (0, 1, 4)}
     (plain, without), (one, every), (four, lazy) = results[0], results[1], results[4]
-    assert set(without) == set(gan_steps.MONITORED) - {"gp", "grad_norm"}
-    assert set(every) == set(lazy) == set(gan_steps.MONITORED)
+    assert set(without) == gan_steps.MONITORED_KEYS - {"gp", "grad_norm"}
+    assert set(every) == set(lazy) == gan_steps.MONITORED_KEYS
     assert lazy["gp"].item() == pytest.approx(every["gp"].item())  # monitored unweighted: comparable across K
     assert one.item() == pytest.approx(plain.item() + every["gp"].item())
     assert four.item() == pytest.approx(plain.item() + 4 * every["gp"].item())
@@ -135,8 +137,9 @@ def test_feature_matching_adds_the_squared_distance_of_the_mean_features():
 def test_the_recipe_reads_each_field_from_the_flag_of_its_name():
     """What a new loss term needs besides its function: a Recipe field and a train_gan.py flag of the same name."""
     args = train_gan.parse_args(["--lambda-gp", "5", "--feature-matching", "0.25"])
-    assert gan_steps.Recipe.from_args(args, bf16=True) == gan_steps.Recipe(lambda_gp=5.0, feature_matching=0.25, bf16=True)
-    assert gan_steps.Recipe.from_args(train_gan.parse_args([])) == gan_steps.Recipe()  # the flags' defaults are the recipe's
+    Recipe = gan_steps.Recipe
+    assert Recipe.from_args(args, bf16=True) == Recipe(lambda_gp=5.0, feature_matching=0.25, bf16=True)
+    assert Recipe.from_args(train_gan.parse_args([])) == Recipe()  # the flags' defaults are the recipe's
 
 
 def test_minibatch_discrimination_keeps_real_fake_and_interpolated_apart():
@@ -166,7 +169,8 @@ def test_generator_step_leaves_the_discriminator_alone():
     d_params = [p.detach().clone() for p in disc.parameters()]
     d_grads = [p.grad.clone() for p in disc.parameters()]
     g_params = [p.detach().clone() for p in gen.parameters()]
-    gan_steps.generator_step(gan_steps.Nets(gen, disc, gen, disc, opt_g, None), gan_steps.Recipe(), 4, torch.Generator().manual_seed(0))
+    nets = gan_steps.Nets(gen, disc, gen, disc, opt_g, None)
+    gan_steps.generator_step(nets, gan_steps.Recipe(), 4, torch.Generator().manual_seed(0))
     assert all(torch.equal(a, p) for a, p in zip(d_params, disc.parameters()))
     assert all(torch.equal(a, p.grad) for a, p in zip(d_grads, disc.parameters()))
     assert all(p.requires_grad for p in disc.parameters()), "D must be unfrozen again for its own step"
@@ -211,7 +215,7 @@ def test_cli_two_epochs_then_resume(tiny_image_folder, tmp_path):
             assert grid.size == (grid_side, grid_side + HEADER)
     records = [r for r in read_metrics(out / "gan_metrics.jsonl")[0] if r["type"] == "epoch"]
     assert [r["epoch"] for r in records] == [1, 2]
-    for key in ("test_acc", "seconds", "images_per_s") + gan_steps.MONITORED:
+    for key in ("test_acc", "seconds", "images_per_s", *gan_steps.MONITORED_KEYS):
         assert key in records[0]
     assert load_model(out / "generator.model", "generator").width == 8
     assert load_model(out / "discriminator.model", "discriminator").width == 8
@@ -299,7 +303,7 @@ def test_split_penalty_pass_equals_the_one_batch_formulation():
     real, fake = torch.rand(6, 3, 32, 32) * 2 - 1, torch.rand(6, 3, 32, 32) * 2 - 1
     y_real, y_fake, alpha = torch.arange(6), torch.arange(6).flip(0), torch.rand(6)
     split, _ = gan_steps.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0)
-    one_batch = gan_steps.one_batch_discriminator_loss(disc, real, y_real, fake, y_fake, alpha, 10.0)
+    one_batch = bench.one_batch_discriminator_loss(disc, real, y_real, fake, y_fake, alpha, 10.0)
     assert abs(split.item() - one_batch.item()) < 1e-6
     params = list(disc.parameters())
     got = torch.cat([g.flatten() for g in torch.autograd.grad(split, params)])

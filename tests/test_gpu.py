@@ -31,15 +31,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training import gan_steps
-from metrics import measures
-import sample
-from training.checkpoint import save_model
+import bench
 from conftest import REPO, write_image_folder
-from training.data import load_split
-from torch_utils.files import read_metrics, torch_bytes
+from metrics import measures
 from models import Discriminator, Generator, class_noise
+import sample
 from test_evaluate import class_images, inception_weights, run_offline  # noqa: F401 (a fixture)
+from torch_utils.files import read_metrics, torch_bytes
+from training import gan_steps
+from training.checkpoint import save_model
+from training.data import load_split
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")
@@ -228,7 +229,7 @@ def test_split_penalty_equals_one_batch_on_cuda():
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         split, _ = gan_steps.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0)
         split_grads = torch.autograd.grad(split, list(disc.parameters()))
-        one = gan_steps.one_batch_discriminator_loss(disc, real, y_real, fake, y_fake, alpha, 10.0)
+        one = bench.one_batch_discriminator_loss(disc, real, y_real, fake, y_fake, alpha, 10.0)
         one_grads = torch.autograd.grad(one, list(disc.parameters()))
     assert split.item() == pytest.approx(one.item(), rel=1e-5)
     for a, b in zip(one_grads, split_grads):

@@ -4,13 +4,13 @@ torchrun ones are in test_torchrun_sync.py)."""
 import pytest
 import torch
 
-from training import gan_steps
 from metrics import measures
-import sample
-from training import run as training_run
-from torch_utils.cli import UserError
 from models import MinibatchDiscrimination, class_noise
+import sample
+from torch_utils.cli import UserError
 from torch_utils.runtime import setup_speed
+from training import gan_steps
+from training import run as training_run
 
 META = torch.device("meta")
 

@@ -6,15 +6,15 @@ import torch
 import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from training import gan_steps
-from training import health
+from models import NOISE_DIM, NUM_CLASSES, Discriminator, Generator, class_noise
 import report
 from reporting import inputs
 from reporting import pages
-import train_gan
-from training.data import CLASSES
 from torch_utils.files import append_metrics, read_metrics
-from models import NOISE_DIM, NUM_CLASSES, Discriminator, Generator, class_noise
+import train_gan
+from training import gan_steps
+from training import health
+from training.data import CLASSES
 
 # Window values of a healthy run: the range seen on CIFAR-10 (train_gan.py --width 16 --batch-size 64, two
 # epochs, 12 windows) in its first epochs.

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
+from test_jobs import fakes, run_pipeline, run_sweep, submitted  # noqa: F401  (fakes: the fixture)
 import train_baseline
 import train_gan
-from test_jobs import fakes, run_pipeline, run_sweep, submitted  # noqa: F401  (fakes: the fixture)
 
 
 def test_a_configs_file_written_on_windows_reads_as_the_same_table(fakes):

@@ -20,13 +20,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
-from training import gan_steps
 import models
 from models import Discriminator, Generator
 from torch_utils.cli import UserError
 from torch_utils.ops import conv2d_gradfix, layer_norm, set_kernels
 from torch_utils.ops.layer_norm import LayerNorm
 from torch_utils.runtime import Speed
+from training import gan_steps
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
 CUDA = torch.cuda.is_available()

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 import compare
+from conftest import REPO
 import evaluate
 import make_gif
 import report
@@ -15,7 +16,6 @@ import sample
 import train_baseline
 import train_gan
 import visualize
-from conftest import REPO
 
 # (script's main, its arguments with OUT for the output path, the flag). Inputs that do not exist: the output
 # path is checked first.

@@ -25,10 +25,10 @@ import torch
 from torch_fidelity import feature_extractor_inceptionv3 as inception
 from torchvision.datasets import CIFAR10
 
-from training import data
+from conftest import REPO
 from metrics import measures
 import prepare
-from conftest import REPO
+from training import data
 
 PER_BATCH = 4  # images in each fake batch file
 

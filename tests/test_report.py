@@ -12,13 +12,13 @@ import time
 import pytest
 from PIL import Image
 
+from conftest import REPO
 import make_gif
+from metrics.quality import format_table
 import report
 from reporting import inputs
 from reporting import pages
-from conftest import REPO
 from training.data import CLASSES
-from metrics.quality import format_table
 
 SECTIONS = ["## Test accuracy", "## Training curves", "## Generator progress", "## Generator quality",
             "## Perturbed images", "## Synthetic images maximizing each class",

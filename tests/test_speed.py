@@ -17,12 +17,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training import baseline_step
 import bench
-from training import gan_steps
 from conftest import REPO
 from models import Discriminator, Generator
 from torch_utils.runtime import Runtime
+from training import baseline_step
+from training import gan_steps
 
 LOSS_RTOL = 3e-2
 MIN_COSINE = 0.8

@@ -19,13 +19,13 @@ from tensorboard.plugins import base_plugin
 from tensorboard.plugins.custom_scalar import custom_scalars_plugin
 from tensorboard.plugins.hparams import api_pb2, backend_context, list_session_groups, plugin_data_pb2
 
-from training import events
-from training import health
+from conftest import REPO
+from torch_utils.files import read_metrics
 import train_baseline
 import train_gan
-from conftest import REPO
+from training import events
+from training import health
 from training.data import CLASSES
-from torch_utils.files import read_metrics
 
 
 def gan_args(data_dir, out, *extra):
@@ -88,14 +88,15 @@ def read_tags(path):
 
 # Kills the trainer (SIGKILL, no clean-up) in the save of epoch 2: its events are flushed, its checkpoint is not.
 KILL_IN_SECOND_SAVE = """
-import os, signal, training
-write_together, calls = training.write_together, []
+import os, signal
+from training import run as training_run
+write_together, calls = training_run.write_together, []
 def write_then_die(files, **options):
     calls.append(1)
     if len(calls) == 2:
         os.kill(os.getpid(), signal.SIGKILL)
     write_together(files, **options)
-training.write_together = write_then_die
+training_run.write_together = write_then_die
 """
 
 
@@ -296,13 +297,14 @@ def test_the_hparams_table_has_every_trainers_columns_and_booleans(both):
 
 # Sends the trainer SIGTERM as it appends the record of epoch 1: it saves and exits 75 after that epoch.
 STOP_AFTER_EPOCH_1 = """
-import os, signal, training
-append_metrics = training.append_metrics
+import os, signal
+from training import run as training_run
+append_metrics = training_run.append_metrics
 def append_then_stop(path, record):
     append_metrics(path, record)
     if record.get("type") == "epoch" and record["epoch"] == 1:
         os.kill(os.getpid(), signal.SIGTERM)
-training.append_metrics = append_then_stop
+training_run.append_metrics = append_then_stop
 """
 
 

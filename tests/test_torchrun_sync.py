@@ -11,14 +11,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+from models import Discriminator, Generator, class_noise
+from test_distributed import free_port
+from torch_utils.ops.global_batch_norm import GlobalBatchNorm
+from torch_utils.runtime import Runtime
+import train_gan
 from training import baseline_step
 from training import gan_steps
 from training import running_means
-import train_gan
-from models import Discriminator, Generator, class_noise
-from torch_utils.ops.global_batch_norm import GlobalBatchNorm
-from torch_utils.runtime import Runtime
-from test_distributed import free_port
 
 
 

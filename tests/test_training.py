@@ -12,17 +12,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import REPO
+from models import Judgement
+from torch_utils.cli import UserError
+from torch_utils.files import append_metrics, read_metrics
+from torch_utils.runtime import Runtime
+import train_baseline
+import train_gan
 from training import data
 from training import outdir_lock
 from training import running_means
-import train_baseline
-import train_gan
 from training import run as training_run
-from torch_utils.cli import UserError
-from conftest import REPO
-from torch_utils.files import append_metrics, read_metrics
-from models import Judgement
-from torch_utils.runtime import Runtime
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -44,7 +44,7 @@ def test_accuracy_equals_a_hand_count():
     hand = sum(int(images[i, 0, 0, 0]) % 10 == int(labels[i]) for i in range(53)) / 53
     assert 20 / 53 <= hand < 1
     loader = data.Loader(images, labels, 10, "cpu", train=False)
-    assert training_run.accuracy(FirstPixelModel(), loader) == pytest.approx(hand)
+    assert training_run.loader_accuracy(FirstPixelModel(), loader) == pytest.approx(hand)
 
 
 def test_accuracy_of_a_discriminator_is_its_argmax_hit_rate_in_eval_mode():
@@ -57,7 +57,7 @@ def test_accuracy_of_a_discriminator_is_its_argmax_hit_rate_in_eval_mode():
         predictions = [model.eval()(data.to_float(images[i:i + 1]))[1].argmax().item() for i in range(30)]
     hand = sum(p == y for p, y in zip(predictions, labels.tolist())) / 30
     model.train()
-    assert training_run.accuracy(model, data.Loader(images, labels, 7, "cpu", train=False)) == pytest.approx(hand)
+    assert training_run.loader_accuracy(model, data.Loader(images, labels, 7, "cpu", train=False)) == pytest.approx(hand)
     assert model.training, "the trainers go on training after evaluating"
 
 

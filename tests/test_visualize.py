@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import visualize
-from training.checkpoint import save_model
 from conftest import REPO, write_image_folder
 from models import Discriminator, Generator
+from training.checkpoint import save_model
+import visualize
 
 LAYERS = range(1, 9)
 

@@ -297,8 +297,3 @@ class GraphedStep:
             print(f"note: CUDA graph capture failed ({first}); this step runs eagerly", file=sys.stderr)
             return
         self.graph = graph
-
-
-def graphed(step, enabled):
-    """step as a GraphedStep where enabled, else step itself."""
-    return GraphedStep(step) if enabled else step

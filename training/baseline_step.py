@@ -3,6 +3,11 @@ train_baseline.py runs it; bench.py times it."""
 import torch.nn.functional as F
 
 from torch_utils.runtime import autocast
+from training.running_means import Monitor
+
+# train_step's monitored values, means over the batch; the epoch record holds their epoch means as train_loss and
+# train_acc, the console table's columns
+MONITORED = (Monitor("loss", "losses", "training loss", "loss"), Monitor("acc", "accuracy", "accuracy", "train"))
 
 
 def freeze_critic_head(model):

@@ -11,9 +11,9 @@ import os
 
 import torch
 
+from models import Discriminator, Generator
 from torch_utils.cli import UserError
 from torch_utils.files import save_torch
-from models import Discriminator, Generator
 
 MODEL_CLASSES = {"discriminator": Discriminator, "generator": Generator}
 

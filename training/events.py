@@ -28,29 +28,29 @@ from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
 from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard import SummaryWriter
 
-from training.data import CLASSES
 from torch_utils.files import atomic_write, write_error
+from training import baseline_step, gan_steps
+from training.data import CLASSES
 
 FLUSH_SECS = 30  # a watching TensorBoard lags the run by at most this; every checkpoint flushes too
 HPARAMS_TAG = hparams_metadata.SESSION_START_INFO_TAG  # the hparams plugin's tag of a run's configuration
 END_TAG = hparams_metadata.SESSION_END_INFO_TAG  # ... and of its end status
 HINT = "choose another --out-dir, or pass --no-tensorboard"
 
-# The Scalars tab's groups (a tag's group is the part before its first /), by what a user looks for. The values
-# of the monitor windows (every training.LOG_EVERY batches) come from those; their epoch means stay in the metrics
-# file. The generator's loss and its terms (g_...) are losses and windowed, whatever their names; any other key
-# named nowhere keeps its record's kind as its group.
+# The Scalars tab's groups (a tag's group is the part before its first /), by what a user looks for. The steps'
+# monitored values are windowed (every run.LOG_EVERY batches; their epoch means stay in the metrics file) and in
+# the groups their tables give; so are the generator's loss and its terms (g_...), whatever their names. The
+# epoch records' other keys are grouped here; any key named nowhere keeps its record's kind as its group.
+MONITORS = gan_steps.MONITORED + baseline_step.MONITORED
 GROUPS = {
-    "health": ("wasserstein", "grad_norm"),
-    "losses": ("gp", "real_score", "fake_score", "real_ce", "fake_ce", "loss", "train_loss"),
-    "accuracy": ("real_acc", "fake_acc", "test_acc", "acc", "train_acc"),
+    "losses": ("train_loss",),
+    "accuracy": ("test_acc", "train_acc"),
     "speed": ("images_per_s", "seconds", "seconds_per_epoch", "eta_s", "eval_seconds"),
     "settings": ("lr", "lambda_gp"),
     "eval": ("is_mean", "is_std", "fid", "kid_mean", "kid_std", "class_acc", "classifier_fd", "reference_is_mean"),
 }
-GROUP_OF = {key: group for group, keys in GROUPS.items() for key in keys}
-WINDOWED = {"gp", "real_score", "fake_score", "real_ce", "fake_ce", "loss", "real_acc", "fake_acc", "acc", "wasserstein",
-            "grad_norm"}
+GROUP_OF = {key: group for group, keys in GROUPS.items() for key in keys} | {m.key: m.group for m in MONITORS}
+WINDOWED = {m.key for m in MONITORS}
 
 
 def group_of(key, kind):
@@ -60,23 +60,28 @@ def group_of(key, kind):
 def windowed(key):
     return key in WINDOWED or key.startswith("g_")
 
-# The GAN's Custom Scalars tab: the groups in the order a GAN user reads them, related curves in one chart. Tags
-# are matched in every run of the logdir: the baseline's test accuracy joins the accuracy chart.
+
+def monitor_charts(group, also=None):
+    """The Custom Scalars charts of a group's discriminator monitors: one per report panel, under its title, with
+    also's extra tag patterns ({title: [pattern]}) joined to the chart of that title, or added after them."""
+    charts = {}
+    for m in gan_steps.MONITORED:
+        if m.group == group:
+            charts.setdefault(m.panel, ["Multiline", []])[1].append(rf"^{group}/{m.key}$")
+    for title, patterns in (also or {}).items():
+        charts.setdefault(title, ["Multiline", []])[1].extend(patterns)
+    return charts
+
+
+# The GAN's Custom Scalars tab: the groups in the order a GAN user reads them, related curves in one chart (a
+# report.py panel each). Tags are matched in every run of the logdir: the baseline's test accuracy joins the
+# accuracy chart.
 GAN_LAYOUT = {
-    "health": {
-        "Wasserstein estimate (real - fake score): positive, falling slowly": ["Multiline", [r"^health/wasserstein$"]],
-        "critic's gradient norm at the interpolates: held near 1": ["Multiline", [r"^health/grad_norm$"]],
-        "fixed-noise samples' spread, one line per class: 0 if the noise is ignored":
-            ["Multiline", [r"^per_class/noise_spread/"]],
-    },
-    "losses": {
-        "critic scores of real and fake images": ["Multiline", [r"^losses/(real|fake)_score$"]],
-        "class cross entropy of real and fake images, and the generator's": ["Multiline",
-                                                                             [r"^losses/(real_ce|fake_ce|g_ce)$"]],
-        "generator loss and its terms": ["Multiline", [r"^losses/g_(?!ce$)"]],
-        "gradient penalty": ["Multiline", [r"^losses/gp$"]],
-    },
-    "accuracy": {"classifier on real and fake batches, and the test set": ["Multiline", [r"^accuracy/"]]},
+    "health": monitor_charts("health", {"fixed-noise samples' spread, one line per class: 0 if the noise is ignored":
+                                        [r"^per_class/noise_spread/"]}),
+    "losses": monitor_charts("losses", {"class cross entropy": [r"^losses/g_ce$"],
+                                        "generator loss and its terms": [r"^losses/g_(?!ce$)"]}),
+    "accuracy": monitor_charts("accuracy", {"accuracy": [r"^accuracy/test_acc$"]}),
     "speed": {"images/s": ["Multiline", [r"^speed/images_per_s$"]],
               "seconds left at the measured pace": ["Multiline", [r"^speed/eta_s$"]]},
     "eval": {"FID": ["Multiline", [r"^eval/fid$"]], "Inception Score": ["Multiline", [r"^eval/is_mean$"]],
@@ -102,14 +107,6 @@ def tags(kind, record):
     return found
 
 
-def quiet_writer_thread(args, default=threading.excepthook):
-    """The writer thread's failure (a full disk) is raised again in the main thread, as one line; it is not
-    printed as a traceback here."""
-    if not isinstance(args.thread, _AsyncWriterThread):
-        default(args)
-
-
-threading.excepthook = quiet_writer_thread
 
 
 def event_files(folder):
@@ -165,6 +162,7 @@ class Events:
             # A SessionLog.START at the first step, a fresh run's too: TensorBoard's server takes a run's first
             # START for its beginning and purges at the later ones only.
             self.writer = SummaryWriter(folder, purge_step=resumed_at + 1, flush_secs=FLUSH_SECS)
+            self.quiet_writer_thread()
             if HPARAMS_TAG not in once:
                 self.hparams(config)
             if layout and CONFIG_SUMMARY_TAG not in once:
@@ -227,8 +225,20 @@ class Events:
         with self.writing():
             self.writer.flush()
 
+    def quiet_writer_thread(self):
+        """While this writer is open, its thread's failure (a full disk) is not printed as a traceback: the main
+        thread raises it again, as one line. Other threads' failures are printed as before."""
+        default = threading.excepthook
+
+        def hook(args):
+            if not isinstance(args.thread, _AsyncWriterThread):
+                default(args)
+        threading.excepthook, self.restore_excepthook = hook, default
+
     def close(self):
         try:
             self.writer.close()
         except OSError:
             pass  # at the end of a run: its last checkpoint flushed every event it holds
+        finally:
+            threading.excepthook = self.restore_excepthook

@@ -7,7 +7,8 @@ training iteration's two updates as train_gan.py runs them (and bench.py times t
     monitored = generator(n, rng, real)
 
 A new generator loss term is a term in generator_loss (named g_...: the metrics file, TensorBoard and report.py
-show every g_ term), a Recipe field for its weight and a train_gan.py flag of the same name.
+show every g_ term), a Recipe field for its weight and a train_gan.py flag of the same name. A new value the
+discriminator's update monitors is a line of MONITORED and its computation in discriminator_loss.
 """
 import dataclasses
 import functools
@@ -19,13 +20,24 @@ from torch.profiler import record_function
 
 from models import NUM_CLASSES, class_noise
 from torch_utils.runtime import GraphedStep, autocast
+from training.running_means import Monitor
 
-# The discriminator step's monitored values, each a mean over the batch: gradient penalty, critic scores of
-# fake and real images, class cross entropy of real and fake images, the accuracy on the real and on the fake
-# batch, and the health signals: the Wasserstein estimate (real - fake score) and the mean norm of the
-# critic's input gradient at the interpolated images (the penalty's own quantity, held near 1).
-MONITORED = ("gp", "fake_score", "real_score", "real_ce", "fake_ce", "real_acc", "fake_acc", "wasserstein",
-             "grad_norm")
+# The discriminator step's monitored values, each a mean over the batch, in the console table's column order: the
+# accuracy on the real and on the fake batch, gradient penalty, critic scores of fake and real images, class cross
+# entropy of real and fake images, and the health signals: the Wasserstein estimate (real - fake score) and the
+# mean norm of the critic's input gradient at the interpolated images (the penalty's own quantity, held near 1).
+MONITORED = (
+    Monitor("real_acc", "accuracy", "accuracy", "real training batches", "real acc", "8.4f"),
+    Monitor("gp", "losses", "gradient penalty", "GP", "gp", "7.3f"),
+    Monitor("fake_score", "losses", "critic score fc1", "fake", "fake", "8.3f"),
+    Monitor("real_score", "losses", "critic score fc1", "real", "real", "8.3f"),
+    Monitor("real_ce", "losses", "class cross entropy", "real"),
+    Monitor("fake_ce", "losses", "class cross entropy", "fake"),
+    Monitor("fake_acc", "accuracy", "accuracy", "fake batches"),
+    Monitor("wasserstein", "health", "Wasserstein estimate (real - fake)", "estimate"),
+    Monitor("grad_norm", "health", "critic's gradient norm at x_hat", "mean norm"),
+)
+MONITORED_KEYS = frozenset(m.key for m in MONITORED)
 
 
 class Nets(NamedTuple):
@@ -99,19 +111,8 @@ def discriminator_loss(disc_ddp, disc, real, real_labels, fake, fake_labels, alp
             gp, monitored["grad_norm"] = gradient_penalty(disc(x_hat).score.float(), x_hat, lambda_gp)
         loss = loss + penalty_factor * gp
         monitored["gp"] = gp
+    assert monitored.keys() <= MONITORED_KEYS, f"not in MONITORED: {sorted(monitored.keys() - MONITORED_KEYS)}"
     return loss, {name: value.detach() for name, value in monitored.items()}
-
-
-def one_batch_discriminator_loss(disc, real, real_labels, fake, fake_labels, alpha, lambda_gp):
-    """discriminator_loss as one pass over real, fake and interpolated images: the same loss and gradients, the
-    penalty's double backward over all three thirds of the batch (bench.py's reference path; the tests compare)."""
-    n = len(real)
-    x_hat = (alpha.view(-1, 1, 1, 1) * real + (1 - alpha.view(-1, 1, 1, 1)) * fake).requires_grad_(True)
-    judged = disc(torch.cat([real, fake, x_hat]))
-    scores, logits = judged.score.float(), judged.logits.float()
-    gp = gradient_penalty(scores[2 * n:], x_hat, lambda_gp)[0]
-    return (scores[n:2 * n].mean() - scores[:n].mean() + F.cross_entropy(logits[:n], real_labels)
-            + F.cross_entropy(logits[n:2 * n], fake_labels) + gp)
 
 
 def feature_matching_loss(real_features, fake_features):

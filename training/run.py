@@ -28,14 +28,15 @@ import time
 
 import torch
 
+from metrics.accuracy import accuracy
+from models import ARCHS, DEFAULT_WIDTH
+from torch_utils.cli import UserError, check_range
+from torch_utils.files import append_metrics, output_folder, read_metrics, rewrite_metrics, torch_bytes, write_together
+from torch_utils.runtime import DEVICE_HELP, EXIT_STOPPED, SPEED_HELP, progress_bar
 from training import health
 from training.checkpoint import load_checkpoint
-from torch_utils.cli import UserError, check_range
 from training.data import Loader, load_split, to_float
-from torch_utils.files import append_metrics, output_folder, read_metrics, rewrite_metrics, torch_bytes, write_together
-from models import ARCHS, DEFAULT_WIDTH
 from training.outdir_lock import OutDirLock
-from torch_utils.runtime import DEVICE_HELP, EXIT_STOPPED, SPEED_HELP, progress_bar
 
 LOG_EVERY = 50  # batches between running means in the progress bar and the metrics file (each a host sync)
 AGREE_EVERY = 10  # batches between the processes' agreement on stopping, under torchrun (each a host sync)
@@ -182,13 +183,15 @@ def check_configurations(parse_args, argv, source):
 # ---------------------------------------------------------------------------------------------------------
 # Optimizer, data and evaluation
 
-def adam(params, lr, betas, device, capturable=False):
-    """Adam; on CUDA its fused kernel (one launch for all parameters, the same update). capturable: its state on
-    the GPU, so that a CUDA graph can replay its step (runtime.GraphedStep), and its learning rate a tensor there,
-    which set_lr changes in place: one graph serves the whole schedule."""
+def adam(params, lr, betas, device, capturable=False, fused=None):
+    """Adam; fused=None: on CUDA its fused kernel (one launch for all parameters, the same update); True or False
+    as asked (bench.py counts the CPU's operations as CUDA runs them, and times the unfused path). capturable: its state on the GPU, so that a
+    CUDA graph can replay its step (runtime.GraphedStep), and its learning rate a tensor there, which set_lr changes
+    in place: one graph serves the whole schedule."""
     if capturable:
         lr = torch.tensor(lr, dtype=torch.float32, device=device)
-    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), fused=fused_adam(device), capturable=capturable)
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), fused=fused_adam(device) if fused is None else fused,
+                            capturable=capturable)
 
 
 def fused_adam(device):
@@ -232,16 +235,12 @@ def training_loaders(args, rt, test_batch=500):
     return train, test
 
 
-@torch.no_grad()
-def accuracy(model, loader):
-    """Fraction of the loader's images whose fc10 argmax is the true label; the model is left in train mode."""
+def loader_accuracy(model, loader):
+    """accuracy over the loader's images, in eval mode; the model is left in train mode."""
     model.eval()
-    correct, count = torch.zeros((), device=loader.labels.device), 0
-    for _, images, labels in loader.batches():
-        correct += (model(to_float(images)).logits.argmax(1) == labels).sum()
-        count += len(labels)
+    result = accuracy(model, ((to_float(images), labels) for _, images, labels in loader.batches()))
     model.train()
-    return correct.item() / count
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------------

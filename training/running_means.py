@@ -1,6 +1,22 @@
-"""Running means of the monitored values that both trainers keep (Meter), on the device and over every process."""
+"""Running means of the monitored values that both trainers keep (Meter), on the device and over every process, and
+what each monitored value is (Monitor): the steps' tables of them are what the console table, TensorBoard and
+report.py follow."""
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
+
+
+class Monitor(NamedTuple):
+    """A value a training step returns every batch (a mean over it), kept as running means: its key in the step's
+    dict, the metrics file and TensorBoard (as group/key); report.py's panel of it and its line's label there; and,
+    where the console's per-epoch table shows its epoch mean, that column's header and format."""
+    key: str
+    group: str
+    panel: str
+    label: str
+    column: str = ""
+    format: str = ""
 
 
 class Meter:

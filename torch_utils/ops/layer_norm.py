@@ -115,8 +115,7 @@ def is_channels_last(x):
 
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm (the same parameters, state dict and forward), whose second derivative, which the gradient
-    penalty takes, is a few fused expressions instead of autograd's generic ones (see _LayerNormGrad).
-    compact_double_backward=False runs nn.LayerNorm's own autograd instead (the reference). kernels: "native"
+    penalty takes, is a few fused expressions instead of autograd's generic ones (see _LayerNormGrad). kernels: "native"
     (PyTorch's) or "triton" (triton_layer_norm: rows split over the whole GPU; CUDA, or the CPU under
     TRITON_INTERPRET=1). A channels_last input is normalized as its NHWC view with the weight permuted alike: the
     per-sample statistics do not depend on the layout, and no transposing copy is made.
@@ -124,7 +123,6 @@ class LayerNorm(nn.LayerNorm):
     the activation is computed inside them (no passes of its own). row_kernels, with the Triton kernels: each row's
     few numbers in one small kernel instead of a dozen torch operations (see triton_layer_norm)."""
 
-    compact_double_backward = True
     kernels = "native"
     fuse_leaky_relu = False
     row_kernels = False
@@ -137,8 +135,8 @@ class LayerNorm(nn.LayerNorm):
     def _layer_norm(self, x, slope=None):
         """layer_norm(x), or with a slope (Triton's kernels only) leaky_relu(layer_norm(x), slope)."""
         channels_last = is_channels_last(x) and len(self.normalized_shape) == 3
-        custom = self.compact_double_backward and torch.is_grad_enabled()
-        if not (custom or channels_last or self.kernels != "native"):  # no Python overhead on the plain path
+        grad = torch.is_grad_enabled()
+        if not (grad or channels_last or self.kernels != "native"):  # no Python overhead on the plain path
             return super().forward(x)
         # CUDA autocast runs layer_norm in fp32 (CPU autocast does not): as it would for F.layer_norm
         if x.device.type == "cuda" and torch.is_autocast_enabled("cuda") and x.dtype in (torch.float16, torch.bfloat16):
@@ -152,11 +150,8 @@ class LayerNorm(nn.LayerNorm):
         options = {} if self.kernels == "native" else {"row_kernels": self.row_kernels}
         if slope is not None:
             options["slope"] = slope
-        if custom:
+        if grad:
             y = _LayerNorm.apply(x, weight, bias, shape, self.eps, kernels, options)
-        elif torch.is_grad_enabled():  # the reference: autograd's own derivatives
-            y = F.layer_norm(x, shape, weight, bias, self.eps)
-            y = y if slope is None else F.leaky_relu(y, slope)
         else:
             y = kernels.forward(x, shape, weight, bias, self.eps, **options)[0]
         return y.permute(0, 3, 1, 2) if channels_last else y
