@@ -23,8 +23,7 @@ from conftest import REPO
 from torch_utils.files import read_metrics
 import train_baseline
 import train_gan
-from training import events
-from training import health
+from training import events, gan_steps, health
 from training.data import CLASSES
 
 
@@ -248,9 +247,20 @@ def test_the_gan_view_puts_health_first_and_each_class_in_one_chart(both):
     spread = next(tags for title, tags in charts.items() if title.startswith("fixed-noise samples' spread"))
     tags = read(both / "tb" / "gan").Tags()["scalars"]
     assert sorted(t for t in tags if re.search(spread[0], t)) == sorted(f"per_class/noise_spread/{c}" for c in CLASSES)
-    accuracy = charts["classifier on real and fake batches, and the test set"]
-    both_runs = [t for t in read(both / "tb" / "baseline").Tags()["scalars"] if re.search(accuracy[0], t)]
+    accuracy = charts["accuracy"]
+    both_runs = [t for t in read(both / "tb" / "baseline").Tags()["scalars"] if any(re.search(p, t) for p in accuracy)]
     assert "accuracy/test_acc" in both_runs  # the baseline's test accuracy joins the GAN's chart
+
+
+def test_every_discriminator_monitor_reaches_its_group_window_and_chart():
+    """The readers follow gan_steps.MONITORED: each value's window is a scalar of its group, an epoch record leaves
+    it out, and the Custom Scalars chart of its report panel shows it; the console table has its column."""
+    charts = {title: patterns for group in events.GAN_LAYOUT.values() for title, (_, patterns) in group.items()}
+    for m in gan_steps.MONITORED:
+        assert events.tags("window", {m.key: 0.5}) == {f"{m.group}/{m.key}": 0.5}
+        assert events.tags("epoch", {m.key: 0.5}) == {}
+        assert any(re.search(p, f"{m.group}/{m.key}") for p in charts[m.panel])
+        assert (m.column in [heading for heading, _, _ in train_gan.TABLE.columns]) == bool(m.column)
 
 
 def test_a_new_generator_term_is_a_windowed_loss_in_the_generators_chart():
