@@ -5,7 +5,7 @@ gradient penalty), each with the Meter's sums the trainers keep, for each path s
     fp32          the trainers' eager path, --speed plain (on CUDA: fused Adam, cuDNN autotuning)
     channels-last fp32 with the nets and batches in channels_last memory                               (CUDA only)
     gradfix       fp32 with the discriminator's convolutions differentiated into ordinary kernels
-    triton-ln     fp32 with LayerNorm in Triton kernels (triton_layer_norm.py)                          (CUDA only)
+    triton-ln     fp32 with LayerNorm in Triton kernels (torch_utils/ops)                              (CUDA only)
     graphs        fp32 with each update captured as a CUDA graph and replayed                         (CUDA only)
     fast          all four together: --speed fast, the trainers' default on one GPU                     (CUDA only)
     fast-native-ln, fast-autograd-conv   fast with PyTorch's LayerNorm, fast with autograd's conv2d    (CUDA only)

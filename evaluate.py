@@ -12,7 +12,7 @@ folder; without internet, download them elsewhere and pass --inception-weights. 
 Inception metrics are reported as unavailable and the rest still runs. The training split's Inception features
 are extracted once and cached by torch-fidelity in $TORCH_HOME/fidelity_cache (about 600 MB for CIFAR-10).
 
-Prints a table and writes the numbers to --output as JSON. The measures are measures.py's, the table quality.py's.
+Prints a table and writes the numbers to --output as JSON. The measures are metrics/measures.py's, the table metrics/quality.py's.
 """
 import argparse
 import json

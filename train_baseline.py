@@ -7,7 +7,7 @@
 The assignment's recipe is the default: 100 epochs, batch 128, Adam lr 1e-4, lr / 10 at half the epochs and
 / 100 at three quarters (epochs 50 and 75). Writes to --out-dir: cifar10.model (the trained net),
 baseline.ckpt (resumable, every epoch and on a stop signal) and baseline_metrics.jsonl (one line per epoch).
-The update is baseline.py's.
+The update is training/baseline_step.py's.
 """
 import argparse
 import os

@@ -11,7 +11,7 @@ The assignment's recipe is the default: 200 epochs, batch 128, Adam lr 1e-4 beta
 gradient penalty 10, the generator trained every iteration. Writes to --out-dir: output/NNN.png (a 10x10 grid
 of one fixed noise batch after epoch NNN + 1, one class per column), generator.model and discriminator.model
 (every epoch), gan.ckpt (resumable, every epoch and on a stop signal) and gan_metrics.jsonl. The losses and
-updates are gan.py's.
+updates are training/gan_steps.py's.
 """
 import argparse
 import os

@@ -1,5 +1,5 @@
 """The report's figures and its document: report.md and report.pdf built in memory, a section at a time, from
-what report_inputs.gather read.
+what reporting.inputs.gather read.
 """
 import io
 import os
@@ -266,7 +266,7 @@ def write_health(doc, found):
     if found.warnings:
         lines = [f"epoch {r['epoch']}" + (f", batch {r['batch']}" if "batch" in r else "") + f": {r.get('message')}"
                  for r in found.warnings]
-        doc.add("The health rules raised these warnings (README, \"Watching a run\", has the thresholds):", "",
+        doc.add("The health rules raised these warnings (docs/watching.md, \"Warnings\", has the thresholds):", "",
                 *(f"- {line}" for line in lines), "")
         doc.page(text_page("Training health: warnings", [text for line in lines for text in textwrap.wrap(line, 130)]))
     else:

@@ -1,4 +1,4 @@
-"""checkpoint.py: model files and training checkpoints, what they hold, and what they refuse."""
+"""training/checkpoint.py: model files and training checkpoints, what they hold, and what they refuse."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""data.py: the two dataset layouts, the image-folder cache, the errors a user can meet, the batched augmentation
+"""training/data.py: the two dataset layouts, the image-folder cache, the errors a user can meet, the batched augmentation
 (against torchvision's own functions) and the Loader."""
 import os
 import pickle
@@ -121,7 +121,7 @@ def test_cache_is_invalidated_when_an_image_is_removed_or_changed(tmp_path):
 
 
 def test_a_cache_that_cannot_be_written_only_costs_decoding(tmp_path):
-    """data.py promises that a read-only data folder still loads (the images are decoded every time). Running
+    """training/data.py promises that a read-only data folder still loads (the images are decoded every time). Running
     as root makes chmod useless, so the cache's temporary file is blocked by a folder of that name."""
     written = write_image_folder(tmp_path, train_per_class=1, test_per_class=1)
     (tmp_path / "train.uint8.pt.tmp").mkdir()

@@ -421,7 +421,7 @@ def as_before(d):
 
 
 def test_discriminator_loss_and_gradients_equal_those_of_nn_layer_norm():
-    """gan.py's discriminator loss with the penalty, fp32: the loss and each parameter's gradient agree with
+    """gan_steps' discriminator loss with the penalty, fp32: the loss and each parameter's gradient agree with
     nn.LayerNorm's to 1e-6 (relative; fp32 rounds each in another order)."""
     from training import gan_steps
 

@@ -1,6 +1,6 @@
 """prepare.py against mirrors served by a real HTTP server on 127.0.0.1: a small CIFAR-10 archive in torchvision's
 layout and an InceptionV3 weights file that loads into torch-fidelity's network. It fetches and verifies both,
-puts them where data.py and evaluate.py look, refuses damaged downloads in one line each without keeping any of
+puts them where training/data.py and evaluate.py look, refuses damaged downloads in one line each without keeping any of
 them, and sends no request the second time; the prepared data then loads with the network switched off."""
 import functools
 import hashlib

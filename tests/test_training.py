@@ -1,4 +1,4 @@
-"""training.py, the run plumbing both trainers share: test accuracy, running means, the flags a resume must
+"""training/run.py, the run plumbing both trainers share: test accuracy, running means, the flags a resume must
 keep, the output folder's lock, and the metrics file's trimming on resume."""
 import json
 import os

@@ -214,7 +214,7 @@ class Speed:
     """The speed switches of a run on a CUDA GPU, each the same math as the plain path (torch_utils.ops.set_kernels):
     channels_last: weights and activations NHWC, the layout cuDNN's tensor-core kernels use (no transposes);
     conv_gradfix: the discriminator's convolutions differentiate into ordinary convolution kernels;
-    triton_layer_norm: LayerNorm's rows split over the whole GPU (triton_layer_norm.py);
+    triton_layer_norm: LayerNorm's rows split over the whole GPU (torch_utils/ops/triton_layer_norm.py);
     cuda_graphs: each training step captured once and replayed (GraphedStep), no Python between kernels;
     fused_leaky_relu: with triton_layer_norm, the blocks' LeakyReLU computed inside the LayerNorm kernels;
     row_kernels: with triton_layer_norm, each row's few numbers in one small kernel, not a dozen torch operations.
@@ -259,7 +259,7 @@ class GraphedStep:
     hundreds of kernels. Each call's tensors are copied into the graph's inputs; the outputs returned are the
     graph's own, overwritten by the next replay, so read them (in stream order) before that. The step may hold no
     host sync and no random draw of its own: draw outside and pass the draws in. The optimizer must be
-    capturable (training.adam(..., capturable=True)). Every call is a real step: the eager ones train as the
+    capturable (training.run.adam(..., capturable=True)). Every call is a real step: the eager ones train as the
     replays do. A step whose capture fails runs eagerly from then on, after one line on stderr."""
 
     EAGER_CALLS = 3

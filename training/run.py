@@ -1,7 +1,7 @@
 """The run plumbing both trainers share, written once: their common flags, the output folder's lock
-(outdir_lock.py), resuming or refusing a checkpoint, stopping on a signal, the non-finite loss rule, images/s,
+(training.outdir_lock), resuming or refusing a checkpoint, stopping on a signal, the non-finite loss rule, images/s,
 test accuracy, the per-epoch console table, and the metrics written to the metrics file, to TensorBoard
-(events.py) and through the health rules (health.py).
+(training.events) and through the health rules (training.health).
 
 A trainer's loop, in this module's terms:
 
