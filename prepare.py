@@ -260,7 +260,9 @@ def check_packages(requirements=os.path.join(REPO, "requirements.txt")):
     """[(ok, line)]: one line for the packages that match requirements.txt, one per package that does not."""
     found, results = [], []
     with open(requirements) as f:
-        wanted = [Requirement(line) for line in (line.split("#")[0].strip() for line in f) if line]
+        # A line starting with - is pip's option (-c: the lock), no package
+        wanted = [Requirement(line) for line in (line.split("#")[0].strip() for line in f)
+                  if line and not line.startswith("-")]
     for req in wanted:
         try:
             version = metadata.version(req.name)

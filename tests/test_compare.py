@@ -95,6 +95,14 @@ def final_acc(path):
     return [r for r in records if r.get("type", "epoch") == "epoch"][-1]["test_acc"]
 
 
+def assert_summary(cell, mean, std, n, values, **tolerance):
+    """A cell's mean, std, n and values; pytest.approx takes no list inside a dict, so the list is compared apart."""
+    numbers = {"mean": mean, "std": std, "n": n}
+    assert set(cell) == {*numbers, "values"}
+    assert {key: cell[key] for key in numbers} == pytest.approx(numbers, **tolerance)
+    assert cell["values"] == pytest.approx(values, **tolerance)
+
+
 def test_mean_and_sample_std_over_seeds(sweep, compared):
     root, _, _, rows = compared
     real = final_acc(root / "w8" / "seed-0" / "baseline_metrics.jsonl")
@@ -102,20 +110,18 @@ def test_mean_and_sample_std_over_seeds(sweep, compared):
     mean = (real + 0.5 + 0.7) / 3
     std = math.sqrt(((real - mean) ** 2 + (0.5 - mean) ** 2 + (0.7 - mean) ** 2) / 2)
     w8 = rows["w8"]
-    assert w8["baseline"]["test_acc"] == pytest.approx({"mean": mean, "std": std, "n": 3, "values": values})
+    assert_summary(w8["baseline"]["test_acc"], mean, std, 3, values)
     assert w8["baseline"]["epochs"] == 3 and w8["baseline"]["seeds"] == [0, 1, 2]
     real_gan = final_acc(root / "w8" / "seed-0" / "gan_metrics.jsonl")
     assert w8["gan"]["test_acc"]["values"] == pytest.approx([real_gan, 0.3, 0.4]) and w8["gan"]["epochs"] == 2
-    assert w8["generator"]["fid"] == pytest.approx({"mean": 56.0, "std": 6.0, "n": 3, "values": [50.0, 56.0, 62.0]})
+    assert_summary(w8["generator"]["fid"], 56.0, 6.0, 3, [50.0, 56.0, 62.0])
     assert w8["generator"]["is_mean"]["mean"] == pytest.approx(5.0) and w8["generator"]["class_acc"] is None
 
     deep = rows["deep"]
-    assert deep["baseline"]["test_acc"] == pytest.approx({"mean": 0.82, "std": 0.0282843, "n": 2,
-                                                          "values": [0.80, 0.84]}, abs=1e-6)
+    assert_summary(deep["baseline"]["test_acc"], 0.82, 0.0282843, 2, [0.80, 0.84], abs=1e-6)
     assert deep["gan"]["test_acc"]["mean"] == pytest.approx(0.65)
     assert deep["generator"]["class_acc"]["mean"] == pytest.approx(0.35)
-    assert deep["generator"]["classifier_fd"] == pytest.approx({"mean": 12.0, "std": 2.8284271, "n": 2,
-                                                                "values": [10.0, 14.0]})
+    assert_summary(deep["generator"]["classifier_fd"], 12.0, 2.8284271, 2, [10.0, 14.0])
 
 
 def test_table_lists_what_was_left_out(compared):
@@ -223,8 +229,7 @@ def test_a_diverged_seed_is_listed_and_the_others_fill_the_cell(tmp_path):
     cells, the bad seed is listed, and compare.json stays strict JSON."""
     report, table = sweep_of(tmp_path, b"w8", [(0.5, 50.0, 0.02), (0.7, 60.0, 0.04), (0.6, "NaN", "Infinity")])
     (row,) = report["configurations"]
-    assert row["generator"]["fid"] == pytest.approx({"mean": 55.0, "std": math.sqrt(50), "n": 2,
-                                                    "values": [50.0, 60.0]})
+    assert_summary(row["generator"]["fid"], 55.0, math.sqrt(50), 2, [50.0, 60.0])
     assert row["generator"]["kid_mean"]["values"] == pytest.approx([0.02, 0.04])
     assert row["generator"]["is_mean"]["n"] == 3 and row["gan"]["test_acc"]["n"] == 3
     assert report["left_out"] == ["w8/seed-2: FID nan, KID inf (eval.json, 10000 samples), left out of those columns"]

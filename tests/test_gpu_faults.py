@@ -117,13 +117,18 @@ def test_evaluator_noise_is_drawn_on_the_cpu_whatever_the_device():
     assert measures.Evaluator(META, n=40, seed=3).noise.device == META
 
 
-def test_feature_cache_key_follows_the_device_and_tf32(monkeypatch):
+def test_feature_cache_key_follows_the_device_and_tf32():
     cuda = torch.device("cuda", 0)
     keys = {measures.feature_numerics(torch.device("cpu")), measures.feature_numerics(cuda)}
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", not torch.backends.cudnn.allow_tf32)
-    keys.add(measures.feature_numerics(cuda))
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", not torch.backends.cuda.matmul.allow_tf32)
-    keys.add(measures.feature_numerics(cuda))
+    # Set and put back through torch's setters: the flags are no plain attributes, which monkeypatch cannot undo.
+    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = not conv
+        keys.add(measures.feature_numerics(cuda))
+        torch.backends.cuda.matmul.allow_tf32 = not matmul
+        keys.add(measures.feature_numerics(cuda))
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
     assert len(keys) == 4
 
 

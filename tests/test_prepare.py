@@ -187,7 +187,7 @@ def test_no_download_only_checks_and_names_what_is_missing(tmp_path, mirror, cap
 
 def test_environment_lines_follow_requirements_and_the_build(tmp_path):
     requirements = tmp_path / "requirements.txt"
-    requirements.write_text("torch==0.1  # too old\nnumpy>=1.0\nno-such-package-xyz>=1\n")
+    requirements.write_text("-c lock.txt\ntorch==0.1  # too old\nnumpy>=1.0\nno-such-package-xyz>=1\n")
     lines = prepare.check_packages(str(requirements))
     assert lines[0] == (True, f"packages as requirements.txt asks: numpy {np.__version__}")
     assert lines[1] == (False, f"torch {prepare.metadata.version('torch')} "
