@@ -90,6 +90,12 @@ def compared(sweep):
     return root, result.stdout, report, {row["config"]: row for row in report["configurations"]}
 
 
+def same_stats(got, mean, std, n, values, abs=None):
+    """mean_std's dict compared to pytest.approx's tolerance (which takes no list inside a dict)."""
+    return (got["mean"] == pytest.approx(mean, abs=abs) and got["std"] == pytest.approx(std, abs=abs)
+            and got["n"] == n and got["values"] == pytest.approx(values, abs=abs))
+
+
 def final_acc(path):
     records = [json.loads(line) for line in open(path)]
     return [r for r in records if r.get("type", "epoch") == "epoch"][-1]["test_acc"]
@@ -102,29 +108,29 @@ def test_mean_and_sample_std_over_seeds(sweep, compared):
     mean = (real + 0.5 + 0.7) / 3
     std = math.sqrt(((real - mean) ** 2 + (0.5 - mean) ** 2 + (0.7 - mean) ** 2) / 2)
     w8 = rows["w8"]
-    assert w8["baseline"]["test_acc"] == pytest.approx({"mean": mean, "std": std, "n": 3, "values": values})
+    assert same_stats(w8["baseline"]["test_acc"], mean, std, 3, values)
     assert w8["baseline"]["epochs"] == 3 and w8["baseline"]["seeds"] == [0, 1, 2]
     real_gan = final_acc(root / "w8" / "seed-0" / "gan_metrics.jsonl")
     assert w8["gan"]["test_acc"]["values"] == pytest.approx([real_gan, 0.3, 0.4]) and w8["gan"]["epochs"] == 2
-    assert w8["generator"]["fid"] == pytest.approx({"mean": 56.0, "std": 6.0, "n": 3, "values": [50.0, 56.0, 62.0]})
+    assert same_stats(w8["generator"]["fid"], 56.0, 6.0, 3, [50.0, 56.0, 62.0])
     assert w8["generator"]["is_mean"]["mean"] == pytest.approx(5.0) and w8["generator"]["class_acc"] is None
 
     deep = rows["deep"]
-    assert deep["baseline"]["test_acc"] == pytest.approx({"mean": 0.82, "std": 0.0282843, "n": 2,
-                                                          "values": [0.80, 0.84]}, abs=1e-6)
+    assert same_stats(deep["baseline"]["test_acc"], 0.82, 0.0282843, 2, [0.80, 0.84], abs=1e-6)
     assert deep["gan"]["test_acc"]["mean"] == pytest.approx(0.65)
     assert deep["generator"]["class_acc"]["mean"] == pytest.approx(0.35)
-    assert deep["generator"]["classifier_fd"] == pytest.approx({"mean": 12.0, "std": 2.8284271, "n": 2,
-                                                                "values": [10.0, 14.0]})
+    assert same_stats(deep["generator"]["classifier_fd"], 12.0, 2.8284271, 2, [10.0, 14.0])
 
 
 def test_table_lists_what_was_left_out(compared):
     root, stdout, report, _ = compared
     table = (root / "compare.md").read_text()
     assert stdout.startswith(table)
-    assert "| deep | 3 / 2 | 0.8200 ± 0.0283 (n=2) | 0.6500 ± 0.0707 (n=2) | - | - | 0.3500 ± 0.0707 (n=2) | " \
+    assert "| deep | 3 / 2 | 0.8200 ± 0.0283 (n=2) | 0.6500 ± 0.0707 (n=2) | - | - | 35.0% ± 7.1% (n=2) | " \
            "12.000 ± 2.828 (n=2) |" in table
-    assert "| w8 | 3 / 2 |" in table and "56.00 ± 6.00 (n=3)" in table
+    assert "| configuration | epochs (baseline / GAN) | baseline test acc | GAN discriminator test acc | " \
+           "Inception Score | FID | class accuracy | classifier FD |" in table
+    assert "| w8 | 3 / 2 |" in table and "56.000 ± 6.000 (n=3)" in table
     left_out = report["left_out"]
     assert left_out == ["deep/seed-1/baseline/baseline_metrics.jsonl: 1 damaged line(s) skipped, the rest compared",
                         "deep/seed-2/gan_metrics.jsonl: no epoch with a test accuracy (1 damaged line(s)), left out",
@@ -183,6 +189,24 @@ def test_a_sweep_of_one_configuration_may_hold_the_seeds_directly(tmp_path, caps
     assert "| w128 | 3 / - | 0.7500 ± 0.2121 (n=2) | - |" in capsys.readouterr().out
 
 
+def test_a_measure_the_seeds_could_not_have_is_shown_unavailable_with_why(tmp_path, capsys):
+    """The headless InceptionV3 gives FID and KID but no Inception Score: its column says unavailable, and the
+    reason is listed once under the table."""
+    why = "these InceptionV3 weights have no classifier head; FID and KID are the field's"
+    for seed, fid in ((0, 40.0), (1, 44.0)):
+        write_jsonl(tmp_path / "headless" / f"seed-{seed}" / "gan_metrics.jsonl", gan_records(0.5))
+        (tmp_path / "headless" / f"seed-{seed}" / "eval.json").write_text(json.dumps(
+            {"n": 10000, "fid": fid, "kid_mean": 0.02, "kid_std": 0.001, "is_mean_unavailable": why}))
+    compare.main([str(tmp_path)])
+    (row,) = json.loads((tmp_path / "compare.json").read_text())["configurations"]
+    assert row["generator"]["is_mean"] is None and row["generator"]["fid"]["mean"] == pytest.approx(42.0)
+    assert row["generator_unavailable"] == {"is_mean": [f"Inception Score unavailable: {why}"]}
+    table = capsys.readouterr().out
+    assert "| headless | - / 2 | - | 0.5000 ± 0.0000 (n=2) | unavailable | 42.000 ± 2.828 (n=2) | " \
+           "0.02000 ± 0.00000 (n=2) |" in table
+    assert table.count(why) == 1 and f"- headless: Inception Score unavailable: {why}" in table
+
+
 def strict_json(text):
     """What a strict reader accepts: no NaN or Infinity, and every string valid Unicode (no lone surrogate)."""
     def refuse(constant):
@@ -215,7 +239,7 @@ def test_a_folder_name_that_is_not_utf8_is_shown_escaped(tmp_path):
     """An old zip unpacks café in Latin-1."""
     report, table = sweep_of(tmp_path, b"caf\xe9", [(0.5, 50.0, 0.02), (0.7, 60.0, 0.04)])
     assert [row["config"] for row in report["configurations"]] == ["caf\\xe9"]
-    assert "| caf\\xe9 | - / 2 |" in table and "55.00 ± 7.07 (n=2)" in table
+    assert "| caf\\xe9 | - / 2 |" in table and "55.000 ± 7.071 (n=2)" in table
 
 
 def test_a_diverged_seed_is_listed_and_the_others_fill_the_cell(tmp_path):
@@ -223,10 +247,9 @@ def test_a_diverged_seed_is_listed_and_the_others_fill_the_cell(tmp_path):
     cells, the bad seed is listed, and compare.json stays strict JSON."""
     report, table = sweep_of(tmp_path, b"w8", [(0.5, 50.0, 0.02), (0.7, 60.0, 0.04), (0.6, "NaN", "Infinity")])
     (row,) = report["configurations"]
-    assert row["generator"]["fid"] == pytest.approx({"mean": 55.0, "std": math.sqrt(50), "n": 2,
-                                                    "values": [50.0, 60.0]})
+    assert same_stats(row["generator"]["fid"], 55.0, math.sqrt(50), 2, [50.0, 60.0])
     assert row["generator"]["kid_mean"]["values"] == pytest.approx([0.02, 0.04])
     assert row["generator"]["is_mean"]["n"] == 3 and row["gan"]["test_acc"]["n"] == 3
     assert report["left_out"] == ["w8/seed-2: FID nan, KID inf (eval.json, 10000 samples), left out of those columns"]
-    assert "| w8 | - / 2 |" in table and "55.00 ± 7.07 (n=2)" in table and "0.03000 ± 0.01414 (n=2)" in table
+    assert "| w8 | - / 2 |" in table and "55.000 ± 7.071 (n=2)" in table and "0.03000 ± 0.01414 (n=2)" in table
     assert "- w8/seed-2: FID nan, KID inf" in table

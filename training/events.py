@@ -28,6 +28,7 @@ from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
 from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard import SummaryWriter
 
+from metrics.quality import MEASURES, record_keys
 from training.data import CLASSES
 from torch_utils.files import atomic_write, write_error
 
@@ -39,14 +40,14 @@ HINT = "choose another --out-dir, or pass --no-tensorboard"
 # The Scalars tab's groups (a tag's group is the part before its first /), by what a user looks for. The values
 # of the monitor windows (every training.LOG_EVERY batches) come from those; their epoch means stay in the metrics
 # file. The generator's loss and its terms (g_...) are losses and windowed, whatever their names; any other key
-# named nowhere keeps its record's kind as its group.
+# named nowhere keeps its record's kind as its group. The generator's measures are metrics.quality's.
 GROUPS = {
     "health": ("wasserstein", "grad_norm"),
     "losses": ("gp", "real_score", "fake_score", "real_ce", "fake_ce", "loss", "train_loss"),
     "accuracy": ("real_acc", "fake_acc", "test_acc", "acc", "train_acc"),
     "speed": ("images_per_s", "seconds", "seconds_per_epoch", "eta_s", "eval_seconds"),
     "settings": ("lr", "lambda_gp"),
-    "eval": ("is_mean", "is_std", "fid", "kid_mean", "kid_std", "class_acc", "classifier_fd", "reference_is_mean"),
+    "eval": record_keys(),
 }
 GROUP_OF = {key: group for group, keys in GROUPS.items() for key in keys}
 WINDOWED = {"gp", "real_score", "fake_score", "real_ce", "fake_ce", "loss", "real_acc", "fake_acc", "acc", "wasserstein",
@@ -59,6 +60,12 @@ def group_of(key, kind):
 
 def windowed(key):
     return key in WINDOWED or key.startswith("g_")
+
+
+def per_class_name(key):
+    """A per-class list's name in its tags per_class/<name>/<class>."""
+    return key.removesuffix("_per_class")
+
 
 # The GAN's Custom Scalars tab: the groups in the order a GAN user reads them, related curves in one chart. Tags
 # are matched in every run of the logdir: the baseline's test accuracy joins the accuracy chart.
@@ -79,10 +86,9 @@ GAN_LAYOUT = {
     "accuracy": {"classifier on real and fake batches, and the test set": ["Multiline", [r"^accuracy/"]]},
     "speed": {"images/s": ["Multiline", [r"^speed/images_per_s$"]],
               "seconds left at the measured pace": ["Multiline", [r"^speed/eta_s$"]]},
-    "eval": {"FID": ["Multiline", [r"^eval/fid$"]], "Inception Score": ["Multiline", [r"^eval/is_mean$"]],
-             "class accuracy": ["Multiline", [r"^eval/class_acc$"]],
-             "samples' spread relative to real images, one line per class": ["Multiline",
-                                                                             [r"^per_class/spread_ratio/"]]},
+    "eval": {(f"{m.title}, one line per class: {m.better}" if m.per_class else f"{m.title}: {m.better}"):
+             ["Multiline", [f"^per_class/{per_class_name(m.key)}/" if m.per_class else f"^eval/{m.key}$"]]
+             for m in MEASURES},
 }
 
 
@@ -97,7 +103,7 @@ def tags(kind, record):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             found[f"{group_of(key, kind)}/{key}"] = value
         elif isinstance(value, list) and len(value) == len(CLASSES):
-            name = key.removesuffix("_per_class")
+            name = per_class_name(key)
             found.update({f"per_class/{name}/{c}": v for c, v in zip(CLASSES, value) if isinstance(v, (int, float))})
     return found
 
