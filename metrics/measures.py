@@ -6,9 +6,12 @@ space and a per-class mode-collapse check. evaluate.py runs it once; train_gan.p
     record = evaluator(generator)                          # a flat dict of the numbers (quality.format_table)
 """
 import contextlib
+import glob
 import hashlib
 import os
+import sys
 import time
+import zipfile
 
 import torch
 import torch_fidelity
@@ -70,13 +73,33 @@ def cache_root():
     return os.path.join(torch.hub._get_torch_home(), "fidelity_cache")
 
 
+def discard_damaged_cache(name):
+    """Remove the cached files of the features named name that are damaged (cut short by a kill or a full disk:
+    torch-fidelity would stop on them with "PytorchStreamReader failed reading zip archive"), saying so in a
+    line, so that their features are extracted again. Removed, not kept aside: a full disk needs the room."""
+    for path in sorted(glob.glob(os.path.join(glob.escape(cache_root()), glob.escape(name) + "-*.pt"))):
+        try:
+            with zipfile.ZipFile(path) as archive:  # torch.save's format: every record's CRC checked
+                damaged = archive.testzip() is not None
+        except (zipfile.BadZipFile, EOFError, ValueError):
+            damaged = True
+        if damaged:
+            try:
+                os.remove(path)
+            except OSError as e:
+                raise UserError(f"{path} is damaged (cut short?) and cannot be removed ({e.strerror}); delete it, "
+                                "or set TORCH_HOME to a folder of your own") from None
+            print(f"note: {path} was damaged (cut short?); removed, its features are extracted again",
+                  file=sys.stderr)
+
+
 class InceptionMetrics:
     """Inception Score of generated images and their FID and KID against fixed real images, all three from one
     pass of torch-fidelity's InceptionV3 over the samples; with the headless weights (no classifier layer),
     FID and KID only, and the measures that need the layer noted as unavailable. The real images' features are
     extracted once and cached by torch-fidelity under a name made from the images, the weights and the device's
     numerics, so later calls and later runs only read them back, and other data, weights or numerics never
-    reuse them.
+    reuse them; a cached file found damaged is extracted again.
     reference: uint8 CPU images (N, 3, 32, 32); extractor: a feature extractor registered with torch-fidelity
     (its InceptionV3, or the headless one with headless=True, unless a test asks)."""
 
@@ -88,6 +111,7 @@ class InceptionMetrics:
         key = hashlib.sha1(reference.contiguous().numpy())
         key.update(f"{extractor} {file_digest(weights, 'sha1') if weights else ''} {feature_numerics(device)}".encode())
         name = f"cifar10-{key.hexdigest()[:20]}"
+        discard_damaged_cache(name)
         self.reference = ImageSet(reference, f"Inception features of the {reference_name}", progress)
         self.options = dict(feature_extractor=extractor, feature_extractor_weights_path=weights,
                             cuda=device.type == "cuda", batch_size=batch_size, save_cpu_ram=True, verbose=False,

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import unittest.mock
+import zipfile
 
 import numpy as np
 import pytest
@@ -330,6 +331,16 @@ def test_cli_with_a_weights_file_measures_inception_offline(tmp_path, inception_
     assert os.listdir(cache)  # the train split's features, for the next run
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
 
+    # Every cached file cut short, as a kill or a full disk leaves one: set aside, extracted again, same numbers.
+    for path in cache.iterdir():
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    again = run_offline(tmp_path, "--generator", "generator.model", "--data-dir", "data", "--device", "cpu",
+                        "--n", 20, "--inception-weights", inception_weights, "--output", "again.json")
+    assert again.returncode == 0, again.stderr
+    assert "Traceback" not in again.stderr and again.stderr.count("was damaged (cut short?); removed") == 3
+    assert json.loads((tmp_path / "again.json").read_text())["fid"] == pytest.approx(record["fid"], rel=1e-6)
+    assert all(zipfile.ZipFile(path).testzip() is None for path in cache.iterdir())
+
 
 def test_cli_measures_the_real_test_split_against_part_of_the_train_split(tmp_path, inception_weights):
     tiny_run(tmp_path)
@@ -342,6 +353,23 @@ def test_cli_measures_the_real_test_split_against_part_of_the_train_split(tmp_pa
     assert record["inception_reference"] == "CIFAR-10 train split, 10 images"
     assert record["samples"].startswith("CIFAR-10 test split, the first 2 images of each class")
     assert math.isfinite(record["fid"]) and math.isfinite(record["class_acc"])
+
+
+def test_a_damaged_feature_cache_is_removed_and_extracted_again(capsys):
+    """A features file cut short made torch-fidelity stop with "PytorchStreamReader failed reading zip archive"."""
+    images = class_images(3, seed=8)[0]
+    first = measures.InceptionMetrics(images, CPU, extractor=POOLED)
+    fid = first(brighter(images))["fid"]
+    features, = [name for name in os.listdir(measures.cache_root()) if name.endswith("-features-pooled.pt")]
+    path = os.path.join(measures.cache_root(), features)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    capsys.readouterr()
+    again = measures.InceptionMetrics(images, CPU, extractor=POOLED)
+    assert again.reference.bar is not None  # it read the images again
+    assert capsys.readouterr().err == f"note: {path} was damaged (cut short?); removed, its features are " \
+                                      "extracted again\n"
+    assert again(brighter(images))["fid"] == pytest.approx(fid, rel=1e-9)
 
 
 @pytest.mark.parametrize("args, message", [
