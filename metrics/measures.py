@@ -6,18 +6,20 @@ space and a per-class mode-collapse check. evaluate.py runs it once; train_gan.p
     record = evaluator(generator)                          # a flat dict of the numbers (quality.format_table)
 """
 import contextlib
+import glob
 import hashlib
 import os
-import socket
+import sys
 import time
+import zipfile
 
 import torch
 import torch_fidelity
 from torch.utils.data import Dataset
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 
-from metrics.quality import COLLAPSE_BELOW
+from metrics.inception import HEADLESS, INCEPTION, NO_HEAD, find_weights
+from metrics.quality import COLLAPSE_BELOW, MEASURES
 from models import NUM_CLASSES, class_noise
 from torch_utils.cli import UserError
 from torch_utils.files import file_digest
@@ -26,60 +28,15 @@ from torch_utils.runtime import progress_bar
 from training.checkpoint import load_model
 from training.data import CLASSES, load_split, to_float
 
-INCEPTION = "inception-v3-compat"  # torch-fidelity's port of the TensorFlow InceptionV3 the papers used
 MIN_SAMPLES = 2 * NUM_CLASSES  # the per-class spread needs two samples of every class
-DOWNLOAD_TIMEOUT = 30  # seconds: a node whose firewall drops packets would otherwise hang for minutes
+# The record's keys of torch-fidelity's results
+FIDELITY_KEYS = {"is_mean": torch_fidelity.KEY_METRIC_ISC_MEAN, "is_std": torch_fidelity.KEY_METRIC_ISC_STD,
+                 "fid": torch_fidelity.KEY_METRIC_FID, "kid_mean": torch_fidelity.KEY_METRIC_KID_MEAN,
+                 "kid_std": torch_fidelity.KEY_METRIC_KID_STD}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Inception Score, FID and KID through torch-fidelity
-
-def inception_weights(path=None, progress=False):
-    """(weights file, None), or (None, a one-line note saying why the Inception metrics are unavailable and how
-    to get them). With no path: torch-fidelity's download, kept in torch's hub folder like its own would be."""
-    if path is None:
-        path = default_inception_weights()
-        if not os.path.isfile(path):
-            try:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with socket_timeout(DOWNLOAD_TIMEOUT):
-                    torch.hub.download_url_to_file(URL_INCEPTION_V3, path, progress=progress)
-            except OSError as e:  # no network, DNS, proxy, TLS and disk errors alike
-                reason = " ".join(str(e).split())
-                return None, (f"Inception Score, FID and KID unavailable: could not download the InceptionV3 weights "
-                              f"({reason}); fetch {URL_INCEPTION_V3} where there is internet and pass the file "
-                              f"with --inception-weights PATH")
-    elif not os.path.isfile(path):
-        raise UserError(f"--inception-weights {path} does not exist; download {URL_INCEPTION_V3}")
-    check_inception_weights(path)
-    return path, None
-
-
-def default_inception_weights():
-    """Where the weights are looked for without --inception-weights (prepare.py puts them there)."""
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(URL_INCEPTION_V3))
-
-
-@contextlib.contextmanager
-def socket_timeout(seconds):
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(seconds)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
-def check_inception_weights(path):
-    """Refuse a file that is not InceptionV3's state_dict: torch-fidelity unpickles it in full, so it is first
-    read as plain tensors, then loaded into the network once."""
-    what = f"expected torch-fidelity's InceptionV3 weights ({URL_INCEPTION_V3})"
-    try:
-        torch.load(path, map_location="cpu", weights_only=True)
-        torch_fidelity.FeatureExtractorInceptionV3(INCEPTION, ["2048"], feature_extractor_weights_path=path)
-    except Exception as e:  # unpickling, zip and key/shape mismatch errors all mean "not those weights"
-        raise UserError(f"{path} is not an InceptionV3 weights file ({type(e).__name__}); {what}")
-
 
 def feature_numerics(device):
     """What, beside the images and the weights, changes the features' numbers: the device type and, on CUDA,
@@ -111,29 +68,60 @@ class ImageSet(Dataset):
         return list(self.images[indices])
 
 
+def cache_root():
+    """torch-fidelity's feature cache, $TORCH_HOME/fidelity_cache, found as torch-fidelity finds it."""
+    return os.path.join(torch.hub._get_torch_home(), "fidelity_cache")
+
+
+def discard_damaged_cache(name):
+    """Remove the cached files of the features named name that are damaged (cut short by a kill or a full disk:
+    torch-fidelity would stop on them with "PytorchStreamReader failed reading zip archive"), saying so in a
+    line, so that their features are extracted again. Removed, not kept aside: a full disk needs the room."""
+    for path in sorted(glob.glob(os.path.join(glob.escape(cache_root()), glob.escape(name) + "-*.pt"))):
+        try:
+            with zipfile.ZipFile(path) as archive:  # torch.save's format: every record's CRC checked
+                damaged = archive.testzip() is not None
+        except (zipfile.BadZipFile, EOFError, ValueError):
+            damaged = True
+        if damaged:
+            try:
+                os.remove(path)
+            except OSError as e:
+                raise UserError(f"{path} is damaged (cut short?) and cannot be removed ({e.strerror}); delete it, "
+                                "or set TORCH_HOME to a folder of your own") from None
+            print(f"note: {path} was damaged (cut short?); removed, its features are extracted again",
+                  file=sys.stderr)
+
+
 class InceptionMetrics:
     """Inception Score of generated images and their FID and KID against fixed real images, all three from one
-    pass of torch-fidelity's InceptionV3 over the samples. The real images' features are extracted once and
-    cached by torch-fidelity under a name made from the images, the weights and the device's numerics, so later
-    calls and later runs only read them back, and other data, weights or numerics never reuse them.
-    reference: uint8 CPU images (N, 3, 32, 32); extractor: a feature extractor registered with torch-fidelity (its InceptionV3 unless a test asks)."""
+    pass of torch-fidelity's InceptionV3 over the samples; with the headless weights (no classifier layer),
+    FID and KID only, and the measures that need the layer noted as unavailable. The real images' features are
+    extracted once and cached by torch-fidelity under a name made from the images, the weights and the device's
+    numerics, so later calls and later runs only read them back, and other data, weights or numerics never
+    reuse them; a cached file found damaged is extracted again.
+    reference: uint8 CPU images (N, 3, 32, 32); extractor: a feature extractor registered with torch-fidelity
+    (its InceptionV3, or the headless one with headless=True, unless a test asks)."""
 
     def __init__(self, reference, device, weights=None, batch_size=100, progress=False, extractor=INCEPTION,
-                 reference_name="train split"):
-        self.device, self.progress = device, progress
+                 reference_name="train split", headless=False):
+        self.device, self.progress, self.head = device, progress, not headless
+        extractor = HEADLESS if headless else extractor
         self.description = f"CIFAR-10 {reference_name}, {len(reference)} images"
         key = hashlib.sha1(reference.contiguous().numpy())
         key.update(f"{extractor} {file_digest(weights, 'sha1') if weights else ''} {feature_numerics(device)}".encode())
+        name = f"cifar10-{key.hexdigest()[:20]}"
+        discard_damaged_cache(name)
         self.reference = ImageSet(reference, f"Inception features of the {reference_name}", progress)
         self.options = dict(feature_extractor=extractor, feature_extractor_weights_path=weights,
                             cuda=device.type == "cuda", batch_size=batch_size, save_cpu_ram=True, verbose=False,
-                            input2=self.reference, input2_cache_name=f"cifar10-{key.hexdigest()[:20]}")
+                            input2=self.reference, input2_cache_name=name, cache_root=cache_root())
         # Fill the cache now with the features of every layer the metrics use (ISC's logits, and the pool features
         # that a token one-subset KID asks for without FID's costly matrix square root), and measure the real
         # images' own Inception Score: the level a generator can reach.
-        real = self.calculate(self.reference, isc=True, kid=True, kid_subsets=1, kid_subset_size=2,
-                              input1_cache_name=self.options["input2_cache_name"])
-        self.reference_is = real[torch_fidelity.KEY_METRIC_ISC_MEAN]
+        real = self.calculate(self.reference, isc=self.head, kid=True, kid_subsets=1, kid_subset_size=2,
+                              input1_cache_name=name)
+        self.reference_is = real[torch_fidelity.KEY_METRIC_ISC_MEAN] if self.head else None
 
     def calculate(self, images, **metrics):
         """torch-fidelity's metrics of images (an ImageSet) against the reference, on this device."""
@@ -142,14 +130,16 @@ class InceptionMetrics:
             return torch_fidelity.calculate_metrics(input1=images, **self.options, **metrics)
 
     def __call__(self, images):
-        """The metrics of generated uint8 images (N, 3, 32, 32)."""
-        m = self.calculate(ImageSet(images, "Inception features", self.progress), isc=True, fid=True, kid=True,
+        """The metrics of uint8 images (N, 3, 32, 32)."""
+        m = self.calculate(ImageSet(images, "Inception features", self.progress), isc=self.head, fid=True, kid=True,
                            kid_subset_size=min(1000, len(images), len(self.reference)))
-        return {"inception_reference": self.description,
-                "is_mean": m[torch_fidelity.KEY_METRIC_ISC_MEAN], "is_std": m[torch_fidelity.KEY_METRIC_ISC_STD],
-                "reference_is_mean": self.reference_is,
-                "fid": m[torch_fidelity.KEY_METRIC_FID],
-                "kid_mean": m[torch_fidelity.KEY_METRIC_KID_MEAN], "kid_std": m[torch_fidelity.KEY_METRIC_KID_STD]}
+        record = {"inception_reference": self.description,
+                  **{key: m[name] for key, name in FIDELITY_KEYS.items() if name in m}}
+        if self.head:
+            record["reference_is_mean"] = self.reference_is
+        else:
+            record.update({measure.unavailable: NO_HEAD for measure in MEASURES if measure.needs_head})
+        return record
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -216,7 +206,8 @@ class ClassifierMetrics:
 class Evaluator:
     """Measures a generator on n class-balanced samples from fixed noise. Everything that does not depend on the
     generator (the noise, the real images' features, the classifier) is prepared once, so a call costs only the
-    sampling and the passes over the samples; between calls it holds no network but the classifier."""
+    sampling and the passes over the samples; between calls it holds no network but the classifier.
+    inception_note: a line to say once about the Inception measures (why they are unavailable, or which are)."""
 
     def __init__(self, device, n=10000, seed=0, inception=None, inception_note=None, classifier=None,
                  batch_size=100, progress=False):
@@ -243,41 +234,70 @@ class Evaluator:
         trains as it would without."""
         start = time.perf_counter()
         was_training = generator.training
-        devices = [self.device] if self.device.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=devices):
-                images = self.sample(generator.eval())
-                record = {"n": self.n, "seed": self.seed}
-                if self.inception is not None:
-                    record.update(self.inception(images))
-                elif self.inception_note is not None:
-                    record["inception_unavailable"] = self.inception_note
-                if self.classifier is not None:
-                    record.update(self.classifier(images, self.labels))
+            with self.random_state_kept():
+                record = self.measure(self.sample(generator.eval()), {"n": self.n, "seed": self.seed})
         finally:
             generator.train(was_training)
         record["eval_seconds"] = round(time.perf_counter() - start, 2)
         return record
 
+    def random_state_kept(self):
+        return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
+
+    def measure(self, images, record):
+        """record with the measures of n uint8 images (n, 3, 32, 32) of the classes self.labels."""
+        if self.inception is not None:
+            record.update(self.inception(images))
+        elif self.inception_note is not None:
+            record["inception_unavailable"] = self.inception_note
+        if self.classifier is not None:
+            record.update(self.classifier(images, self.labels))
+        return record
+
+    def measure_real(self, images, labels, what):
+        """The record of n real images, the first n/10 of each class, in place of samples: the level that a
+        generator indistinguishable from them reaches. what: where they come from ("CIFAR-10 test split")."""
+        start = time.perf_counter()
+        per_class = self.n // NUM_CLASSES
+        if per_class * NUM_CLASSES != self.n:
+            raise UserError(f"--n must be a multiple of {NUM_CLASSES} to measure real images, got {self.n}")
+        picks = [torch.nonzero(labels == c).flatten()[:per_class] for c in range(NUM_CLASSES)]
+        fewest = min(range(NUM_CLASSES), key=lambda c: len(picks[c]))
+        if len(picks[fewest]) < per_class:
+            raise UserError(f"--n {self.n} needs {per_class} images of every class; the {what} has "
+                            f"{len(picks[fewest])} of {CLASSES[fewest]}")
+        order = torch.stack(picks, 1).flatten()  # class 0, 1, ..., 9, 0, 1, ...: as self.labels
+        samples = f"{what}, the first {per_class} images of each class (real images, no generator)"
+        with self.random_state_kept():
+            record = self.measure(images[order], {"n": self.n, "samples": samples})
+        record["eval_seconds"] = round(time.perf_counter() - start, 2)
+        return record
+
 
 def build_evaluator(data_dir, device, n=10000, seed=0, classifier_path=None, inception_weights_path=None,
-                    batch_size=100, progress=False):
-    """An Evaluator of CIFAR-10 from data_dir: the Inception metrics against the train split (when the weights
-    are at hand; otherwise a note says why not), and with classifier_path that classifier's measures against
-    the test split."""
+                    batch_size=100, progress=False, reference_n=None):
+    """An Evaluator of CIFAR-10 from data_dir: the Inception metrics against the train split (reference_n images
+    of it, or all) when the weights are at hand (otherwise a note says why not), and with classifier_path that
+    classifier's measures against the test split."""
     if not MIN_SAMPLES <= n <= 1_000_000:
         raise UserError(f"--n must be in [{MIN_SAMPLES}, 1000000] (two samples per class or more), got {n}")
     if not 1 <= batch_size <= 10_000:
         raise UserError(f"--batch-size must be in [1, 10000], got {batch_size}")
     if not 0 <= seed < 2 ** 63:
         raise UserError(f"--seed must be in [0, 2**63), got {seed}")
+    if reference_n is not None and reference_n < 2:
+        raise UserError(f"--reference-n must be 2 or more, got {reference_n}")
     # The quick checks of the files first, then the passes over the real images.
     model = None if classifier_path is None else load_model(classifier_path, "discriminator", device)
-    weights, note = inception_weights(inception_weights_path, progress)
+    weights, headless, note = find_weights(inception_weights_path, progress)
     classifier = None
     if model is not None:
         classifier = ClassifierMetrics(model, *load_split(data_dir, "test"), batch_size, progress)
     inception = None
     if weights is not None:
-        inception = InceptionMetrics(load_split(data_dir, "train")[0], device, weights, batch_size, progress)
+        inception = InceptionMetrics(load_split(data_dir, "train", reference_n)[0], device, weights, batch_size,
+                                     progress, headless=headless)
+        lacking = ", ".join(m.title for m in MEASURES if m.needs_head)
+        note = f"{lacking} unavailable: {NO_HEAD}" if headless else None
     return Evaluator(device, n, seed, inception, note, classifier, batch_size, progress)

@@ -9,11 +9,11 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
-from metrics.quality import format_table
+from metrics.quality import MEASURES, format_table
 from torch_utils.cli import UserError
 from torch_utils.files import read_metrics
 from torch_utils.images import (FEATURES_NAME, MAX_CLASS_FILE, RESULTS_FILE, epoch_grids, max_features_file,
-                    perturb_files)
+                                perturb_files)
 
 PERTURB_FILES, NOISE_FILES = perturb_files(), perturb_files("noise_")
 # The files that make a folder of --vis-dir a model's visualizations.
@@ -227,7 +227,7 @@ def gather(args):
     inputs.eval_json_path = os.path.join(args.gan_dir, "eval.json")
     inputs.eval_json = read_eval_json(inputs, inputs.eval_json_path)
     if not inputs.evals:
-        what = "generator quality measures (IS, FID, class accuracy) over epochs"
+        what = f"generator quality measures ({', '.join(m.title for m in MEASURES if not m.per_class)}) over epochs"
         inputs.note("quality", f"{what}: {eval_advice(args)}", optional=True)
 
     output = os.path.join(args.gan_dir, "output")

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.ticker import MaxNLocator
 
-from metrics.quality import COLLAPSE_BELOW, format_table
+from metrics.quality import MEASURES, format_table, measures_help, unavailable_line
 from reporting.inputs import DESCRIPTIONS, NOISE_FILES, PERTURB_FILES, test_accuracies
 from torch_utils.files import atomic_write
 from torch_utils.images import MAX_CLASS_FILE, max_features_file
@@ -23,10 +23,7 @@ PAGE = (11.69, 8.27)  # A4 landscape, inches
 STARTS = {"real": "real test images", "mean": "the mean image of the test batch", "noise": "uniform noise images"}
 SCALINGS = {"min-max per batch": "one min-max over the whole batch, as the assignment does",
             "min-max per image": "each image min-max scaled on its own"}
-# The generator-quality measures plotted over epochs: (record key, title, which way is better).
-QUALITY = [("is_mean", "Inception Score", "higher is better"), ("fid", "FID", "lower is better"),
-           ("class_acc", "class accuracy", "higher is better"),
-           ("spread_ratio_per_class", "per-class spread", f"near 1; under {COLLAPSE_BELOW:g}: collapse")]
+QUALITY = MEASURES  # the generator-quality measures plotted over epochs, those the eval records hold
 
 
 def label(name):
@@ -106,28 +103,34 @@ def plot_gan(epochs, monitors):
 
 
 def plot_quality(evals, measures):
-    """One panel per measure over the epochs of the eval records; the Inception Score with its spread and the
-    real images' own score."""
-    fig, axes = plt.subplots(1, len(measures), figsize=PAGE, squeeze=False)
-    for ax, (key, title, better) in zip(axes.flat, measures):
-        points = [r for r in evals if key in r]
+    """One panel per measure (quality.Measure) over the epochs of the eval records, four to a row: a measure
+    with a spread with its error bars, with the real images' level as a dotted line, a per-class measure a line
+    per class, a measure's mark (the collapse threshold) dotted."""
+    cols = min(4, len(measures))
+    fig, axes = plt.subplots(-(-len(measures) // cols), cols, figsize=PAGE, squeeze=False)
+    for ax in axes.flat[len(measures):]:
+        ax.axis("off")
+    for ax, m in zip(axes.flat, measures):
+        points = [r for r in evals if m.key in r]
         epochs = [r["epoch"] for r in points]
-        if key == "is_mean":
-            ax.errorbar(epochs, [r["is_mean"] for r in points], yerr=[r.get("is_std", 0) for r in points],
-                        marker="o", capsize=3, label="samples")
-            reference = points[-1].get("reference_is_mean")
-            if reference is not None:
-                ax.axhline(reference, color="grey", linestyle=":", label="real images")
-            ax.legend()
-        elif key == "spread_ratio_per_class":
+        scale = 100 if m.percent else 1
+        if m.per_class:
             for c, name in enumerate(CLASSES):
-                ax.plot(epochs, [r[key][c] for r in points], marker=".", linewidth=0.8, label=name)
-            ax.axhline(COLLAPSE_BELOW, color="grey", linestyle=":")
+                ax.plot(epochs, [scale * r[m.key][c] for r in points], marker=".", linewidth=0.8, label=name)
             ax.legend(fontsize=6)
+        elif m.spread:
+            ax.errorbar(epochs, [scale * r[m.key] for r in points], yerr=[scale * r.get(m.spread, 0) for r in points],
+                        marker="o", capsize=3, label="samples")
         else:
-            scale = 100 if key == "class_acc" else 1
-            ax.plot(epochs, [scale * r[key] for r in points], marker="o")
-        ax.set_title(f"{title}{' (%)' if key == 'class_acc' else ''}: {better}")
+            ax.plot(epochs, [scale * r[m.key] for r in points], marker="o", label="samples")
+        reference = points[-1].get(m.real) if m.real else None
+        if reference is not None:
+            ax.axhline(scale * reference, color="grey", linestyle=":", label="real images")
+            ax.legend()
+        if m.mark is not None:
+            ax.axhline(scale * m.mark, color="grey", linestyle=":")
+        ax.set_title(f"{m.title}{' (%)' if m.percent else ''}{', per class' if m.per_class else ''}: {m.better}",
+                     fontsize=9)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -297,18 +300,21 @@ def write_generator(doc, found):
 
 def write_quality(doc, found):
     doc.add("## Generator quality", "",
-            "Measured on class-balanced samples from fixed noise: Inception Score and FID against the CIFAR-10 "
-            "training split (torch-fidelity's InceptionV3), and the share of samples a CIFAR-10 classifier puts "
-            "in the class they were generated for. These measures are extra: the assignment does not ask for "
-            "them.", "")
+            "Measured on class-balanced samples from fixed noise: the Inception measures against the CIFAR-10 "
+            "training split (torch-fidelity's InceptionV3), the classifier's against the test split. These "
+            "measures are extra: the assignment does not ask for them.", "",
+            *(f"- {line}" for line in measures_help()), "")
     evals = found.evals
     if evals:
-        measures = [m for m in QUALITY if any(m[0] in r for r in evals)]
+        measures = [m for m in QUALITY if any(m.key in r for r in evals)]
         if measures:
             doc.page(plot_quality(evals, measures), "generator_quality.png")
             doc.add("![generator quality over epochs](generator_quality.png)", "")
         else:
-            doc.add("_The eval records hold none of Inception Score, FID or class accuracy (see the table)._", "")
+            doc.add("_The eval records hold none of the measures (see the table)._", "")
+        for line in dict.fromkeys(unavailable_line(m, evals[-1]) for m in QUALITY if m not in measures):
+            if line:
+                doc.add(f"_{line}._", "")
         last = evals[-1]
         write_table(doc, last, f"At epoch {last['epoch']}, the last measurement of `train_gan.py --eval-every`")
     if found.eval_json:

@@ -128,9 +128,11 @@ def test_table_lists_what_was_left_out(compared):
     root, stdout, report, _ = compared
     table = (root / "compare.md").read_text()
     assert stdout.startswith(table)
-    assert "| deep | 3 / 2 | 0.8200 ± 0.0283 (n=2) | 0.6500 ± 0.0707 (n=2) | - | - | 0.3500 ± 0.0707 (n=2) | " \
+    assert "| deep | 3 / 2 | 0.8200 ± 0.0283 (n=2) | 0.6500 ± 0.0707 (n=2) | - | - | 35.0% ± 7.1% (n=2) | " \
            "12.000 ± 2.828 (n=2) |" in table
-    assert "| w8 | 3 / 2 |" in table and "56.00 ± 6.00 (n=3)" in table
+    assert "| configuration | epochs (baseline / GAN) | baseline test acc | GAN discriminator test acc | " \
+           "Inception Score | FID | class accuracy | classifier FD |" in table
+    assert "| w8 | 3 / 2 |" in table and "56.000 ± 6.000 (n=3)" in table
     left_out = report["left_out"]
     assert left_out == ["deep/seed-1/baseline/baseline_metrics.jsonl: 1 damaged line(s) skipped, the rest compared",
                         "deep/seed-2/gan_metrics.jsonl: no epoch with a test accuracy (1 damaged line(s)), left out",
@@ -189,6 +191,24 @@ def test_a_sweep_of_one_configuration_may_hold_the_seeds_directly(tmp_path, caps
     assert "| w128 | 3 / - | 0.7500 ± 0.2121 (n=2) | - |" in capsys.readouterr().out
 
 
+def test_a_measure_the_seeds_could_not_have_is_shown_unavailable_with_why(tmp_path, capsys):
+    """The headless InceptionV3 gives FID and KID but no Inception Score: its column says unavailable, and the
+    reason is listed once under the table."""
+    why = "these InceptionV3 weights have no classifier head; FID and KID are the field's"
+    for seed, fid in ((0, 40.0), (1, 44.0)):
+        write_jsonl(tmp_path / "headless" / f"seed-{seed}" / "gan_metrics.jsonl", gan_records(0.5))
+        (tmp_path / "headless" / f"seed-{seed}" / "eval.json").write_text(json.dumps(
+            {"n": 10000, "fid": fid, "kid_mean": 0.02, "kid_std": 0.001, "is_mean_unavailable": why}))
+    compare.main([str(tmp_path)])
+    (row,) = json.loads((tmp_path / "compare.json").read_text())["configurations"]
+    assert row["generator"]["is_mean"] is None and row["generator"]["fid"]["mean"] == pytest.approx(42.0)
+    assert row["generator_unavailable"] == {"is_mean": [f"Inception Score unavailable: {why}"]}
+    table = capsys.readouterr().out
+    assert "| headless | - / 2 | - | 0.5000 ± 0.0000 (n=2) | unavailable | 42.000 ± 2.828 (n=2) | " \
+           "0.02000 ± 0.00000 (n=2) |" in table
+    assert table.count(why) == 1 and f"- headless: Inception Score unavailable: {why}" in table
+
+
 def strict_json(text):
     """What a strict reader accepts: no NaN or Infinity, and every string valid Unicode (no lone surrogate)."""
     def refuse(constant):
@@ -221,7 +241,7 @@ def test_a_folder_name_that_is_not_utf8_is_shown_escaped(tmp_path):
     """An old zip unpacks café in Latin-1."""
     report, table = sweep_of(tmp_path, b"caf\xe9", [(0.5, 50.0, 0.02), (0.7, 60.0, 0.04)])
     assert [row["config"] for row in report["configurations"]] == ["caf\\xe9"]
-    assert "| caf\\xe9 | - / 2 |" in table and "55.00 ± 7.07 (n=2)" in table
+    assert "| caf\\xe9 | - / 2 |" in table and "55.000 ± 7.071 (n=2)" in table
 
 
 def test_a_diverged_seed_is_listed_and_the_others_fill_the_cell(tmp_path):
@@ -233,5 +253,5 @@ def test_a_diverged_seed_is_listed_and_the_others_fill_the_cell(tmp_path):
     assert row["generator"]["kid_mean"]["values"] == pytest.approx([0.02, 0.04])
     assert row["generator"]["is_mean"]["n"] == 3 and row["gan"]["test_acc"]["n"] == 3
     assert report["left_out"] == ["w8/seed-2: FID nan, KID inf (eval.json, 10000 samples), left out of those columns"]
-    assert "| w8 | - / 2 |" in table and "55.00 ± 7.07 (n=2)" in table and "0.03000 ± 0.01414 (n=2)" in table
+    assert "| w8 | - / 2 |" in table and "55.000 ± 7.071 (n=2)" in table and "0.03000 ± 0.01414 (n=2)" in table
     assert "- w8/seed-2: FID nan, KID inf" in table

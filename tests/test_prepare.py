@@ -26,7 +26,7 @@ from torch_fidelity import feature_extractor_inceptionv3 as inception
 from torchvision.datasets import CIFAR10
 
 from conftest import REPO
-from metrics import measures
+from metrics import inception as weights, measures
 import prepare
 from training import data
 
@@ -57,7 +57,7 @@ def inception_weights_bytes():
     that it loads into the network as the real weights do, in 170 KB instead of 90 MB."""
     with mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: {}), \
             mock.patch.object(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None):
-        net = inception.FeatureExtractorInceptionV3(measures.INCEPTION, ["2048"])
+        net = inception.FeatureExtractorInceptionV3(weights.INCEPTION, ["2048"])
     buffer = io.BytesIO()
     torch.save({k: torch.zeros((), dtype=v.dtype).expand(v.shape) for k, v in net.state_dict().items()}, buffer)
     return buffer.getvalue()
@@ -146,7 +146,7 @@ def test_fetches_verifies_and_second_run_sends_no_request(tmp_path, mirror, monk
     assert torch.equal(images, torch.from_numpy(np.concatenate([mirror["images"][n] for n in names])))
     assert labels.tolist() == sum((mirror["labels"][n] for n in names), [])
     assert data.load_split(tmp_path / "data", "test")[1].tolist() == mirror["labels"]["test_batch"]
-    assert measures.inception_weights() == (str(weights_path(tmp_path)), None)
+    assert weights.find_weights() == (str(weights_path(tmp_path)), False, None)
 
 
 def test_damaged_downloads_are_refused_in_one_line_each_and_not_kept(tmp_path, mirror):
@@ -167,8 +167,8 @@ def test_a_file_that_is_not_the_weights_is_refused_without_a_checksum(tmp_path, 
     """Without --inception-sha256 (torch-fidelity publishes none) the weights are checked by loading them."""
     path = tmp_path / "foreign.pth"
     path.write_bytes((mirror["root"] / "foreign.pth").read_bytes())
-    assert "does not load into the network" in prepare.weights_problem(path, None, measures.check_inception_weights)
-    assert prepare.weights_problem(mirror["root"] / "weights.pth", None, measures.check_inception_weights) is None
+    assert "does not load into torch-fidelity's network" in prepare.weights_problem(path, None, weights)[0]
+    assert prepare.weights_problem(mirror["root"] / "weights.pth", None, weights) == (None, False)
 
 
 def test_no_download_only_checks_and_names_what_is_missing(tmp_path, mirror, capsys):

@@ -280,6 +280,30 @@ def test_generator_quality_plots_and_the_last_table(tmp_path, capsys):
     assert format_table(eval_record(3)) in quality and format_table(eval_record(9)) in quality
 
 
+def test_with_the_headless_inception_the_report_says_why_there_is_no_inception_score(tmp_path, capsys):
+    """Eval records of the headless InceptionV3: FID and KID plotted, the Inception Score said unavailable once,
+    with its reason, above the plot and in the table."""
+    why = "these InceptionV3 weights have no classifier head; FID and KID are the field's"
+    records = gan_records()
+    for r in records:
+        if r["type"] == "eval":
+            for key in ("is_mean", "is_std", "reference_is_mean"):
+                del r[key]
+            r["is_mean_unavailable"] = why
+    jsonl(tmp_path / "gan_metrics.jsonl", records)
+    out = tmp_path / "report"
+    run_report(capsys, "--gan-dir", tmp_path, "--out-dir", out)
+    quality = section((out / "report.md").read_text(), "## Generator quality")
+    assert quality.count(f"_Inception Score unavailable: {why}._") == 1
+    assert f"  Inception Score      unavailable: {why}" in quality
+    assert "![generator quality over epochs](generator_quality.png)" in quality
+    evals = [r for r in records if r["type"] == "eval"]
+    fig = pages.plot_quality(evals, [m for m in pages.QUALITY if any(m.key in r for r in evals)])
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles[:2] == ["FID: lower is better", "KID: lower is better"] and len(titles) == 6
+    assert not any("Inception" in title for title in titles)
+
+
 def test_without_eval_records_the_report_says_how_to_get_them(tmp_path, capsys):
     write_baseline(tmp_path)
     write_gan(tmp_path, evals=False)

@@ -28,6 +28,7 @@ from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
 from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard import SummaryWriter
 
+from metrics.quality import MEASURES, record_keys
 from torch_utils.files import atomic_write, write_error
 from training import baseline_step, gan_steps
 from training.data import CLASSES
@@ -40,14 +41,15 @@ HINT = "choose another --out-dir, or pass --no-tensorboard"
 # The Scalars tab's groups (a tag's group is the part before its first /), by what a user looks for. The steps'
 # monitored values are windowed (every run.LOG_EVERY batches; their epoch means stay in the metrics file) and in
 # the groups their tables give; so are the generator's loss and its terms (g_...), whatever their names. The
-# epoch records' other keys are grouped here; any key named nowhere keeps its record's kind as its group.
+# generator's measures are metrics.quality's; the epoch records' other keys are grouped here; any key named
+# nowhere keeps its record's kind as its group.
 MONITORS = gan_steps.MONITORED + baseline_step.MONITORED
 GROUPS = {
     "losses": ("train_loss",),
     "accuracy": ("test_acc", "train_acc"),
     "speed": ("images_per_s", "seconds", "seconds_per_epoch", "eta_s", "eval_seconds"),
     "settings": ("lr", "lambda_gp"),
-    "eval": ("is_mean", "is_std", "fid", "kid_mean", "kid_std", "class_acc", "classifier_fd", "reference_is_mean"),
+    "eval": record_keys(),
 }
 GROUP_OF = {key: group for group, keys in GROUPS.items() for key in keys} | {m.key: m.group for m in MONITORS}
 WINDOWED = {m.key for m in MONITORS}
@@ -59,6 +61,11 @@ def group_of(key, kind):
 
 def windowed(key):
     return key in WINDOWED or key.startswith("g_")
+
+
+def per_class_name(key):
+    """A per-class list's name in its tags per_class/<name>/<class>."""
+    return key.removesuffix("_per_class")
 
 
 def monitor_charts(group, also=None):
@@ -84,10 +91,9 @@ GAN_LAYOUT = {
     "accuracy": monitor_charts("accuracy", {"accuracy": [r"^accuracy/test_acc$"]}),
     "speed": {"images/s": ["Multiline", [r"^speed/images_per_s$"]],
               "seconds left at the measured pace": ["Multiline", [r"^speed/eta_s$"]]},
-    "eval": {"FID": ["Multiline", [r"^eval/fid$"]], "Inception Score": ["Multiline", [r"^eval/is_mean$"]],
-             "class accuracy": ["Multiline", [r"^eval/class_acc$"]],
-             "samples' spread relative to real images, one line per class": ["Multiline",
-                                                                             [r"^per_class/spread_ratio/"]]},
+    "eval": {(f"{m.title}, one line per class: {m.better}" if m.per_class else f"{m.title}: {m.better}"):
+             ["Multiline", [f"^per_class/{per_class_name(m.key)}/" if m.per_class else f"^eval/{m.key}$"]]
+             for m in MEASURES},
 }
 
 
@@ -102,11 +108,9 @@ def tags(kind, record):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             found[f"{group_of(key, kind)}/{key}"] = value
         elif isinstance(value, list) and len(value) == len(CLASSES):
-            name = key.removesuffix("_per_class")
+            name = per_class_name(key)
             found.update({f"per_class/{name}/{c}": v for c, v in zip(CLASSES, value) if isinstance(v, (int, float))})
     return found
-
-
 
 
 def event_files(folder):
