@@ -26,7 +26,7 @@ from torch_fidelity import feature_extractor_inceptionv3 as inception
 from torchvision.datasets import CIFAR10
 
 from conftest import REPO
-from metrics import inception as weights, measures
+from metrics import inception as weights
 import prepare
 from training import data
 
