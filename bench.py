@@ -62,7 +62,7 @@ from torch_utils.runtime import DEVICE_HELP, GraphedStep, Runtime, Speed, bf16_c
 from training import gan_steps
 from training.baseline_step import freeze_critic_head, train_step
 from training.data import augment
-from training.run import adam
+from training.optim import adam
 from training.running_means import Meter
 
 

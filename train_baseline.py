@@ -15,14 +15,17 @@ import os
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from metrics.accuracy import loader_accuracy
 from models import Discriminator
 from torch_utils.cli import run_main
 from torch_utils.runtime import GraphedStep, Runtime, Speed, StopSignal, setup_speed
 from training.baseline_step import freeze_critic_head, train_step
 from training.checkpoint import model_record, restore_model, save_model
-from training.data import augment
-from training.run import (Run, Table, adam, loader_accuracy, add_data_args, add_recipe_args, load_optimizer,
-                      parse_trainer_args, run_config, set_lr, training_loaders)
+from training.data import augment, training_loaders
+from training.flags import ResumeRules, add_data_args, add_recipe_args, parse_trainer_args
+from training.optim import adam, load_optimizer, set_lr
+from training.progress import Table, duration
+from training.run import Run
 from training.running_means import Meter
 
 
@@ -34,14 +37,14 @@ def parse_args(argv=None):
     return parse_trainer_args(parser, parse_args, argv)
 
 
-# Every flag but these and training.MAY_CHANGE_ON_RESUME (--lr among them: the schedule then scales from the new
-# value) is checked against the checkpoint on --resume. Not --epochs: the lr drops are placed by it, so a resumed
-# run with another --epochs would follow another schedule.
-MAY_CHANGE_ON_RESUME = set()
+# What --resume may change: --lr (the schedule then scales from the new value) and where and how it runs; every
+# other flag is checked against the checkpoint. Not --epochs: the lr drops are placed by it, so a resumed run with
+# another --epochs would follow another schedule.
+RESUME = ResumeRules(tunable={"lr"})
 # The per-epoch console table, of the epoch record
 TABLE = Table(("epoch", "epoch", "5d"), ("lr", "lr", "8.1e"), ("loss", "train_loss", "7.4f"),
               ("train acc", "train_acc", "9.4f"), ("test acc", "test_acc", "8.4f"), ("seconds", "seconds", "7.1f"),
-              ("img/s", "images_per_s", "7.0f"), ("eta", lambda record: Run.duration(record["eta_s"]), ">7"))
+              ("img/s", "images_per_s", "7.0f"), ("eta", lambda record: duration(record["eta_s"]), ">7"))
 
 
 def lr_at(epoch, args):
@@ -52,7 +55,7 @@ def lr_at(epoch, args):
 def train(args, stop):
     # Processes, the output folder (locked for this run) and the checkpoint to resume from, if any
     rt = Runtime(args.device)
-    with Run("baseline", "train_baseline.py", args, rt, stop, run_config(args, MAY_CHANGE_ON_RESUME)) as run:
+    with Run("baseline", "train_baseline.py", args, rt, stop, RESUME) as run:
         if run.finished(args.epochs):
             return
 

@@ -20,6 +20,7 @@ import warnings
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from metrics.accuracy import loader_accuracy
 from models import MINIBATCH_DIMS, MINIBATCH_KERNELS, NUM_CLASSES, Discriminator, Generator, class_noise
 from torch_utils.cli import UserError, check_range, run_main
 from torch_utils.files import image_bytes, torch_bytes
@@ -28,11 +29,14 @@ from torch_utils.ops.global_batch_norm import global_batch_norm
 from torch_utils.runtime import Runtime, Speed, StopSignal, setup_speed
 from training import health
 from training.checkpoint import model_record, restore_model
-from training.data import CLASSES, augment
+from training.data import CLASSES, augment, training_loaders
+from training.flags import ResumeRules, add_data_args, add_recipe_args, parse_trainer_args
 from training.gan_steps import MONITORED, Nets, Recipe, penalty_factor, training_steps
-from training.run import (Run, Table, adam, loader_accuracy, add_data_args, add_recipe_args, load_optimizer,
-                      parse_trainer_args, run_config, training_loaders)
+from training.optim import adam, load_optimizer
+from training.progress import Table, duration
+from training.run import Run
 from training.running_means import Meter
+from training.scalars import GAN_LAYOUT
 
 
 def parse_args(argv=None):
@@ -83,17 +87,16 @@ def parse_args(argv=None):
     return args
 
 
-# Every flag but these and training.MAY_CHANGE_ON_RESUME is checked against the checkpoint on --resume.
-# --epochs may grow: nothing in the GAN's schedule depends on it; measuring does not change the training. The
-# losses' weights and the critic's pace are TUNABLE as --lr is: a resume may change them (what the warnings
-# advise), and the run records each change.
 # The per-epoch console table, of the epoch record
 TABLE = Table(("epoch", "epoch", "5d"), ("test acc", "test_acc", "8.4f"),
               *((m.column, m.key, m.format) for m in MONITORED if m.column),
               ("seconds", "seconds", "7.1f"), ("img/s", "images_per_s", "6.0f"),
-              ("eta", lambda record: Run.duration(record["eta_s"]), ">7"))
-TUNABLE = {"lambda_gp", "n_critic", "feature_matching"}
-MAY_CHANGE_ON_RESUME = {"epochs", "eval_every", "eval_n", "eval_classifier", "inception_weights"} | TUNABLE
+              ("eta", lambda record: duration(record["eta_s"]), ">7"))
+# What --resume may change; every other flag is checked against the checkpoint. The losses' weights and the
+# critic's pace are tunable as --lr is (what the warnings advise), and the run records each change. --epochs may
+# grow: nothing in the GAN's schedule depends on it; measuring does not change the training.
+RESUME = ResumeRules(tunable={"lr", "lambda_gp", "n_critic", "feature_matching"},
+                     free={"epochs", "eval_every", "eval_n", "eval_classifier", "inception_weights"})
 
 
 def fixed_noise(seed):
@@ -157,7 +160,7 @@ def train(args, stop):
     # Processes, the output folder (locked for this run) and the checkpoint to resume from, if any
     rt = Runtime(args.device)
     check_batch(args, rt)
-    with Run("gan", "train_gan.py", args, rt, stop, run_config(args, MAY_CHANGE_ON_RESUME), TUNABLE) as run:
+    with Run("gan", "train_gan.py", args, rt, stop, RESUME, GAN_LAYOUT) as run:
         if run.finished(args.epochs):
             return
 

@@ -1,6 +1,8 @@
 """The classifier's accuracy, the one definition the trainers' test pass and visualize.py's perturbations share."""
 import torch
 
+from training.data import to_float
+
 
 @torch.no_grad()
 def accuracy(model, batches):
@@ -11,3 +13,11 @@ def accuracy(model, batches):
         correct = correct + (model(images).logits.argmax(1) == labels).sum()
         count += len(labels)
     return float(correct) / count
+
+
+def loader_accuracy(model, loader):
+    """accuracy over the loader's images, in eval mode; the model is left in train mode."""
+    model.eval()
+    result = accuracy(model, ((to_float(images), labels) for _, images, labels in loader.batches()))
+    model.train()
+    return result

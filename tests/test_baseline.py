@@ -14,11 +14,11 @@ import torch.nn.functional as F
 import torchvision
 
 from conftest import REPO
+from metrics.accuracy import loader_accuracy
 import models
 import train_baseline
 from training import checkpoint
 from training import data
-from training import run as training_run
 
 SCRIPT = os.path.join(REPO, "train_baseline.py")
 COMMON = ["--width", "16", "--device", "cpu", "--batch-size", "64", "--lr", "1e-3"]
@@ -36,17 +36,17 @@ def no_network(*args, **kwargs):
 
 socket.getaddrinfo = socket.create_connection = socket.socket.connect = no_network
 import train_baseline
-from training import run as training_run
+from training import records
 
 stop_after = int(os.environ.get("TEST_STOP_AFTER_EPOCH", "0"))
-append_metrics = training_run.append_metrics
+append_metrics = records.append_metrics
 
 def append_then_stop(path, record):
     append_metrics(path, record)
     if record["epoch"] == stop_after:
         os.kill(os.getpid(), signal.SIGTERM)
 
-training_run.append_metrics = append_then_stop
+records.append_metrics = append_then_stop
 train_baseline.main()
 """.format(repo=REPO)
 
@@ -141,7 +141,7 @@ def test_model_file_loads_with_weights_only_into_a_fresh_discriminator(finished_
         assert torch.equal(loaded.state_dict()[name], value)
     # It is the final model: its test accuracy is the last epoch's reported one.
     test = data.Loader(*data.load_split(data_dir, "test"), 500, "cpu", train=False)
-    assert training_run.loader_accuracy(loaded, test) == pytest.approx(metrics(finished_run)[-1]["test_acc"])
+    assert loader_accuracy(loaded, test) == pytest.approx(metrics(finished_run)[-1]["test_acc"])
 
 
 def test_loss_falls_during_a_cli_run(finished_run):
@@ -334,7 +334,7 @@ def test_discriminator_learns_a_separable_task(data_dir):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     train = data.Loader(*data.load_split(data_dir, "train"), 64, "cpu", train=True)
     test = data.Loader(*data.load_split(data_dir, "test"), 100, "cpu", train=False)
-    before = training_run.loader_accuracy(model, test)
+    before = loader_accuracy(model, test)
     losses = []
     for epoch in range(8):
         model.train()
@@ -344,7 +344,7 @@ def test_discriminator_learns_a_separable_task(data_dir):
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-    after = training_run.loader_accuracy(model, test)
+    after = loader_accuracy(model, test)
     assert sum(losses[-4:]) < 0.5 * sum(losses[:4])
     assert after >= 0.6 and after > before + 0.3
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 import compare
 from conftest import REPO, write_image_folder
-from training import run as training_run
+from training.progress import duration
 
 TINY = ["--width", "8", "--batch-size", "32", "--limit-train", "128", "--limit-test", "50", "--device", "cpu"]
 
@@ -173,9 +173,9 @@ def test_trainers_print_and_log_the_eta_of_the_measured_pace(sweep, job):
         pace = sum(e["seconds"] for e in epochs[:k]) / k  # the epochs have equal batches: seconds per epoch
         assert r["eta_s"] == pytest.approx(pace * (total - k), abs=0.051)
         line = next(line for line in stdout[job].splitlines() if line.split()[:1] == [str(r["epoch"])])
-        assert line.split()[-1] == training_run.Run.duration(r["eta_s"])
+        assert line.split()[-1] == duration(r["eta_s"])
     assert epochs[-1]["eta_s"] == 0
-    assert [training_run.Run.duration(s) for s in (0.4, 59.6, 61, 3599, 3600 * 25 + 7 * 60)] == \
+    assert [duration(s) for s in (0.4, 59.6, 61, 3599, 3600 * 25 + 7 * 60)] == \
            ["0s", "1m00s", "1m01s", "59m59s", "25h07m"]
 
 

@@ -1,5 +1,5 @@
-"""training/data.py: the two dataset layouts, the image-folder cache, the errors a user can meet, the batched augmentation
-(against torchvision's own functions) and the Loader."""
+"""training/data.py: the two dataset layouts, the image-folder cache, the errors a user can meet, the batched
+augmentation (against torchvision's own functions) and the Loader."""
 import os
 import pickle
 

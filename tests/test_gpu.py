@@ -173,7 +173,7 @@ def test_a_cuda_step_follows_the_cpu(tf32):
 def test_adam_state_moves_between_devices_and_steps():
     """The unit behind resuming across devices: a CPU optimizer's state into a fused CUDA Adam, and back, through
     a checkpoint's bytes read to the CPU, as checkpoint.load_checkpoint reads them."""
-    from training.run import adam, load_optimizer
+    from training.optim import adam, load_optimizer
 
     for source, target in ((CPU, CUDA), (CUDA, CPU)):
         params = [torch.nn.Parameter(torch.randn(5, 3, device=source))]

@@ -10,7 +10,7 @@ import sample
 from torch_utils.cli import UserError
 from torch_utils.runtime import setup_speed
 from training import gan_steps
-from training import run as training_run
+from training import optim
 
 META = torch.device("meta")
 
@@ -28,10 +28,10 @@ def test_a_cpu_checkpoint_resumes_with_every_adam_tensor_on_the_gpu(monkeypatch)
     """The meta device stands in for the GPU (fused there): `step` must follow exp_avg onto it, or the fused
     kernel refuses tensors on two devices at the first step."""
     state, _ = adam_state(fused=None)
-    monkeypatch.setattr(training_run, "fused_adam", lambda device: True)
+    monkeypatch.setattr(optim, "fused_adam", lambda device: True)
     params = [torch.nn.Parameter(torch.empty(3, 2, device=META)), torch.nn.Parameter(torch.empty(4, device=META))]
     optimizer = torch.optim.Adam(params, lr=1e-3)
-    training_run.load_optimizer(optimizer, state, META)
+    optim.load_optimizer(optimizer, state, META)
     assert all(group["fused"] is True for group in optimizer.param_groups)
     for p in params:
         assert {name: t.device for name, t in optimizer.state[p].items()} == dict.fromkeys(
@@ -42,7 +42,7 @@ def test_a_fused_checkpoint_resumes_plain_on_the_cpu_and_steps():
     state, _ = adam_state(fused=True)
     params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
     optimizer = torch.optim.Adam(params, lr=1e-3)
-    training_run.load_optimizer(optimizer, state, torch.device("cpu"))
+    optim.load_optimizer(optimizer, state, torch.device("cpu"))
     assert all(group["fused"] is None for group in optimizer.param_groups)
     sum(p.sum() for p in params).backward()
     optimizer.step()
@@ -155,10 +155,10 @@ def test_a_plain_checkpoint_resumes_with_moments_laid_out_as_channels_last_weigh
     optimizer = torch.optim.Adam(plain.parameters(), lr=1e-3)
     plain(torch.randn(2, 3, 32, 32))[0].sum().backward()
     optimizer.step()
-    monkeypatch.setattr(training_run, "fused_adam", lambda device: True)
+    monkeypatch.setattr(optim, "fused_adam", lambda device: True)
     fast = Discriminator(8).to(META, memory_format=torch.channels_last)
     resumed = torch.optim.Adam(fast.parameters(), lr=1e-3, capturable=True)
-    training_run.load_optimizer(resumed, optimizer.state_dict(), META)
+    optim.load_optimizer(resumed, optimizer.state_dict(), META)
     conv = fast.blocks[1].conv.weight
     assert not conv.is_contiguous() and conv.is_contiguous(memory_format=torch.channels_last)
     assert conv in resumed.state
@@ -173,13 +173,13 @@ def test_a_capturable_adams_learning_rate_is_one_tensor_that_set_lr_changes_in_p
     """A CUDA graph replays the lr tensor it captured: the baseline's schedule must change that tensor, not put a
     new number in its place (which the graph would never see), also after a resume from a plain checkpoint."""
     params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
-    optimizer = training_run.adam(params, 1e-4, (0.9, 0.999), torch.device("cpu"), capturable=True)
+    optimizer = optim.adam(params, 1e-4, (0.9, 0.999), torch.device("cpu"), capturable=True)
     plain_state, _ = adam_state(fused=None)
-    training_run.load_optimizer(optimizer, plain_state, torch.device("cpu"))
+    optim.load_optimizer(optimizer, plain_state, torch.device("cpu"))
     captured = optimizer.param_groups[0]["lr"]
     assert torch.is_tensor(captured) and captured.item() == pytest.approx(1e-4)  # this run's lr, not the saved 1e-3
-    training_run.set_lr(optimizer, 1e-5)
+    optim.set_lr(optimizer, 1e-5)
     assert optimizer.param_groups[0]["lr"] is captured and captured.item() == pytest.approx(1e-5)
-    plain = training_run.adam(params, 1e-4, (0.9, 0.999), torch.device("cpu"))
-    training_run.set_lr(plain, 1e-5)
+    plain = optim.adam(params, 1e-4, (0.9, 0.999), torch.device("cpu"))
+    optim.set_lr(plain, 1e-5)
     assert plain.param_groups[0]["lr"] == 1e-5

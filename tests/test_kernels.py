@@ -79,7 +79,8 @@ def test_conv_gradfix_penalty_gradients_equal_autograds(stride):
     w0 = torch.randn(5, 4, 3, 3, dtype=torch.float64, generator=g)
     b0 = torch.randn(5, dtype=torch.float64, generator=g)
     results = []
-    for conv in (lambda x, w, b: F.conv2d(x, w, b, stride, 1), lambda x, w, b: conv2d_gradfix._Conv2d.apply(x, w, b, stride, 1)):
+    gradfix = conv2d_gradfix._Conv2d.apply
+    for conv in (lambda x, w, b: F.conv2d(x, w, b, stride, 1), lambda x, w, b: gradfix(x, w, b, stride, 1)):
         x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
         y = torch.tanh(conv(x, w, b))
         gx, = torch.autograd.grad(y.square().sum(), x, create_graph=True)
@@ -218,7 +219,7 @@ def test_layer_norm_on_channels_last_equals_nn_layer_norm(device, kernels, small
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_leaky_relu_equals_layer_norm_then_leaky_relu(device, small_chunks):
-    """layer_norm.LayerNorm(x, slope=models.LEAKY_SLOPE) with the LeakyReLU in the Triton kernels, in both layouts: the value,
+    """LayerNorm(x, slope=LEAKY_SLOPE) with the LeakyReLU in the Triton kernels, in both layouts: the value,
     the input gradient and the double backward (every gradient arriving) of nn.LayerNorm then F.leaky_relu, and
     the value without autograd."""
     n, shape = (4, [3, 4, 4]) if device == "cpu" else (128, [196, 16, 16])
@@ -242,7 +243,8 @@ def test_fused_leaky_relu_equals_layer_norm_then_leaky_relu(device, small_chunks
         reference.zero_grad(), fused.zero_grad()
         with torch.no_grad():
             x = x0.clone(memory_format=layout)
-            assert_close(fused(x, slope=models.LEAKY_SLOPE), F.leaky_relu(reference(x)), tolerance, f"{layout}: no-grad")
+            fused_no_grad = fused(x, slope=models.LEAKY_SLOPE)
+            assert_close(fused_no_grad, F.leaky_relu(reference(x)), tolerance, f"{layout}: no-grad")
 
 
 @pytest.mark.parametrize("switch", ["fuse_leaky_relu", "row_kernels"])
@@ -381,8 +383,8 @@ def test_graphed_gan_iterations_equal_the_eager_ones(gp_every, unmeasured, monke
         speed.prepare(gen, disc)
         opt_g, opt_d = (torch.optim.Adam(m.parameters(), lr=1e-4, betas=(0.0, 0.9), fused=True, capturable=graphs)
                         for m in (gen, disc))
-        generator, discriminator = gan_steps.training_steps(gan_steps.Nets(gen, disc, gen, disc, opt_g, opt_d), gan_steps.Recipe(),
-                                                      graphs)
+        nets = gan_steps.Nets(gen, disc, gen, disc, opt_g, opt_d)
+        generator, discriminator = gan_steps.training_steps(nets, gan_steps.Recipe(), graphs)
         images = torch.rand(32, 3, 32, 32, generator=torch.Generator().manual_seed(5)).to(device) * 2 - 1
         labels = torch.arange(32, device=device) % 10
         monitored = []
@@ -411,13 +413,13 @@ def test_a_replayed_baseline_step_follows_the_learning_rate_set_after_its_captur
     """The baseline keeps one CUDA graph for its whole schedule: a replay must use the lr that set_lr put in the
     optimizer since the capture (a float lr would be baked into the graph)."""
     from training import baseline_step
-    from training import run as training_run
+    from training import optim
     from torch_utils.runtime import GraphedStep
     device = torch.device("cuda")
     torch.manual_seed(0)
     model = Discriminator(16).to(device)
     baseline_step.freeze_critic_head(model)
-    optimizer = training_run.adam([p for p in model.parameters() if p.requires_grad], 1e-3, (0.9, 0.999), device,
+    optimizer = optim.adam([p for p in model.parameters() if p.requires_grad], 1e-3, (0.9, 0.999), device,
                               capturable=True)
     step = GraphedStep(lambda x, labels: baseline_step.train_step(model, optimizer, x, labels))
     x, labels = torch.rand(8, 3, 32, 32, device=device) * 2 - 1, torch.arange(8, device=device)
@@ -426,7 +428,7 @@ def test_a_replayed_baseline_step_follows_the_learning_rate_set_after_its_captur
     assert step.graph is not None
 
     def change_by_one_replay(lr):
-        training_run.set_lr(optimizer, lr)
+        optim.set_lr(optimizer, lr)
         before = [p.detach().clone() for p in model.parameters()]
         step(x=x, labels=labels)
         torch.cuda.synchronize()

@@ -14,7 +14,7 @@ from conftest import REPO, write_image_folder
 from torch_utils.files import read_metrics
 import train_baseline
 import train_gan
-from training import run as training_run
+from training import optim
 
 GAN = os.path.join(REPO, "train_gan.py")
 BASELINE = os.path.join(REPO, "train_baseline.py")
@@ -141,12 +141,12 @@ def test_a_signal_during_start_up_exits_75_and_leaves_the_checkpoint(data_dir, t
     """SIGTERM while the data is loading (a scheduler's walltime warning that comes early)."""
     during_loading = """
 import os, signal
-from training import run as training_run
-load_split = training_run.load_split
+from training import data
+load_split = data.load_split
 def load_split_then_signal(*args):
     os.kill(os.getpid(), signal.SIGTERM)
     return load_split(*args)
-training_run.load_split = load_split_then_signal
+data.load_split = load_split_then_signal
 """
     out = tmp_path / "run"
     args = ["--data-dir", data_dir, "--out-dir", out, *COMMON]
@@ -165,15 +165,15 @@ def test_a_kill_while_appending_metrics_loses_no_epoch(data_dir, tmp_path):
     holds every epoch once, and report.py reads all of them."""
     half_line_then_die = """
 import os
-from training import run as training_run
-append = training_run.append_metrics
+from training import records
+append = records.append_metrics
 def append_or_die(path, record):
     if record["epoch"] == 2:
         with open(path, "a") as f:
             f.write('{"epoch": 2, "lr": 0.00')
         os._exit(137)
     append(path, record)
-training_run.append_metrics = append_or_die
+records.append_metrics = append_or_die
 """
     out = tmp_path / "run"
     args = ["--data-dir", data_dir, "--out-dir", out, *COMMON, "--epochs", 3]
@@ -245,7 +245,7 @@ def test_the_fused_adam_setting_follows_the_device_not_the_checkpoint():
     params = [torch.nn.Parameter(torch.randn(3))]
     saved = torch.optim.Adam(params, lr=1e-3, fused=True).state_dict()  # as written on a GPU
     optimizer = torch.optim.Adam(params, lr=1e-3)
-    training_run.load_optimizer(optimizer, saved, torch.device("cpu"))
+    optim.load_optimizer(optimizer, saved, torch.device("cpu"))
     assert [g["fused"] for g in optimizer.param_groups] == [None]
 
 

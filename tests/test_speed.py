@@ -90,8 +90,9 @@ def test_generator_loss_bf16_matches_fp32():
     for gen, use_bf16 in ((gen_fp32, False), (gen_bf16, True)):
         optimizer = torch.optim.SGD(gen.parameters(), lr=0.0)  # keep the weights; look at the gradients
         nets = gan_steps.Nets(gen, disc, gen, disc, optimizer, None)
-        losses.append(gan_steps.generator_step(nets, gan_steps.Recipe(bf16=use_bf16), 16, torch.Generator().manual_seed(4))
-                      ["g_loss"].item())
+        rng = torch.Generator().manual_seed(4)
+        monitored = gan_steps.generator_step(nets, gan_steps.Recipe(bf16=use_bf16), 16, rng)
+        losses.append(monitored["g_loss"].item())
     assert losses[1] == pytest.approx(losses[0], rel=LOSS_RTOL)
     assert_close_gradients(gen_fp32, gen_bf16)
 

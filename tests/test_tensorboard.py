@@ -308,13 +308,13 @@ def test_the_hparams_table_has_every_trainers_columns_and_booleans(both):
 # Sends the trainer SIGTERM as it appends the record of epoch 1: it saves and exits 75 after that epoch.
 STOP_AFTER_EPOCH_1 = """
 import os, signal
-from training import run as training_run
-append_metrics = training_run.append_metrics
+from training import records
+append_metrics = records.append_metrics
 def append_then_stop(path, record):
     append_metrics(path, record)
     if record.get("type") == "epoch" and record["epoch"] == 1:
         os.kill(os.getpid(), signal.SIGTERM)
-training_run.append_metrics = append_then_stop
+records.append_metrics = append_then_stop
 """
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO
+from metrics.accuracy import loader_accuracy
 from models import Judgement
 from torch_utils.cli import UserError
 from torch_utils.files import append_metrics, read_metrics
@@ -22,6 +23,7 @@ import train_gan
 from training import data
 from training import outdir_lock
 from training import running_means
+from training import progress
 from training import run as training_run
 
 
@@ -44,7 +46,7 @@ def test_accuracy_equals_a_hand_count():
     hand = sum(int(images[i, 0, 0, 0]) % 10 == int(labels[i]) for i in range(53)) / 53
     assert 20 / 53 <= hand < 1
     loader = data.Loader(images, labels, 10, "cpu", train=False)
-    assert training_run.loader_accuracy(FirstPixelModel(), loader) == pytest.approx(hand)
+    assert loader_accuracy(FirstPixelModel(), loader) == pytest.approx(hand)
 
 
 def test_accuracy_of_a_discriminator_is_its_argmax_hit_rate_in_eval_mode():
@@ -57,7 +59,7 @@ def test_accuracy_of_a_discriminator_is_its_argmax_hit_rate_in_eval_mode():
         predictions = [model.eval()(data.to_float(images[i:i + 1]))[1].argmax().item() for i in range(30)]
     hand = sum(p == y for p, y in zip(predictions, labels.tolist())) / 30
     model.train()
-    assert training_run.loader_accuracy(model, data.Loader(images, labels, 7, "cpu", train=False)) == pytest.approx(hand)
+    assert loader_accuracy(model, data.Loader(images, labels, 7, "cpu", train=False)) == pytest.approx(hand)
     assert model.training, "the trainers go on training after evaluating"
 
 
@@ -123,21 +125,21 @@ TRAINERS = {"baseline": train_baseline, "gan": train_gan}
 @pytest.mark.parametrize("job", TRAINERS)
 def test_every_flag_is_either_kept_on_resume_or_declared_free(job):
     args = TRAINERS[job].parse_args([])
-    config = training_run.run_config(args, TRAINERS[job].MAY_CHANGE_ON_RESUME)
-    free = training_run.MAY_CHANGE_ON_RESUME | TRAINERS[job].MAY_CHANGE_ON_RESUME
+    rules = TRAINERS[job].RESUME
+    config = rules.config(args)
+    free = rules.free | rules.tunable
     assert set(config) | free == set(vars(args))
     assert set(config) <= set(OTHER_VALUE), "give the new flag another value in OTHER_VALUE"
 
 
 @pytest.mark.parametrize("job, flag", [(job, flag) for job, trainer in TRAINERS.items()
-                                       for flag in training_run.run_config(trainer.parse_args([]),
-                                                                       trainer.MAY_CHANGE_ON_RESUME)])
+                                       for flag in trainer.RESUME.config(trainer.parse_args([]))])
 def test_resuming_with_any_kept_flag_changed_is_refused(job, flag, tmp_path, capsys):
     trainer = TRAINERS[job]
     base = ["--data-dir", tmp_path / "no-data", "--out-dir", tmp_path, "--device", "cpu", "--limit-train", "64",
             "--epochs", "4"]
     base = [str(a) for a in base]
-    config = training_run.run_config(trainer.parse_args(base), trainer.MAY_CHANGE_ON_RESUME)
+    config = trainer.RESUME.config(trainer.parse_args(base))
     torch.save({"job": job, "config": config, "epoch": 1, "batch": 0}, tmp_path / f"{job}.ckpt")
     with pytest.raises(SystemExit) as exit_:
         trainer.main(base + OTHER_VALUE[flag] + ["--resume"])
@@ -263,9 +265,9 @@ def test_records_past_the_checkpoint_are_dropped_on_resume(tmp_path, monkeypatch
                    {"type": "monitor", "epoch": 4, "batch": 50}]:
         append_metrics(path, record)
     args = train_gan.parse_args(["--out-dir", str(tmp_path), "--resume", "--device", "cpu"])
-    config = training_run.run_config(args, train_gan.MAY_CHANGE_ON_RESUME)
+    config = train_gan.RESUME.config(args)
     torch.save({"job": "gan", "config": config, "epoch": 2, "batch": 0}, tmp_path / "gan.ckpt")
-    with training_run.Run("gan", "train_gan.py", args, Runtime("cpu"), NO_SIGNAL, config) as run:
+    with training_run.Run("gan", "train_gan.py", args, Runtime("cpu"), NO_SIGNAL, train_gan.RESUME) as run:
         assert run.checkpoint["epoch"] == 2
     records, skipped = read_metrics(path)
     assert [(r["type"], r["epoch"]) for r in records] == [("monitor", 1), ("epoch", 1), ("monitor", 2),
@@ -276,18 +278,19 @@ def test_records_past_the_checkpoint_are_dropped_on_resume(tmp_path, monkeypatch
 def test_a_fresh_run_starts_a_fresh_metrics_file(tmp_path):
     append_metrics(tmp_path / "baseline_metrics.jsonl", {"epoch": 1})
     args = train_baseline.parse_args(["--out-dir", str(tmp_path), "--device", "cpu"])
-    with training_run.Run("baseline", "train_baseline.py", args, Runtime("cpu"), NO_SIGNAL, {}) as run:
+    rules = train_baseline.RESUME
+    with training_run.Run("baseline", "train_baseline.py", args, Runtime("cpu"), NO_SIGNAL, rules) as run:
         assert run.checkpoint is None
     assert read_metrics(tmp_path / "baseline_metrics.jsonl") == ([], 0)
 
 
 def test_a_table_declared_as_columns_lines_up_its_header_and_rows():
-    table = training_run.Table(("epoch", "epoch", "5d"), ("test acc", "test_acc", "8.4f"),
-                           ("eta", lambda record: training_run.Run.duration(record["eta_s"]), ">7"))
+    table = progress.Table(("epoch", "epoch", "5d"), ("test acc", "test_acc", "8.4f"),
+                           ("eta", lambda record: progress.duration(record["eta_s"]), ">7"))
     assert table.header() == "epoch test acc     eta"
     assert table.row({"epoch": 3, "test_acc": 0.5, "eta_s": 61}) == "    3   0.5000   1m01s"
 
 
 def test_the_pace_is_the_measured_time_per_batch_times_the_batches_left():
-    assert training_run.pace(10.0, 5, 100, 3) == {"seconds_per_epoch": 200.0, "eta_s": 600.0}
-    assert training_run.pace(0.0, 0, 100, 3) == {"seconds_per_epoch": 0.0, "eta_s": 0.0}
+    assert progress.pace(10.0, 5, 100, 3) == {"seconds_per_epoch": 200.0, "eta_s": 600.0}
+    assert progress.pace(0.0, 0, 100, 3) == {"seconds_per_epoch": 0.0, "eta_s": 0.0}

@@ -331,3 +331,14 @@ class Loader:
         for b in range(start, len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size][self.rank::self.world_size]
             yield b, self.images[idx], self.labels[idx]
+
+
+def training_loaders(args, rt, test_batch=500):
+    """(train loader, test loader): this process's share of each shuffled training batch, and every test
+    image in batches of test_batch. Rank 0 loads first: it downloads CIFAR-10 or writes the image cache once."""
+    splits = rt.rank0_first(lambda: (load_split(args.data_dir, "train", args.limit_train),
+                                     load_split(args.data_dir, "test", args.limit_test)))
+    train = Loader(*splits[0], args.batch_size, rt.device, train=True, seed=args.seed, rank=rt.rank,
+                   world_size=rt.world_size)
+    test = Loader(*splits[1], test_batch, rt.device, train=False)
+    return train, test

@@ -21,7 +21,7 @@ factor (1 where the normalized y = xh * w + b is positive, else s) from x, w and
 activation's own passes over the tensor: its forward, its backward, and in the double backward its derivative (the
 factor again) and the zeros autograd adds for its input.
 
-x and g are contiguous; a channels_last activation is passed as its NHWC view (ops.layer_norm.LayerNorm does that), whose
+x and g are contiguous; a channels_last activation is passed as its NHWC view (layer_norm.LayerNorm does that), whose
 per-sample statistics are the same. Sums are taken in float32 (float64 for float64 inputs, which the gradient
 checks use). With TRITON_INTERPRET=1 set before this module is imported, the kernels run on the CPU (the tests).
 """
