@@ -81,7 +81,7 @@ def discriminator_gradients(rank, world_size, port, out_dir, bf16, shares=None):
     share = slice(rank, None, shares)
     with gan_steps.autocast(rt.device, bf16):
         loss, _ = gan_steps.discriminator_loss(disc_ddp, disc, real[share], y_real[share], fake[share],
-                                               y_fake[share], alpha[share], 10.0)
+                                               y_fake[share], alpha[share])
     loss.backward()
     torch.save({n: p.grad for n, p in disc.named_parameters()},
                os.path.join(out_dir, f"grads{world_size}_{rank}_of{shares}.pt"))

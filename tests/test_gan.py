@@ -48,7 +48,7 @@ def test_discriminator_loss_has_the_five_terms():
     torch.manual_seed(1)
     real, fake = torch.rand(4, 3, 32, 32).double() * 2 - 1, torch.rand(4, 3, 32, 32).double() * 2 - 1
     y_real, y_fake, alpha = torch.tensor([0, 1, 2, 3]), torch.tensor([9, 8, 7, 6]), torch.rand(4).double()
-    loss, monitored = gan_steps.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0)
+    loss, monitored = gan_steps.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha)
 
     # By hand: three separate forward passes, the penalty from its definition.
     x_hat = (alpha.view(-1, 1, 1, 1) * real + (1 - alpha.view(-1, 1, 1, 1)) * fake).requires_grad_(True)
@@ -81,7 +81,7 @@ def test_a_lazy_penalty_is_weighted_k_times_every_k_th_step_and_skipped_between(
     torch.manual_seed(1)
     real, fake = torch.rand(4, 3, 32, 32).double() * 2 - 1, torch.rand(4, 3, 32, 32).double() * 2 - 1
     y_real, y_fake, alpha = torch.tensor([0, 1, 2, 3]), torch.tensor([9, 8, 7, 6]), torch.rand(4).double()
-    results = {k: gan_steps.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0, k)
+    results = {k: gan_steps.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, penalty_factor=k)
                for k in (0, 1, 4)}
     (plain, without), (one, every), (four, lazy) = results[0], results[1], results[4]
     assert set(without) == gan_steps.MONITORED_KEYS - {"gp", "grad_norm"}
@@ -150,7 +150,7 @@ def test_minibatch_discrimination_keeps_real_fake_and_interpolated_apart():
     real, y = torch.rand(4, 3, 32, 32).double() * 2 - 1, torch.tensor([0, 1, 2, 3])
     fakes = [torch.rand(4, 3, 32, 32).double() * 2 - 1 for _ in range(2)]
     alphas = [torch.rand(4).double() for _ in range(2)]
-    runs = [gan_steps.discriminator_loss(disc, disc, real, y, fake, y, alpha, 10.0)[1]
+    runs = [gan_steps.discriminator_loss(disc, disc, real, y, fake, y, alpha)[1]
             for fake in fakes for alpha in alphas]
     for monitored in runs[1:]:
         for name in ("real_score", "real_ce", "real_acc"):
@@ -302,7 +302,7 @@ def test_split_penalty_pass_equals_the_one_batch_formulation():
     disc = Discriminator(8)
     real, fake = torch.rand(6, 3, 32, 32) * 2 - 1, torch.rand(6, 3, 32, 32) * 2 - 1
     y_real, y_fake, alpha = torch.arange(6), torch.arange(6).flip(0), torch.rand(6)
-    split, _ = gan_steps.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0)
+    split, _ = gan_steps.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha)
     one_batch = bench.one_batch_discriminator_loss(disc, real, y_real, fake, y_fake, alpha, 10.0)
     assert abs(split.item() - one_batch.item()) < 1e-6
     params = list(disc.parameters())

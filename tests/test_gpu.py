@@ -144,7 +144,7 @@ def losses_and_gradients(device, tf32):
     (real, y_real), (fake, y_fake) = (tuple(t.to(device) for t in batch(16, s)) for s in (1, 2))
     alpha = torch.rand(16, generator=torch.Generator().manual_seed(3)).to(device)
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=tf32):
-        d_loss, _ = gan_steps.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0)
+        d_loss, _ = gan_steps.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha)
         c_loss = F.cross_entropy(disc(real).logits, y_real)
         z = class_noise(y_fake.cpu(), torch.Generator().manual_seed(4)).to(device)
         g_loss, _ = gan_steps.generator_loss(disc, gen(z), y_fake)
@@ -227,7 +227,7 @@ def test_split_penalty_equals_one_batch_on_cuda():
     (real, y_real), (fake, y_fake) = (tuple(t.to(CUDA) for t in batch(16, s)) for s in (5, 6))
     alpha = torch.rand(16, device=CUDA)
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        split, _ = gan_steps.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0)
+        split, _ = gan_steps.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha)
         split_grads = torch.autograd.grad(split, list(disc.parameters()))
         one = bench.one_batch_discriminator_loss(disc, real, y_real, fake, y_fake, alpha, 10.0)
         one_grads = torch.autograd.grad(one, list(disc.parameters()))

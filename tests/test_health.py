@@ -32,7 +32,7 @@ def test_the_critics_signals_match_a_hand_computation():
     torch.manual_seed(0)
     disc = Discriminator(8).double()
     real, y_real, fake, y_fake, alpha = batch(1)
-    _, monitored = gan_steps.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha, 10.0)
+    _, monitored = gan_steps.discriminator_loss(disc, disc, real, y_real, fake, y_fake, alpha)
     s_real, c_real = disc(real)
     s_fake, c_fake = disc(fake)
     x_hat = (alpha.view(-1, 1, 1, 1) * real + (1 - alpha.view(-1, 1, 1, 1)) * fake).requires_grad_(True)
@@ -77,7 +77,7 @@ def test_a_critic_whose_gradients_blow_up_warns_once_when_it_has_lasted():
         disc.fc1.weight.mul_(1000)
     records = []
     for seed in range(health.SUSTAIN + 2):
-        monitored = gan_steps.discriminator_loss(disc, disc, *batch(seed)[:4], batch(seed)[4], 10.0)[1]
+        monitored = gan_steps.discriminator_loss(disc, disc, *batch(seed)[:4], batch(seed)[4])[1]
         records += windows({k: v.item() for k, v in monitored.items()}, 1)
     assert all(r["grad_norm"] > health.GRAD_NORM_RANGE[1] for r in records)
     fired = fired_along(records)

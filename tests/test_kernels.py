@@ -280,7 +280,7 @@ def gradients_and_loss(model, dtype, device, n, tf32=False):
     alpha = torch.rand(n, generator=g).to(device, dtype)
     torch.backends.cudnn.allow_tf32 = tf32
     try:
-        loss, monitored = gan_steps.discriminator_loss(model, model, real, real_labels, fake, fake_labels, alpha, 10.0)
+        loss, monitored = gan_steps.discriminator_loss(model, model, real, real_labels, fake, fake_labels, alpha)
         loss.backward()
     finally:
         torch.backends.cudnn.allow_tf32 = False

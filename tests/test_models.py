@@ -435,7 +435,7 @@ def test_discriminator_loss_and_gradients_equal_those_of_nn_layer_norm():
         d = models.Discriminator(8)
         if before:
             as_before(d)
-        loss, _ = gan_steps.discriminator_loss(d, d, real, real_labels, fake, fake_labels, alpha, 10.0)
+        loss, _ = gan_steps.discriminator_loss(d, d, real, real_labels, fake, fake_labels, alpha)
         loss.backward()
         results.append((loss.item(), {name: p.grad for name, p in d.named_parameters()}))
     (loss, grads), (loss_before, grads_before) = results

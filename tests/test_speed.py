@@ -74,7 +74,7 @@ def test_discriminator_loss_bf16_matches_fp32():
     results = []
     for model, use_bf16 in ((fp32, False), (bf16, True)):
         with gan_steps.autocast(real.device, use_bf16):
-            loss, monitored = gan_steps.discriminator_loss(model, model, real, y_real, fake, y_fake, alpha, 10.0)
+            loss, monitored = gan_steps.discriminator_loss(model, model, real, y_real, fake, y_fake, alpha)
         loss.backward()
         results.append((loss.item(), monitored))
     assert results[1][0] == pytest.approx(results[0][0], rel=LOSS_RTOL)

@@ -85,7 +85,7 @@ def logged_means(rt, rank, world_size, out_dir):
         fake, fake_labels = global_batch(10 + b)
         alpha = torch.rand(8, generator=torch.Generator().manual_seed(20 + b))
         _, monitored = gan_steps.discriminator_loss(model, model, x[share], y[share], fake[share],
-                                              fake_labels[share], alpha[share], 10.0)
+                                              fake_labels[share], alpha[share])
         gan_meter.add(g_loss=loss)
         gan_meter.add(**monitored)
         if b == 0:

@@ -7,8 +7,9 @@ training iteration's two updates as train_gan.py runs them (and bench.py times t
     monitored = generator(n, rng, real)
 
 A new generator loss term is a term in generator_loss (named g_...: the metrics file, TensorBoard and report.py
-show every g_ term), a Recipe field for its weight and a train_gan.py flag of the same name. A new value the
-discriminator's update monitors is a line of MONITORED and its computation in discriminator_loss.
+show every g_ term), a Recipe field for its weight and a train_gan.py flag of the same name. A new discriminator
+loss term is a term in discriminator_loss with its line in MONITORED, and again a Recipe field and a flag; a new
+value the discriminator's update monitors, its line in MONITORED and its computation in discriminator_loss.
 """
 import dataclasses
 import functools
@@ -76,8 +77,9 @@ def gradient_penalty(score_hat, x_hat, lambda_gp):
         return lambda_gp * ((norms - 1) ** 2).mean(), norms.detach().mean()
 
 
-def discriminator_loss(disc_ddp, disc, real, real_labels, fake, fake_labels, alpha, lambda_gp, penalty_factor=1):
-    """mean(fc1(fake)) - mean(fc1(real)) + CE(fc10(real)) + CE(fc10(fake)) + GP, and the monitored values.
+def discriminator_loss(disc_ddp, disc, real, real_labels, fake, fake_labels, alpha, recipe=Recipe(), penalty_factor=1):
+    """mean(fc1(fake)) - mean(fc1(real)) + CE(fc10(real)) + CE(fc10(fake)) + GP (recipe.lambda_gp), and the
+    monitored values (MONITORED).
 
     Two passes: real and fake images together through disc_ddp for the critic and class terms, then the
     interpolated images alone through disc for the penalty. The penalty's gradient (create_graph) and its
@@ -108,7 +110,7 @@ def discriminator_loss(disc_ddp, disc, real, real_labels, fake, fake_labels, alp
     if penalty_factor:
         with record_function("penalty gradient"):
             x_hat = (alpha.view(-1, 1, 1, 1) * real + (1 - alpha.view(-1, 1, 1, 1)) * fake).requires_grad_(True)
-            gp, monitored["grad_norm"] = gradient_penalty(disc(x_hat).score.float(), x_hat, lambda_gp)
+            gp, monitored["grad_norm"] = gradient_penalty(disc(x_hat).score.float(), x_hat, recipe.lambda_gp)
         loss = loss + penalty_factor * gp
         monitored["gp"] = gp
     assert monitored.keys() <= MONITORED_KEYS, f"not in MONITORED: {sorted(monitored.keys() - MONITORED_KEYS)}"
@@ -177,7 +179,7 @@ def discriminator_update(nets, recipe, real, real_labels, fake_labels, noise, al
         fake = nets.gen_ddp(noise)
     with autocast(real.device, recipe.bf16):
         loss, monitored = discriminator_loss(nets.disc_ddp, nets.disc, real, real_labels, fake, fake_labels, alpha,
-                                             recipe.lambda_gp, penalty_factor)
+                                             recipe, penalty_factor)
     with record_function("discriminator backward"):
         nets.opt_d.zero_grad(set_to_none=True)
         loss.backward()
