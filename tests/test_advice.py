@@ -156,8 +156,9 @@ def test_each_warnings_advice_runs_on_a_resume(data_dir, tmp_path, capsys):
 
 # Kills the trainer (SIGKILL) as it writes its first checkpoint: what it appended to the metrics stays.
 KILL_IN_FIRST_SAVE = """
-import os, signal, training
-training.write_together = lambda files, **options: os.kill(os.getpid(), signal.SIGKILL)
+import os, signal
+from training import run
+run.write_together = lambda files, **options: os.kill(os.getpid(), signal.SIGKILL)
 """
 
 

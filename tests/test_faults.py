@@ -30,7 +30,8 @@ BASELINE = os.path.join(REPO, "train_baseline.py")
 COMMON = ["--width", "8", "--batch-size", "32", "--device", "cpu", "--limit-test", "40"]
 CLOCK_SEED = 1_800_000_000_000_000_000  # date +%s%N
 # A lock that goes stale within seconds, so that a test can wait it out.
-SHORT_LOCK = "import outdir_lock; outdir_lock.OutDirLock.HEARTBEAT = 0.2; outdir_lock.OutDirLock.STALE_AFTER = 1.5"
+SHORT_LOCK = ("from training import outdir_lock; outdir_lock.OutDirLock.HEARTBEAT = 0.2; "
+              "outdir_lock.OutDirLock.STALE_AFTER = 1.5")
 
 
 def command(script, *args, patch=""):
@@ -344,7 +345,7 @@ def test_the_image_cache_is_reused_through_a_symlink_and_a_relative_path(tmp_pat
     before = os.stat(cache)
     os.symlink(root, tmp_path / "link")
     (tmp_path / "x").mkdir()
-    code = (f"import sys; sys.path.insert(0, {REPO!r}); import data\n"
+    code = (f"import sys; sys.path.insert(0, {REPO!r}); from training import data\n"
             "def _decode(path):\n    raise AssertionError(path)\ndata._decode = _decode\n"
             "for typed in ('link', './link/', 'data', 'x/../data'):\n"
             "    print(len(data.load_split(typed, 'train')[1]))")
@@ -361,7 +362,7 @@ def test_hidden_files_and_folders_are_skipped_and_counted(tmp_path):
     (root / "train" / "cat" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     (root / "train" / ".ipynb_checkpoints").mkdir()
     (root / "test" / ".ipynb_checkpoints").mkdir()
-    code = (f"import sys; sys.path.insert(0, {REPO!r}); import data\n"
+    code = (f"import sys; sys.path.insert(0, {REPO!r}); from training import data\n"
             f"images, labels = data.load_split({str(root)!r}, 'train'); print(len(labels), labels.tolist())")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -139,7 +139,8 @@ os.fsync = fsync_interrupted
 def test_a_signal_during_start_up_exits_75_and_leaves_the_checkpoint(data_dir, tmp_path, resume):
     """SIGTERM while the data is loading (a scheduler's walltime warning that comes early)."""
     during_loading = """
-import os, signal, training
+import os, signal
+from training import run as training_run
 load_split = training_run.load_split
 def load_split_then_signal(*args):
     os.kill(os.getpid(), signal.SIGTERM)
@@ -162,7 +163,8 @@ def test_a_kill_while_appending_metrics_loses_no_epoch(data_dir, tmp_path):
     """Killed (kill -9) halfway through writing epoch 2's metrics line: --resume redoes epoch 2, the file then
     holds every epoch once, and report.py reads all of them."""
     half_line_then_die = """
-import os, training
+import os
+from training import run as training_run
 append = training_run.append_metrics
 def append_or_die(path, record):
     if record["epoch"] == 2:
@@ -204,14 +206,15 @@ def test_a_nan_on_rank_1_leaves_every_file_as_it_was(data_dir, tmp_path):
     assert run(GAN, *args, "--epochs", 1).returncode == 0
     before = snapshot(out)
     nan_on_rank_1 = """
-import os, torch, gan
-step = gan.discriminator_step
+import os, torch
+from training import gan_steps
+step = gan_steps.discriminator_step
 def step_nan_on_rank_1(*args, **kwargs):
     monitored = step(*args, **kwargs)
     if os.environ["RANK"] == "1":
         monitored["gp"] = monitored["gp"] * float("nan")
     return monitored
-gan.discriminator_step = step_nan_on_rank_1
+gan_steps.discriminator_step = step_nan_on_rank_1
 """
     result = torchrun(tmp_path, *args, "--epochs", 2, "--resume", patch=nan_on_rank_1)
     assert result.returncode != 0
