@@ -611,6 +611,17 @@ def test_a_setting_that_is_not_a_whole_number_is_refused_before_anything_is_queu
     assert line == f"error: {name}='{value}' is not a whole number; give it in digits only"
 
 
+@pytest.mark.parametrize("script", ["pipeline.sh", "sweep.sh"])
+def test_a_missing_tmpdir_is_one_line_before_anything_is_queued(fakes, script):
+    env = job_env(fakes, None, 0, SCHEDULER="slurm", TMPDIR=str(fakes / "no-such-folder"))
+    result = subprocess.run([os.path.join(JOBS, script), str(fakes / "runs" / "x")], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and submitted(fakes) == [] and calls(fakes, "tested") == []
+    (line,) = result.stderr.splitlines()
+    assert line == (f"error: cannot create a temporary file in {fakes / 'no-such-folder'}; set TMPDIR to a writable "
+                    "folder")
+
+
 def test_a_chain_refuses_a_setting_that_is_not_a_whole_number(fakes):
     result = run_driver(fakes, "pbs", 75, MAX_CHAIN="twenty")
     assert result.returncode == 2 and not (fakes / "args").exists() and submitted(fakes) == []
