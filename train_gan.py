@@ -157,7 +157,8 @@ def train(args, stop):
     # Processes, the output folder (locked for this run) and the checkpoint to resume from, if any
     rt = Runtime(args.device)
     check_batch(args, rt)
-    with Run("gan", "train_gan.py", args, rt, stop, run_config(args, MAY_CHANGE_ON_RESUME), TUNABLE) as run:
+    with Run("gan", "train_gan.py", args, rt, stop, run_config(args, MAY_CHANGE_ON_RESUME), TUNABLE,
+             models={"generator.model": "generator", "discriminator.model": "discriminator"}) as run:
         if run.finished(args.epochs):
             return
 

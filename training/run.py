@@ -52,7 +52,7 @@ def add_data_args(parser):
     g.add_argument("--out-dir", default=".", help="where models, checkpoints and metrics go (default: .)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run whose checkpoint is in --out-dir (starts fresh when there is none; "
-                        "a finished run is left as it is)")
+                        "a finished run is left as it is, its model files written again if they are missing)")
     g.add_argument("--limit-train", type=int, metavar="N",
                    help="train on N training images, a random subset that is the same every run (smoke runs)")
     g.add_argument("--limit-test", type=int, metavar="N", help="evaluate on N test images, chosen the same way")
@@ -275,8 +275,11 @@ class Run:
     decision that leads to a write or a stop (a non-finite loss, a stop signal) is agreed by all processes
     first."""
 
-    def __init__(self, job, script, args, rt, stop, config, tunable=()):
+    def __init__(self, job, script, args, rt, stop, config, tunable=(), models=None):
+        """models: {model file in --out-dir: the checkpoint's entry of that model}, which finished() writes again
+        when it is missing."""
         self.job, self.script, self.args, self.rt, self.stop, self.config = job, script, args, rt, stop, config
+        self.models = models or {}
         self.settings = {k: getattr(args, k) for k in sorted(TUNABLE | set(tunable))}  # this run's, may change
         self.out_dir = args.out_dir
         self.ckpt_path = os.path.join(args.out_dir, f"{job}.ckpt")
@@ -342,11 +345,18 @@ class Run:
             history.extend([r for r in kept if r.get("type", "epoch") == kind][-health.keep(kind):])
 
     def finished(self, epochs):
-        """Whether the checkpoint has all the epochs asked for; says so."""
+        """Whether the checkpoint has all the epochs asked for; says so. Model files it lacks (a full disk after
+        the last checkpoint, a file moved away) are written again from the checkpoint, which holds the same nets."""
         if self.checkpoint is None or self.checkpoint["epoch"] < epochs:
             return False
         self.print(f"{self.ckpt_path}: {self.checkpoint['epoch']} epochs are done (asked for {epochs}); "
                    "nothing to resume")
+        missing = [(path, key) for name, key in self.models.items()
+                   if not os.path.exists(path := os.path.join(self.out_dir, name))]
+        if missing and self.rt.is_rank0:
+            self.check_lock()
+            write_together([(path, torch_bytes(self.checkpoint[key])) for path, key in missing], ready=self.check_lock)
+            self.print(f"wrote the missing {' and '.join(path for path, _ in missing)} from {self.ckpt_path}")
         return True
 
     def print(self, text):
