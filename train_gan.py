@@ -158,7 +158,8 @@ def train(args, stop):
     rt = Runtime(args.device)
     check_batch(args, rt)
     with Run("gan", "train_gan.py", args, rt, stop, run_config(args, MAY_CHANGE_ON_RESUME), TUNABLE,
-             models={"generator.model": "generator", "discriminator.model": "discriminator"}) as run:
+             models={"generator.model": "generator", "discriminator.model": "discriminator"},
+             folders=["output"]) as run:
         if run.finished(args.epochs):
             return
 

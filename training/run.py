@@ -32,7 +32,8 @@ from training import health
 from training.checkpoint import load_checkpoint
 from torch_utils.cli import UserError, check_range
 from training.data import Loader, load_split, to_float
-from torch_utils.files import append_metrics, output_folder, read_metrics, rewrite_metrics, torch_bytes, write_together
+from torch_utils.files import (append_metrics, output_folder, output_parts, read_metrics, rewrite_metrics, torch_bytes,
+                               write_together)
 from models import ARCHS, DEFAULT_WIDTH
 from training.outdir_lock import OutDirLock
 from torch_utils.runtime import DEVICE_HELP, EXIT_STOPPED, SPEED_HELP, progress_bar
@@ -275,11 +276,12 @@ class Run:
     decision that leads to a write or a stop (a non-finite loss, a stop signal) is agreed by all processes
     first."""
 
-    def __init__(self, job, script, args, rt, stop, config, tunable=(), models=None):
+    def __init__(self, job, script, args, rt, stop, config, tunable=(), models=None, folders=()):
         """models: {model file in --out-dir: the checkpoint's entry of that model}, which finished() writes again
-        when it is missing."""
+        when it is missing; folders: those the trainer makes in --out-dir. Both are checked before any work, with
+        the run's own files."""
         self.job, self.script, self.args, self.rt, self.stop, self.config = job, script, args, rt, stop, config
-        self.models = models or {}
+        self.models, self.folders = models or {}, folders
         self.settings = {k: getattr(args, k) for k in sorted(TUNABLE | set(tunable))}  # this run's, may change
         self.out_dir = args.out_dir
         self.ckpt_path = os.path.join(args.out_dir, f"{job}.ckpt")
@@ -317,6 +319,9 @@ class Run:
 
     def _claim_out_dir(self, lock_wait):
         output_folder(self.out_dir, "--out-dir")
+        # What is in the way of a file or folder the run writes would otherwise cost the epoch before the write
+        output_parts(self.out_dir, [f"{self.job}.ckpt", f"{self.job}_metrics.jsonl", f"{self.job}.lock", *self.models],
+                     [*self.folders, *([os.path.join("tb", self.job)] if self._tensorboard else [])])
         self.lock = OutDirLock(os.path.join(self.out_dir, f"{self.job}.lock"))
         if not self.lock.acquire(lock_wait, self.script, give_up=lambda: self.stop.received is not None):
             self.exit_stopped("while waiting for another run to release the folder")
