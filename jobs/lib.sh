@@ -63,11 +63,16 @@ job_id() {
     case $(job_scheduler) in pbs) echo "$PBS_JOBID" ;; *) echo "${SLURM_JOB_ID:-local}" ;; esac
 }
 
-# NAME=value,... of JOB_VARS and this file's knobs, for qsub -v and sbatch --export (which split on commas);
-# $1: the chain position the job submitted with them takes.
+# The variables the next job of a chain needs: JOB_VARS and this file's knobs.
+job_var_names() {
+    echo $JOB_VARS MAX_CHAIN STOP_MARGIN FOLLOW_UP FOLLOW_UP_AFTER
+}
+
+# NAME=value,... of job_var_names, for qsub -v and sbatch --export (which split on commas); $1: the chain
+# position the job submitted with them takes.
 job_var_list() {
     local name list=
-    for name in $JOB_VARS MAX_CHAIN STOP_MARGIN FOLLOW_UP FOLLOW_UP_AFTER; do
+    for name in $(job_var_names); do
         list+="${list:+,}$name=${!name}"
     done
     echo "$list,JOB_CHAIN=$1"
@@ -151,15 +156,27 @@ job_submit_words() {
     echo "$JOB_SCRIPT"
 }
 
-# The same, as one line to paste into a shell (outside a scheduler: the job file); words with characters
-# the shell would take apart are put in single quotes.
+# A word as the shell reads it back: in single quotes when it has characters the shell would take apart.
+job_quote() {
+    local q="'"
+    case $1 in *[!A-Za-z0-9_./:=,@%+-]* | "") echo "$q${1//$q/$q\\$q$q}$q" ;; *) echo "$1" ;; esac
+}
+
+# The same, as one line to paste into a shell. Outside a scheduler (a job run by hand, bash JOB_SCRIPT): the
+# job file run with the variables it was given, NAME=value before it, without which it would start afresh.
 job_submit_line() {
-    local word line="" q="'"
-    while IFS= read -r word; do
-        case $word in *[!A-Za-z0-9_./:=,@%+-]* | "") word="$q${word//$q/$q\\$q$q}$q" ;; esac
-        line+="${line:+ }$word"
-    done < <(job_submit_words "$1")
-    echo "${line:-bash $JOB_SCRIPT}"
+    local words word name line=""
+    mapfile -t words < <(job_submit_words "$1")
+    if [ ${#words[@]} -eq 0 ]; then
+        for name in $(job_var_names); do
+            [ -z "${!name}" ] || line+="$name=$(job_quote "${!name}") "
+        done
+        words=(bash "$JOB_SCRIPT")
+    fi
+    for word in "${words[@]}"; do
+        line+="$(job_quote "$word") "
+    done
+    echo "${line% }"
 }
 
 # The job id in what sbatch --parsable ("1234" or "1234;cluster") or qsub ("1234.server") wrote on stdout:

@@ -451,6 +451,26 @@ def test_outside_a_scheduler_a_stopped_run_says_how_to_continue(fakes):
     assert "submit it again by hand" in result.stderr
 
 
+@pytest.mark.parametrize("name", ["gan.pbs", "baseline.slurm"])
+def test_a_job_run_by_hand_says_how_to_continue_with_its_variables(fakes, name):
+    """jobs/README: `bash jobs/gan.pbs` with its variables set, outside a scheduler. The command its log and chain
+    file give, run as printed in a shell without those variables, trains the same run with the same flags."""
+    run = name.split(".")[0]
+    given = dict(DATA_DIR=str(fakes / "cifar 10"), WIDTH="128", EXTRA_ARGS="--seed 1 --lr 2e-4", MAX_CHAIN="5")
+    first = subprocess.run(["bash", os.path.join(JOBS, name)], env=job_env(fakes, None, 75, run, **given), cwd=REPO,
+                           capture_output=True, text=True, timeout=30)
+    assert first.returncode == 75, first.stdout + first.stderr
+    args = (fakes / "args").read_text()
+    line = first.stderr.split("to continue from the checkpoint: ")[1].strip()
+    assert chain_state(fakes, run).endswith(f"continue with: {line}\n")
+    assert line.endswith(f" bash jobs/{name}") and "EXTRA_ARGS='--seed 1 --lr 2e-4' " in line
+    (fakes / "args").unlink()
+    env = {k: v for k, v in job_env(fakes, None, 0, run).items() if k not in ("OUT_DIR", "EPOCHS", "EXTRA_ARGS")}
+    again = subprocess.run(["bash", "-c", line], env=env, cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert (fakes / "args").read_text() == args and chain_state(fakes, run).startswith("finished:")
+
+
 def test_a_comma_in_a_variable_is_refused_before_training(fakes):
     result = run_driver(fakes, "slurm", 0, EXTRA_ARGS="--layers 2,3")
     assert result.returncode == 2 and not (fakes / "args").exists()
