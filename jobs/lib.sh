@@ -203,9 +203,26 @@ job_resubmit() {
     job_parse_id "$out"
 }
 
+# Writes the text $2 (and a newline) to the file $1 whole or not at all: into a temporary file, renamed over
+# $1. When that fails (a full disk, no permission) it leaves nothing behind and $1 as it was, prints the reason
+# (the end of the shell's message) and returns 1.
+job_write_line() {
+    local error
+    if error=$({ printf '%s\n' "$2" > "$1.$$.tmp"; } 2>&1) && error=$(mv -f "$1.$$.tmp" "$1" 2>&1); then
+        return 0
+    fi
+    rm -f "$1.$$.tmp"
+    echo "${error##*: }"
+    return 1
+}
+
+# The chain's state, or one line saying that it could not be recorded (the follow-up jobs read the file).
 job_set_state() {
-    local file=$OUT_DIR/$JOB_NAME.chain
-    echo "$*" > "$file.$$.tmp" && mv -f "$file.$$.tmp" "$file"
+    local file=$OUT_DIR/$JOB_NAME.chain reason now=
+    reason=$(job_write_line "$file" "$*") && return
+    read -r now < "$file" 2>/dev/null
+    echo "error: cannot record the chain's state in $file ($reason); it still says '${now:-nothing}', but the" \
+         "state is: $*" >&2
 }
 
 # "1 h 05 min", "12 min", "40 s" for a number of seconds.

@@ -112,9 +112,11 @@ slurm_check_pending() {
     done < <(squeue -h -o '%i %r' -j "$(IFS=,; echo "${submitted[*]}")")
 }
 
+# The file $1 holding the text $2, written whole or not at all (jobs/lib.sh's job_write_line).
 write_state() {
+    local reason
     mkdir -p "$(dirname "$1")"
-    echo "$2" > "$1.$$.tmp" && mv -f "$1.$$.tmp" "$1"
+    reason=$(job_write_line "$1" "$2") || fail "cannot write $1 ($reason); free space or choose another RUN_DIR"
 }
 
 # plan_eta LABEL METRICS EPOCHS ...: a line per run that has measured an epoch, and the longest of them (the
