@@ -71,7 +71,7 @@ def frame(path, epoch, width):
     try:
         with Image.open(path) as image:
             grid = image.convert("RGB")
-    except OSError as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # what Pillow raises for a bad image
         raise UserError(f"cannot read grid {path}: {e}")
     if grid.width > width:
         grid = grid.resize((width, round(grid.height * width / grid.width)), Image.LANCZOS)

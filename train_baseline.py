@@ -55,7 +55,7 @@ def lr_at(epoch, args):
 def train(args, stop):
     # Processes, the output folder (locked for this run) and the checkpoint to resume from, if any
     rt = Runtime(args.device)
-    with Run("baseline", "train_baseline.py", args, rt, stop, RESUME) as run:
+    with Run("baseline", "train_baseline.py", args, rt, stop, RESUME, models={"cifar10.model": "model"}) as run:
         if run.finished(args.epochs):
             return
 

@@ -160,7 +160,9 @@ def train(args, stop):
     # Processes, the output folder (locked for this run) and the checkpoint to resume from, if any
     rt = Runtime(args.device)
     check_batch(args, rt)
-    with Run("gan", "train_gan.py", args, rt, stop, RESUME, GAN_LAYOUT) as run:
+    with Run("gan", "train_gan.py", args, rt, stop, RESUME, GAN_LAYOUT,
+             models={"generator.model": "generator", "discriminator.model": "discriminator"},
+             folders=["output"]) as run:
         if run.finished(args.epochs):
             return
 

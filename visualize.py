@@ -267,7 +267,11 @@ def merge_results(path, update):
             with open(path) as f:
                 results = json.load(f)
         except (OSError, ValueError):
+            results = None
+        # JSON of another shape (null, a list, max_features that is no object) cannot take the update either
+        if not (isinstance(results, dict) and isinstance(results.get("max_features", {}), dict)):
             print(f"{path} is unreadable; writing a new one")
+            results = {}
     for key, value in update.items():
         if key == "max_features":
             results.setdefault(key, {}).update(value)

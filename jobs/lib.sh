@@ -63,11 +63,16 @@ job_id() {
     case $(job_scheduler) in pbs) echo "$PBS_JOBID" ;; *) echo "${SLURM_JOB_ID:-local}" ;; esac
 }
 
-# NAME=value,... of JOB_VARS and this file's knobs, for qsub -v and sbatch --export (which split on commas);
-# $1: the chain position the job submitted with them takes.
+# The variables the next job of a chain needs: JOB_VARS and this file's knobs.
+job_var_names() {
+    echo $JOB_VARS MAX_CHAIN STOP_MARGIN FOLLOW_UP FOLLOW_UP_AFTER
+}
+
+# NAME=value,... of job_var_names, for qsub -v and sbatch --export (which split on commas); $1: the chain
+# position the job submitted with them takes.
 job_var_list() {
     local name list=
-    for name in $JOB_VARS MAX_CHAIN STOP_MARGIN FOLLOW_UP FOLLOW_UP_AFTER; do
+    for name in $(job_var_names); do
         list+="${list:+,}$name=${!name}"
     done
     echo "$list,JOB_CHAIN=$1"
@@ -151,15 +156,27 @@ job_submit_words() {
     echo "$JOB_SCRIPT"
 }
 
-# The same, as one line to paste into a shell (outside a scheduler: the job file); words with characters
-# the shell would take apart are put in single quotes.
+# A word as the shell reads it back: in single quotes when it has characters the shell would take apart.
+job_quote() {
+    local q="'"
+    case $1 in *[!A-Za-z0-9_./:=,@%+-]* | "") echo "$q${1//$q/$q\\$q$q}$q" ;; *) echo "$1" ;; esac
+}
+
+# The same, as one line to paste into a shell. Outside a scheduler (a job run by hand, bash JOB_SCRIPT): the
+# job file run with the variables it was given, NAME=value before it, without which it would start afresh.
 job_submit_line() {
-    local word line="" q="'"
-    while IFS= read -r word; do
-        case $word in *[!A-Za-z0-9_./:=,@%+-]* | "") word="$q${word//$q/$q\\$q$q}$q" ;; esac
-        line+="${line:+ }$word"
-    done < <(job_submit_words "$1")
-    echo "${line:-bash $JOB_SCRIPT}"
+    local words word name line=""
+    mapfile -t words < <(job_submit_words "$1")
+    if [ ${#words[@]} -eq 0 ]; then
+        for name in $(job_var_names); do
+            [ -z "${!name}" ] || line+="$name=$(job_quote "${!name}") "
+        done
+        words=(bash "$JOB_SCRIPT")
+    fi
+    for word in "${words[@]}"; do
+        line+="$(job_quote "$word") "
+    done
+    echo "${line% }"
 }
 
 # The job id in what sbatch --parsable ("1234" or "1234;cluster") or qsub ("1234.server") wrote on stdout:
@@ -186,9 +203,26 @@ job_resubmit() {
     job_parse_id "$out"
 }
 
+# Writes the text $2 (and a newline) to the file $1 whole or not at all: into a temporary file, renamed over
+# $1. When that fails (a full disk, no permission) it leaves nothing behind and $1 as it was, prints the reason
+# (the end of the shell's message) and returns 1.
+job_write_line() {
+    local error
+    if error=$({ printf '%s\n' "$2" > "$1.$$.tmp"; } 2>&1) && error=$(mv -f "$1.$$.tmp" "$1" 2>&1); then
+        return 0
+    fi
+    rm -f "$1.$$.tmp"
+    echo "${error##*: }"
+    return 1
+}
+
+# The chain's state, or one line saying that it could not be recorded (the follow-up jobs read the file).
 job_set_state() {
-    local file=$OUT_DIR/$JOB_NAME.chain
-    echo "$*" > "$file.$$.tmp" && mv -f "$file.$$.tmp" "$file"
+    local file=$OUT_DIR/$JOB_NAME.chain reason now=
+    reason=$(job_write_line "$file" "$*") && return
+    read -r now < "$file" 2>/dev/null
+    echo "error: cannot record the chain's state in $file ($reason); it still says '${now:-nothing}', but the" \
+         "state is: $*" >&2
 }
 
 # "1 h 05 min", "12 min", "40 s" for a number of seconds.

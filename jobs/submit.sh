@@ -11,7 +11,9 @@ GAN_OPTS=${GAN_OPTS:-}
 PBS_MODULES=${PBS_MODULES:-} PBS_VENV=${PBS_VENV:-} PBS_LAUNCHER=${PBS_LAUNCHER:-}
 
 submitted=()  # job ids so far, cancelled again when a later step fails
-submit_errors=$(mktemp)
+# What the trainers' checks and the schedulers' commands say on stderr, read after each of them
+submit_errors=$(mktemp 2>/dev/null) ||
+    { echo "error: cannot create a temporary file in ${TMPDIR:-/tmp}; set TMPDIR to a writable folder" >&2; exit 2; }
 trap 'rm -f "$submit_errors"' EXIT
 
 fail() {
@@ -56,20 +58,17 @@ check_common() {
 # first it refuses stops this script in one line naming its LABEL, before anything is queued: otherwise every
 # element would fail on its node after the queue wait. The jobs' python: PBS_VENV's on PBS where it is set.
 check_flags() {
-    local script=train_$1.py labels=() lines=() verdicts=() out errors i python=python
+    local script=train_$1.py labels=() lines=() verdicts=() out i python=python
     shift
     while [ $# -ge 2 ]; do labels+=("$1"); lines+=("$2"); shift 2; done
     [ "$SCHEDULER" != pbs ] || [ -z "${PBS_VENV:-}" ] || python=$PBS_VENV/bin/python
-    errors=$(mktemp)
-    out=$(printf '%s\n' "${lines[@]}" | "$python" "$script" --check-flags - 2>"$errors") || true  # 2: refused
+    out=$(printf '%s\n' "${lines[@]}" | "$python" "$script" --check-flags - 2>"$submit_errors") || true  # 2: refused
     [ -z "$out" ] || mapfile -t verdicts <<<"$out"
     if [ ${#verdicts[@]} -ne ${#lines[@]} ]; then
-        out=$(last_line "$(cat "$errors")")
-        rm -f "$errors"
+        out=$(last_line "$(cat "$submit_errors")")
         fail "cannot check the trainers' flags with '$python $script --check-flags' (${out:-no answer}); run this" \
              "where python has the jobs' packages (activate their environment, or load their modules)"
     fi
-    rm -f "$errors"
     for i in "${!lines[@]}"; do
         [ "${verdicts[i]}" = ok ] || fail "${labels[i]}: $script would refuse it on every node:" \
             "${verdicts[i]#error: }; fix its flags"
@@ -113,9 +112,11 @@ slurm_check_pending() {
     done < <(squeue -h -o '%i %r' -j "$(IFS=,; echo "${submitted[*]}")")
 }
 
+# The file $1 holding the text $2, written whole or not at all (jobs/lib.sh's job_write_line).
 write_state() {
+    local reason
     mkdir -p "$(dirname "$1")"
-    echo "$2" > "$1.$$.tmp" && mv -f "$1.$$.tmp" "$1"
+    reason=$(job_write_line "$1" "$2") || fail "cannot write $1 ($reason); free space or choose another RUN_DIR"
 }
 
 # plan_eta LABEL METRICS EPOCHS ...: a line per run that has measured an epoch, and the longest of them (the

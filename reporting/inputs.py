@@ -11,7 +11,7 @@ from PIL import Image, ImageSequence, UnidentifiedImageError
 
 from metrics.quality import MEASURES, format_table
 from torch_utils.cli import UserError
-from torch_utils.files import read_metrics
+from torch_utils.files import image_bytes, read_metrics
 from torch_utils.images import (FEATURES_NAME, MAX_CLASS_FILE, RESULTS_FILE, epoch_grids, max_features_file,
                                 perturb_files)
 
@@ -57,13 +57,21 @@ def read_picture(path):
 
 
 def read_gif(path):
-    """(the GIF's bytes, None) once every frame decodes, or (None, why not)."""
+    """(the GIF's bytes, None) once every frame decodes, or (None, why not). An animation in another format
+    (make_gif.py writes WebP and APNG too) comes back converted to a GIF: the report names it progress.gif."""
     try:
         with open(path, "rb") as f:
             content = f.read()
         with Image.open(io.BytesIO(content)) as image:
+            frames, durations = [], []
             for frame in ImageSequence.Iterator(image):
-                frame.load()
+                frame.load()  # which also reads a WebP frame's duration
+                if image.format != "GIF":
+                    frames.append(frame.convert("RGB"))
+                    durations.append(round(frame.info.get("duration", 100)))
+            if frames:
+                content = image_bytes(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=durations,
+                                      loop=image.info.get("loop", 0))
         return content, None
     except (OSError, EOFError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         return None, decode_error(e)

@@ -179,14 +179,18 @@ def test_a_change_whose_resume_was_killed_is_recorded_once(data_dir, tmp_path):
 
 
 def apply(advice, argv):
-    """argv with an advice followed: "pass --flag values" replaces the flag's words, "leave out --flag" drops them."""
-    action, flag, values = re.fullmatch(r"(pass|leave out) (--\S+)(.*)", advice).groups()
-    kept, skipping = [], False
-    for word in argv:
-        skipping = word == flag or (skipping and not word.startswith("--"))
-        if not skipping:
-            kept.append(word)
-    return kept + ([flag, *values.split()] if action == "pass" else [])
+    """argv with an advice followed: "pass --flag values..." replaces those flags' words, "leave out --flag..." drops
+    them; "pass ... and leave out ..." does both."""
+    for part in advice.split(" and "):
+        action, words = re.fullmatch(r"(pass|leave out) (--.*)", part).groups()
+        words = words.split()
+        kept, skipping = [], False
+        for word in argv:
+            skipping = (word.startswith("--") and word in words) or (skipping and not word.startswith("--"))
+            if not skipping:
+                kept.append(word)
+        argv = kept + (words if action == "pass" else [])
+    return argv
 
 
 @pytest.mark.parametrize("asked, says", [
@@ -197,7 +201,13 @@ def apply(advice, argv):
                                      "--minibatch-discrimination; leave out --minibatch-discrimination"),
     (["--limit-train", "32"], "was trained with --limit-train 64, this run asks for --limit-train 32; pass "
                               "--limit-train 64"),
-    (["--seed", "3"], "was trained with --seed 0, this run asks for --seed 3; pass --seed 0")])
+    (["--seed", "3"], "was trained with --seed 0, this run asks for --seed 3; pass --seed 0"),
+    # Every flag that differs, in one line: advice naming only the first would be refused again for the next
+    (["--betas", "0.0", "0.9", "--seed", "3"], "was trained with --betas 0.5 0.9 and --seed 0, this run asks for "
+                                               "--betas 0.0 0.9 and --seed 3; pass --betas 0.5 0.9 --seed 0"),
+    (["--width", "12", "--minibatch-discrimination", "--seed", "3"],
+     "was trained with --width 8, no --minibatch-discrimination and --seed 0, this run asks for --width 12, "
+     "--minibatch-discrimination and --seed 3; pass --width 8 --seed 0 and leave out --minibatch-discrimination")])
 def test_a_refused_resume_says_flags_that_resume_it(data_dir, tmp_path, capsys, asked, says):
     out = tmp_path / "run"
     command = ["--data-dir", str(data_dir), "--out-dir", str(out), *TINY, "--limit-train", "64", "--betas", "0.5",

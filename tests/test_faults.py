@@ -190,6 +190,25 @@ def test_an_error_with_stdout_and_stderr_on_a_closed_pipe_still_exits_2(data_dir
     assert result.returncode == 2
 
 
+@pytest.mark.parametrize("closed", [(1,), (2,), (1, 2)], ids=["stdout", "stderr", "both"])
+def test_scripts_started_with_their_output_closed_do_their_work_and_exit_0(data_dir, generator_file, tmp_path,
+                                                                           closed):
+    """`>&-`, `2>&-`: Python starts with sys.stdout or sys.stderr None. What cannot be shown is dropped: the GAN
+    trains its epoch, sample.py writes its grid, and both exit 0."""
+    def close():
+        for fd in closed:
+            os.close(fd)
+
+    out = tmp_path / "run"
+    for result in (run(GAN, "--data-dir", data_dir, "--out-dir", out, *COMMON, "--limit-train", 64, "--epochs", 1,
+                       preexec_fn=close),
+                   run(os.path.join(REPO, "sample.py"), "--model", generator_file, "--n", 2, "--device", "cpu",
+                       "--output", tmp_path / "s.png", preexec_fn=close)):
+        assert result.returncode == 0 and result.stderr == "", result.stderr[-3000:]
+    assert torch.load(out / "gan.ckpt", weights_only=True)["epoch"] == 1 and (out / "generator.model").exists()
+    assert (tmp_path / "s.png").exists() and not list(tmp_path.rglob("*.tmp")) and not (out / "gan.lock").exists()
+
+
 def test_repeated_stop_signals_50_ms_apart_save_and_exit_75(data_dir, tmp_path):
     """srun and the batch shell both forward the scheduler's SIGTERM, and a hang-up may follow: signals every
     50 ms until the trainer ends, through saving, releasing the lock and the interpreter's exit."""

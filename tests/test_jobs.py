@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import resource
 import runpy
 import shlex
 import signal
@@ -349,9 +350,9 @@ def test_a_chain_of_real_job_scripts_runs_75_then_0_then_2(fakes, name):
         assert len(submitted(fakes)) == 1
 
 
-def run_until_started(fakes, scheduler, status, **env):
+def run_until_started(fakes, scheduler, status, preexec_fn=None, **env):
     proc = subprocess.Popen(["bash", str(fakes / "driver.sh"), "sleep"], env=job_env(fakes, scheduler, status, **env),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
     deadline = time.monotonic() + 10
     while not (fakes / "started").exists():
         assert time.monotonic() < deadline and proc.poll() is None, "the fake trainer did not start"
@@ -415,6 +416,22 @@ def test_a_job_that_made_no_progress_is_not_resubmitted(fakes):
     assert chain_state(fakes).startswith("stopped: no progress in job 1")
 
 
+def test_a_full_disk_for_the_chain_state_is_one_line_and_leaves_the_file_whole(fakes):
+    """The disk fills while the trainer runs: RLIMIT_FSIZE 0 on the job's shell from then on (SIGXFSZ ignored, so
+    that its writes fail with EFBIG as on a full disk or quota). The run finishes; the chain file keeps its last
+    state whole, nothing is left beside it, and the job says in one line that it could not record the new one."""
+    proc = run_until_started(fakes, "slurm", 0, preexec_fn=lambda: signal.signal(signal.SIGXFSZ, signal.SIG_IGN))
+    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (0, 0))
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, out + err
+    state = chain_state(fakes).strip()
+    assert state.startswith("running: job 1, link 1 of the chain") and os.listdir(fakes / "run") == ["trainer.chain"]
+    (line,) = err.splitlines()
+    assert line.startswith(f"error: cannot record the chain's state in {fakes / 'run' / 'trainer.chain'} (File too "
+                           f"large); it still says '{state}', but the state is: finished: job 1, link 1 of the chain")
+
+
 def test_pbs_job_asks_the_trainer_to_stop_before_its_walltime(fakes):
     proc = run_until_started(fakes, "pbs", 75, PBS_WALLTIME="00:00:03", STOP_MARGIN="2")
     out, err = proc.communicate(timeout=10)
@@ -449,6 +466,26 @@ def test_outside_a_scheduler_a_stopped_run_says_how_to_continue(fakes):
     result = run_driver(fakes, None, 75)
     assert result.returncode == 75 and submitted(fakes) == []
     assert "submit it again by hand" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["gan.pbs", "baseline.slurm"])
+def test_a_job_run_by_hand_says_how_to_continue_with_its_variables(fakes, name):
+    """jobs/README: `bash jobs/gan.pbs` with its variables set, outside a scheduler. The command its log and chain
+    file give, run as printed in a shell without those variables, trains the same run with the same flags."""
+    run = name.split(".")[0]
+    given = dict(DATA_DIR=str(fakes / "cifar 10"), WIDTH="128", EXTRA_ARGS="--seed 1 --lr 2e-4", MAX_CHAIN="5")
+    first = subprocess.run(["bash", os.path.join(JOBS, name)], env=job_env(fakes, None, 75, run, **given), cwd=REPO,
+                           capture_output=True, text=True, timeout=30)
+    assert first.returncode == 75, first.stdout + first.stderr
+    args = (fakes / "args").read_text()
+    line = first.stderr.split("to continue from the checkpoint: ")[1].strip()
+    assert chain_state(fakes, run).endswith(f"continue with: {line}\n")
+    assert line.endswith(f" bash jobs/{name}") and "EXTRA_ARGS='--seed 1 --lr 2e-4' " in line
+    (fakes / "args").unlink()
+    env = {k: v for k, v in job_env(fakes, None, 0, run).items() if k not in ("OUT_DIR", "EPOCHS", "EXTRA_ARGS")}
+    again = subprocess.run(["bash", "-c", line], env=env, cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert (fakes / "args").read_text() == args and chain_state(fakes, run).startswith("finished:")
 
 
 def test_a_comma_in_a_variable_is_refused_before_training(fakes):
@@ -611,6 +648,17 @@ def test_a_setting_that_is_not_a_whole_number_is_refused_before_anything_is_queu
     assert line == f"error: {name}='{value}' is not a whole number; give it in digits only"
 
 
+@pytest.mark.parametrize("script", ["pipeline.sh", "sweep.sh"])
+def test_a_missing_tmpdir_is_one_line_before_anything_is_queued(fakes, script):
+    env = job_env(fakes, None, 0, SCHEDULER="slurm", TMPDIR=str(fakes / "no-such-folder"))
+    result = subprocess.run([os.path.join(JOBS, script), str(fakes / "runs" / "x")], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and submitted(fakes) == [] and calls(fakes, "tested") == []
+    (line,) = result.stderr.splitlines()
+    assert line == (f"error: cannot create a temporary file in {fakes / 'no-such-folder'}; set TMPDIR to a writable "
+                    "folder")
+
+
 def test_a_chain_refuses_a_setting_that_is_not_a_whole_number(fakes):
     result = run_driver(fakes, "pbs", 75, MAX_CHAIN="twenty")
     assert result.returncode == 2 and not (fakes / "args").exists() and submitted(fakes) == []
@@ -663,6 +711,21 @@ def run_sweep(fakes, scheduler, *args, **extra):
 
 
 CONFIGS = ("--config", "w128=--width 128 --feature-matching 0.1 | --width 128", "--config", "deep=--arch deep")
+
+
+def test_a_full_disk_for_the_sweeps_table_is_one_line_before_anything_is_queued(fakes):
+    """No file may grow past 0 bytes (RLIMIT_FSIZE, SIGXFSZ ignored: writes fail with EFBIG, as on a full disk)."""
+    def no_room():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+
+    env = job_env(fakes, None, 0, SCHEDULER="slurm")
+    result = subprocess.run([os.path.join(JOBS, "sweep.sh"), str(fakes / "runs" / "s")], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=30, preexec_fn=no_room)
+    assert result.returncode == 2 and submitted(fakes) == [] and os.listdir(fakes / "runs" / "s") == []
+    (line,) = result.stderr.splitlines()
+    assert line == (f"error: cannot write {fakes / 'runs' / 's' / 'baseline.sweep'} (File too large); free space or "
+                    "choose another RUN_DIR")
 
 
 def test_a_slurm_sweep_submits_one_array_per_trainer_and_holds_the_comparison(fakes):

@@ -84,8 +84,15 @@ def test_frames_are_shrunk_and_captioned(tmp_path):
         assert min(low for low, _ in caption.getextrema()) < 100
 
 
+def oversized_grid(folder):
+    """A 15,000 x 15,000 grid, past Pillow's limit against decompression bombs (1 bit a pixel: 28 MB to write)."""
+    folder.mkdir()
+    Image.new("1", (15_000, 15_000)).save(folder / "000.png")
+
+
 @pytest.mark.parametrize("setup, flags, message", [
     (lambda d: None, [], "is not a folder"),
+    (oversized_grid, [], "cannot read grid"),
     (lambda d: d.mkdir(), [], "holds no epoch grids"),
     (lambda d: write_grids(d, [0]), ["--every", "0"], "--every must be at least 1, got 0"),
     (lambda d: write_grids(d, [0]), ["--fps", "100"], "--fps must be"),

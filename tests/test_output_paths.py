@@ -68,3 +68,38 @@ def test_check_gpu_out_dir_through_a_file_is_one_line_exit_2(tmp_path, out):
     assert result.returncode == 2, result.stderr
     assert result.stderr == f"error: --out-dir {path}{where} is a file, not a folder; choose another --out-dir\n"
     assert (tmp_path / "check.json").read_text() == "{}"
+
+
+def dangling_symlink(path):
+    os.symlink(path.parent / "gone", path)
+    return f"a dangling symlink (to {path.parent / 'gone'}), not a folder"
+
+
+def a_file(path):
+    path.write_text("in the way")
+    return "a file, not a folder"
+
+
+def a_folder(path):
+    path.mkdir()
+    return "a folder, not a file"
+
+
+@pytest.mark.parametrize("main, name, make", [
+    (train_gan.main, "output", dangling_symlink), (train_gan.main, "tb", a_file),
+    (train_baseline.main, "tb", a_file), (train_gan.main, "generator.model", a_folder),
+    (train_baseline.main, "cifar10.model", a_folder), (train_baseline.main, "baseline_metrics.jsonl", a_folder)],
+    ids=["gan-output-symlink", "gan-tb-file", "baseline-tb-file", "gan-model-folder", "baseline-model-folder",
+         "baseline-metrics-folder"])
+def test_a_part_of_the_out_dir_in_the_way_is_one_line_before_any_work(data_dir, tmp_path, capsys, main, name, make):
+    """What stands where a trainer writes a file or makes a folder in --out-dir is named before the first epoch,
+    which its first write would otherwise cost."""
+    out = tmp_path / "run"
+    out.mkdir()
+    what = make(out / name)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--data-dir", str(data_dir), "--out-dir", str(out), "--width", "8", "--batch-size", "32", "--device",
+              "cpu", "--limit-train", "64", "--limit-test", "20", "--epochs", "1"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == f"error: --out-dir {out}: {out / name} is {what}; choose another --out-dir\n"
+    assert os.listdir(out) == [name]

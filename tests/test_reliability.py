@@ -84,6 +84,52 @@ def test_no_room_for_the_image_cache_is_a_note_and_training_goes_on(tmp_path):
     assert (tmp_path / "data" / "test.uint8.pt").exists()  # the small one fitted
 
 
+# No room left on the device for the baseline's model file alone, written after the last epoch's checkpoint
+NO_ROOM_FOR_THE_MODEL = """
+import errno, os
+fsync = os.fsync
+def fsync_or_no_room(fd):
+    if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith("cifar10.model."):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    fsync(fd)
+os.fsync = fsync_or_no_room
+"""
+
+
+def same_model(path, record):
+    saved = torch.load(path, weights_only=True)
+    return saved["kind"] == record["kind"] and saved["config"] == record["config"] and \
+        all(torch.equal(saved["state_dict"][k], v) for k, v in record["state_dict"].items())
+
+
+def test_a_finished_baseline_writes_the_model_file_a_full_disk_kept_from_it_on_resume(data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data-dir", data_dir, "--out-dir", out, *COMMON, "--limit-train", 64, "--epochs", 1]
+    line = one_error_line(run(BASELINE, *args, patch=NO_ROOM_FOR_THE_MODEL))
+    assert line == (f"error: cannot write {out / 'cifar10.model'}: No space left on device; free space or choose "
+                    "another --out-dir")
+    assert not (out / "cifar10.model").exists() and not list(out.rglob("*.tmp"))
+    resumed = run(BASELINE, *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"wrote the missing {out / 'cifar10.model'} from {out / 'baseline.ckpt'}" in resumed.stdout
+    assert same_model(out / "cifar10.model", torch.load(out / "baseline.ckpt", weights_only=True)["model"])
+
+
+def test_a_finished_gan_writes_its_model_files_moved_away_on_resume(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--data-dir", str(data_dir), "--out-dir", str(out), *map(str, COMMON), "--limit-train", "64", "--epochs",
+            "1"]
+    train_gan.main(args)
+    for name in ("generator.model", "discriminator.model"):
+        (out / name).unlink()
+    capsys.readouterr()
+    train_gan.main([*args, "--resume"])
+    assert f"wrote the missing {out / 'generator.model'} and {out / 'discriminator.model'}" in capsys.readouterr().out
+    ckpt = torch.load(out / "gan.ckpt", weights_only=True)
+    assert same_model(out / "generator.model", ckpt["generator"])
+    assert same_model(out / "discriminator.model", ckpt["discriminator"])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Signals
 

@@ -211,6 +211,20 @@ def test_an_explicit_gif_that_is_missing_is_listed(tmp_path, capsys):
     assert "elsewhere.gif" in section(md, "## Generator progress")
 
 
+@pytest.mark.parametrize("name", ["progress.webp", "progress.apng"])
+def test_an_animation_in_another_format_is_converted_to_the_gif_the_report_names(tmp_path, capsys, name):
+    """make_gif.py writes WebP and APNG too; the report's progress.gif is a GIF of the same frames and durations."""
+    write_gan(tmp_path)
+    make_gif.main(["--input", str(tmp_path / "output"), "--output", str(tmp_path / name), "--fps", "5"])
+    out = tmp_path / "report"
+    run_report(capsys, "--gan-dir", tmp_path, "--gif", tmp_path / name, "--out-dir", out)
+    assert f"(from `{tmp_path / name}`)" in (out / "report.md").read_text()
+    with Image.open(out / "progress.gif") as gif, Image.open(tmp_path / name) as source:
+        assert gif.format == "GIF" and gif.n_frames == source.n_frames == 8 and gif.info["loop"] == 0
+        gif.seek(1)
+        assert gif.info["duration"] == 200
+
+
 def test_missing_inputs_are_named_not_fatal(tmp_path, capsys):
     out = tmp_path / "report"
     printed = run_report(capsys, "--baseline-dir", tmp_path / "nothing", "--gan-dir", tmp_path / "nothing",

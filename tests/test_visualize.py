@@ -173,6 +173,19 @@ def test_results_merge_across_commands(files):
                                                 "real_images.png", "results.json"]
 
 
+@pytest.mark.parametrize("content", ["null", '{"max_features": [2, 8]}', "[1, 2]", "not json"])
+def test_results_of_another_shape_are_replaced_like_unreadable_ones(files, tmp_path, capsys, content):
+    out = tmp_path / "vis"
+    (out / "base").mkdir(parents=True)
+    (out / "base" / "results.json").write_text(content)
+    visualize.main(["max-features", "--model", str(files / "cifar10.model"), "--name", "base", "--data-dir",
+                    str(files / "data"), "--out-dir", str(out), "--device", "cpu", "--layers", "8", "--iterations",
+                    "1"])
+    assert f"{out / 'base' / 'results.json'} is unreadable; writing a new one" in capsys.readouterr().out
+    results = json.loads((out / "base" / "results.json").read_text())
+    assert sorted(results) == ["max_features", "model"] and sorted(results["max_features"]) == ["8"]
+
+
 def one_line_error(done):
     assert done.returncode == 2
     assert "Traceback" not in done.stderr

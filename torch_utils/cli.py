@@ -2,7 +2,8 @@
 
 - UserError and run_main: a problem the user can fix is one line on stderr and exit status 2; Ctrl-C, SIGTERM
   and SIGHUP end a script with 128 + the signal's number after its cleanup. Output to a terminal or pipe that
-  is gone (a dropped ssh session) is dropped, so that the exit status stays the script's own.
+  is gone (a dropped ssh session), or closed from the start (`>&-`), is dropped, so that the exit status stays
+  the script's own.
 - check_range checks a numeric flag.
 """
 import errno
@@ -83,11 +84,30 @@ def _surviving(stream):
     return SurvivingStream(stream)
 
 
+def _dropping(fd):
+    """A text stream into /dev/null for a standard stream the script was started without (`>&-`: Python makes
+    it None), on the stream's own file descriptor while that is free: a file the script opens would take it
+    otherwise, and what a library writes to the descriptor (a C++ warning, a crash message) would land there."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.fstat(fd)
+    except OSError:  # closed: /dev/null takes its place
+        os.dup2(devnull, fd)
+        os.close(devnull)
+        devnull = fd
+    return open(devnull, "w", buffering=1)
+
+
 def run_main(main):
     """Run main() with one-line output for what the user can fix: a UserError is `error: ...` and exit 2, a
     second Ctrl-C (the first asks the trainers to save and stop) is `interrupted` and exit 130, and SIGTERM or
     SIGHUP, where the script does not catch it itself (the trainers do) and it is not ignored (nohup), ends it
-    the same way with exit 143 or 129. Output survives a closed terminal or pipe (SurvivingStream)."""
+    the same way with exit 143 or 129. Output survives a closed terminal or pipe (SurvivingStream), and a
+    stream closed from the start (`>&-`, `2>&-`) is dropped."""
+    if sys.stdout is None:
+        sys.stdout = _dropping(1)
+    if sys.stderr is None:
+        sys.stderr = _dropping(2)
     streams = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = _surviving(sys.stdout), _surviving(sys.stderr)
     # A batch job's stdout is a file, which Python would block-buffer: its log would stay empty while the job runs.

@@ -17,9 +17,10 @@ from torch_utils.cli import UserError
 
 
 def _file_in_the_way(path):
-    """The part of path (path itself or a folder above it) that exists and is not a folder, or None."""
+    """The part of path (path itself or a folder above it) that is there and is not a folder (a file, or a
+    symlink to nothing), or None."""
     part = os.path.normpath(path)
-    while part and not os.path.exists(part):
+    while part and not os.path.lexists(part):
         above = os.path.dirname(part)
         if above == part:
             return None
@@ -27,16 +28,21 @@ def _file_in_the_way(path):
     return part if part and not os.path.isdir(part) else None
 
 
+def _what_is(part):
+    """What _file_in_the_way found, for a message."""
+    return "a file" if os.path.exists(part) else f"a dangling symlink (to {os.readlink(part)})"
+
+
 def output_folder(path, flag, named=None, create=True):
     """Create the folder an output flag names (and those above it), or with create=False only check that it
-    can be; a one-line UserError when it cannot be: a file of that name, a file where a folder above it should
-    be, no permission. named: the flag's value when it names a file in that folder."""
+    can be; a one-line UserError when it cannot be: a file or a dangling symlink of that name or where a folder
+    above it should be, no permission. named: the flag's value when it names a file in that folder."""
     named = named or path
     blocker = _file_in_the_way(path)
     if blocker == os.path.normpath(named):
-        raise UserError(f"{flag} {named} is a file, not a folder; choose another {flag}")
+        raise UserError(f"{flag} {named} is {_what_is(blocker)}, not a folder; choose another {flag}")
     if blocker is not None:
-        raise UserError(f"{flag} {named}: {blocker} is a file, not a folder; choose another {flag}")
+        raise UserError(f"{flag} {named}: {blocker} is {_what_is(blocker)}, not a folder; choose another {flag}")
     if create:
         try:
             os.makedirs(path, exist_ok=True)
@@ -53,6 +59,18 @@ def output_file(path, flag, folder_must_exist=False):
     output_folder(folder, flag, named=path, create=False)
     if folder_must_exist and not os.path.isdir(folder):
         raise UserError(f"the folder of {flag} {path} does not exist")
+
+
+def output_parts(folder, files=(), folders=(), flag="--out-dir"):
+    """Check, before any work, what a run writes in the folder an output flag names: no folder where it writes
+    one of files, and nothing but folders where it makes one of folders (output_folder); names relative to
+    folder. Otherwise the first write, after the work, would fail."""
+    for name in files:
+        path = os.path.join(folder, name)
+        if os.path.isdir(path):
+            raise UserError(f"{flag} {folder}: {path} is a folder, not a file; choose another {flag}")
+    for name in folders:
+        output_folder(os.path.join(folder, name), flag, named=folder, create=False)
 
 
 # errno values that mean "this place cannot take the file": the fix is space, quota or another folder.

@@ -35,6 +35,12 @@ class Runtime:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.world_size > 1:
+            # DDP imports torch.distributed.nn.functional, whose functions take the default process group as a
+            # default argument when it exists: imported after init_process_group, those references would keep
+            # the group's threads (gloo's) alive past destroy_process_group into the interpreter's shutdown, where
+            # one that frees a tensor aborts the process ("terminate called without an active exception", exit
+            # status 1 from torchrun after a successful run). Imported first, the group is destroyed at exit.
+            importlib.import_module("torch.distributed.nn.functional")
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
             atexit.register(dist.destroy_process_group)
         self.is_rank0 = self.rank == 0

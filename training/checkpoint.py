@@ -8,6 +8,7 @@ atomically (files.save_torch) and read with torch.load(weights_only=True).
   models' and optimizers' state_dicts; "epoch"/"batch" say how far training got.
 """
 import os
+import shlex
 
 import torch
 
@@ -106,28 +107,40 @@ def load_checkpoint(path, job, config, resume):
     if ckpt.get("job") != job:
         raise UserError(f"{path} is a checkpoint of {ckpt.get('job')!r}, not of {job!r}; choose another --out-dir")
     saved_config = ckpt["config"]
-    for key, value in config.items():
+    for key in config:
         if key not in saved_config:
             raise other_version(path, f"it has no --{key.replace('_', '-')} setting")
-        saved = saved_config[key]
-        if saved != value:
-            flag = "--" + key.replace("_", "-")
-            raise UserError(f"{path} was trained with {as_flag(flag, saved) or 'no ' + flag}, this run asks for "
-                            f"{as_flag(flag, value) or 'no ' + flag}; {as_advice(flag, saved)} to resume it, or choose "
-                            "another --out-dir")
+    # Every flag that differs, in one line: advice naming one of them would be refused again for the next
+    differ = [("--" + key.replace("_", "-"), saved_config[key], value) for key, value in config.items()
+              if saved_config[key] != value]
+    if differ:
+        trained = listing([as_flag(flag, saved) or "no " + flag for flag, saved, _ in differ])
+        asked = listing([as_flag(flag, value) or "no " + flag for flag, _, value in differ])
+        raise UserError(f"{path} was trained with {trained}, this run asks for {asked}; "
+                        f"{as_advice([(flag, saved) for flag, saved, _ in differ])} to resume it, or choose another "
+                        "--out-dir")
     return ckpt
 
 
 def as_flag(flag, value):
     """The words that give a flag this value on a command line ("--betas 0.0 0.9", "--minibatch-discrimination"),
-    or "" for a value that comes from leaving the flag out (None, False)."""
+    shell-quoted, or "" for a value that comes from leaving the flag out (None, False)."""
     if value is None or value is False:
         return ""
     if value is True:
         return flag
-    return " ".join([flag, *map(str, value if isinstance(value, (list, tuple)) else [value])])
+    return shlex.join([flag, *map(str, value if isinstance(value, (list, tuple)) else [value])])
 
 
-def as_advice(flag, value):
-    words = as_flag(flag, value)
-    return f"pass {words}" if words else f"leave out {flag}"
+def as_advice(flags):
+    """What to do for each (flag, value) to give them these values: "pass --seed 0 --width 8 and leave out
+    --minibatch-discrimination"."""
+    given = [words for flag, value in flags if (words := as_flag(flag, value))]
+    left_out = [flag for flag, value in flags if not as_flag(flag, value)]
+    return " and ".join([*(["pass " + " ".join(given)] if given else []),
+                         *(["leave out " + " ".join(left_out)] if left_out else [])])
+
+
+def listing(items):
+    """The items as a sentence lists them: a; a and b; a, b and c."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]

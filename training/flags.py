@@ -16,7 +16,7 @@ def add_data_args(parser):
     g.add_argument("--out-dir", default=".", help="where models, checkpoints and metrics go (default: .)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run whose checkpoint is in --out-dir (starts fresh when there is none; "
-                        "a finished run is left as it is)")
+                        "a finished run is left as it is, its model files written again if they are missing)")
     g.add_argument("--limit-train", type=int, metavar="N",
                    help="train on N training images, a random subset that is the same every run (smoke runs)")
     g.add_argument("--limit-test", type=int, metavar="N", help="evaluate on N test images, chosen the same way")

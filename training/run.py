@@ -27,7 +27,7 @@ import time
 import torch
 
 from torch_utils.cli import UserError
-from torch_utils.files import output_folder, torch_bytes, write_together
+from torch_utils.files import output_folder, output_parts, torch_bytes, write_together
 from torch_utils.runtime import EXIT_STOPPED
 from training.checkpoint import load_checkpoint
 from training.outdir_lock import OutDirLock
@@ -40,10 +40,14 @@ AGREE_EVERY = 10  # batches between the processes' agreement on stopping, under 
 
 class Run:
     """The files of one training run in --out-dir (<job>.ckpt, <job>_metrics.jsonl, the lock, tb/<job>/) and what
-    every trainer does with them. rules: the trainer's ResumeRules; layout: its TensorBoard Custom Scalars layout."""
+    every trainer does with them. rules: the trainer's ResumeRules; layout: its TensorBoard Custom Scalars layout;
+    models: {model file in --out-dir: the checkpoint's entry of that model}, which finished() writes again when it
+    is missing; folders: those the trainer makes in --out-dir. Both are checked before any work, with the run's own
+    files."""
 
-    def __init__(self, job, script, args, rt, stop, rules, layout=None):
+    def __init__(self, job, script, args, rt, stop, rules, layout=None, models=None, folders=()):
         self.job, self.script, self.args, self.rt, self.stop = job, script, args, rt, stop
+        self.models, self.folders = models or {}, folders
         self.config, self.settings = rules.config(args), rules.settings(args)  # settings: this run's, may change
         self.out_dir = args.out_dir
         self.ckpt_path = os.path.join(args.out_dir, f"{job}.ckpt")
@@ -78,6 +82,9 @@ class Run:
 
     def _claim_out_dir(self, lock_wait):
         output_folder(self.out_dir, "--out-dir")
+        # What is in the way of a file or folder the run writes would otherwise cost the epoch before the write
+        output_parts(self.out_dir, [f"{self.job}.ckpt", f"{self.job}_metrics.jsonl", f"{self.job}.lock", *self.models],
+                     [*self.folders, *([os.path.join("tb", self.job)] if self.records.tensorboard else [])])
         self.lock = OutDirLock(os.path.join(self.out_dir, f"{self.job}.lock"))
         if not self.lock.acquire(lock_wait, self.script, give_up=lambda: self.stop.received is not None):
             self.exit_stopped("while waiting for another run to release the folder")
@@ -93,11 +100,18 @@ class Run:
         return (self.checkpoint["epoch"], self.checkpoint["batch"]) if self.checkpoint else (0, 0)
 
     def finished(self, epochs):
-        """Whether the checkpoint has all the epochs asked for; says so."""
+        """Whether the checkpoint has all the epochs asked for; says so. Model files it lacks (a full disk after
+        the last checkpoint, a file moved away) are written again from the checkpoint, which holds the same nets."""
         if self.checkpoint is None or self.checkpoint["epoch"] < epochs:
             return False
         self.print(f"{self.ckpt_path}: {self.checkpoint['epoch']} epochs are done (asked for {epochs}); "
                    "nothing to resume")
+        missing = [(path, key) for name, key in self.models.items()
+                   if not os.path.exists(path := os.path.join(self.out_dir, name))]
+        if missing and self.rt.is_rank0:
+            self.check_lock()
+            write_together([(path, torch_bytes(self.checkpoint[key])) for path, key in missing], ready=self.check_lock)
+            self.print(f"wrote the missing {' and '.join(path for path, _ in missing)} from {self.ckpt_path}")
         return True
 
     def print(self, text):
