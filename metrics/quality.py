@@ -36,13 +36,12 @@ class Measure(NamedTuple):
 
 
 class Network(NamedTuple):
-    what: str  # the measures it gives, as a heading names them
     reference: str  # key of the description of the real images measured against
     unavailable: str = None  # key of why none of its measures could be made
 
 
-NETWORKS = {"inception": Network("IS/FID/KID", "inception_reference", "inception_unavailable"),
-            "classifier": Network("the classifier's measures", "classifier_reference")}
+NETWORKS = {"inception": Network("inception_reference", "inception_unavailable"),
+            "classifier": Network("classifier_reference")}
 
 MEASURES = (
     Measure("is_mean", "Inception Score", ".3f", "higher is better",
@@ -124,7 +123,8 @@ def format_table(record):
     for name, network in NETWORKS.items():
         measures = [m for m in MEASURES if m.network == name]
         if network.reference in record:
-            rows.append(f"reference of {network.what}: {record[network.reference]}")
+            titles = ", ".join(m.title for m in measures if not m.per_class)
+            rows.append(f"reference of {titles}: {record[network.reference]}")
             rows += [measure_line(m, record) for m in measures if not m.per_class]
             rows += per_class_lines([m for m in measures if m.per_class], record)
         elif network.unavailable and network.unavailable in record:
