@@ -58,10 +58,10 @@ MEASURES = (
     Measure("classifier_fd", "classifier FD", ".3f", "lower is better",
             "Frechet distance of the samples' pooled last-layer classifier features from the test images'",
             "classifier"),
-    Measure("class_acc_per_class", "class accuracy", ".1f", "higher is better", "the class accuracy of each class",
+    Measure("class_acc_per_class", "class accuracy", ".1f", "higher is better", "the class accuracy of the class",
             "classifier", percent=True, per_class=True),
     Measure("spread_ratio_per_class", "spread ratio", ".2f", f"near 1 is healthy, under {COLLAPSE_BELOW:g}: collapse",
-            "per class, the samples' classifier-feature spread over the real images' (mode collapse: near 0)",
+            "the samples' classifier-feature spread over the real images' (mode collapse: near 0)",
             "classifier", per_class=True, mark=COLLAPSE_BELOW, flag="collapsed?"),
 )
 
@@ -134,4 +134,4 @@ def format_table(record):
 
 def measures_help():
     """A line per measure: its name, which way is better and what it measures."""
-    return [f"{m.title}: {m.better}; {m.help}" for m in MEASURES]
+    return [f"{m.title}{' per class' if m.per_class else ''}: {m.better}; {m.help}" for m in MEASURES]
