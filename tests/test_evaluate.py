@@ -331,7 +331,7 @@ def test_cli_with_a_weights_file_measures_inception_offline(tmp_path, inception_
     assert os.listdir(cache)  # the train split's features, for the next run
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
 
-    # Every cached file cut short, as a kill or a full disk leaves one: set aside, extracted again, same numbers.
+    # Every cached file cut short, as a kill or a full disk leaves one: removed, extracted again, same numbers.
     for path in cache.iterdir():
         path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
     again = run_offline(tmp_path, "--generator", "generator.model", "--data-dir", "data", "--device", "cpu",
