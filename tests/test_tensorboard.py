@@ -23,7 +23,7 @@ from conftest import REPO
 from torch_utils.files import read_metrics
 import train_baseline
 import train_gan
-from training import events, gan_steps, health
+from training import events, gan_steps, health, scalars
 from training.data import CLASSES
 
 
@@ -255,19 +255,19 @@ def test_the_gan_view_puts_health_first_and_each_class_in_one_chart(both):
 def test_every_discriminator_monitor_reaches_its_group_window_and_chart():
     """The readers follow gan_steps.MONITORED: each value's window is a scalar of its group, an epoch record leaves
     it out, and the Custom Scalars chart of its report panel shows it; the console table has its column."""
-    charts = {title: patterns for group in events.GAN_LAYOUT.values() for title, (_, patterns) in group.items()}
+    charts = {title: patterns for group in scalars.GAN_LAYOUT.values() for title, (_, patterns) in group.items()}
     for m in gan_steps.MONITORED:
-        assert events.tags("window", {m.key: 0.5}) == {f"{m.group}/{m.key}": 0.5}
-        assert events.tags("epoch", {m.key: 0.5}) == {}
+        assert scalars.tags("window", {m.key: 0.5}) == {f"{m.group}/{m.key}": 0.5}
+        assert scalars.tags("epoch", {m.key: 0.5}) == {}
         assert any(re.search(p, f"{m.group}/{m.key}") for p in charts[m.panel])
         assert (m.column in [heading for heading, _, _ in train_gan.TABLE.columns]) == bool(m.column)
 
 
 def test_a_new_generator_term_is_a_windowed_loss_in_the_generators_chart():
     """A g_ term added to gan.generator_loss reaches its group, its window curve and its chart by its prefix."""
-    assert events.tags("window", {"g_new": 0.5, "g_ce": 2.0}) == {"losses/g_new": 0.5, "losses/g_ce": 2.0}
-    assert events.tags("epoch", {"g_new": 0.5, "test_acc": 0.3}) == {"accuracy/test_acc": 0.3}
-    chart, = events.GAN_LAYOUT["losses"]["generator loss and its terms"][1]
+    assert scalars.tags("window", {"g_new": 0.5, "g_ce": 2.0}) == {"losses/g_new": 0.5, "losses/g_ce": 2.0}
+    assert scalars.tags("epoch", {"g_new": 0.5, "test_acc": 0.3}) == {"accuracy/test_acc": 0.3}
+    chart, = scalars.GAN_LAYOUT["losses"]["generator loss and its terms"][1]
     assert [t for t in ("losses/g_loss", "losses/g_critic", "losses/g_fm", "losses/g_new", "losses/g_ce")
             if re.search(chart, t)] == ["losses/g_loss", "losses/g_critic", "losses/g_fm", "losses/g_new"]
 
