@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from test_jobs import fakes, run_pipeline, run_sweep, submitted  # noqa: F401  (fakes: the fixture)
+from test_job_pipeline import run_pipeline, run_sweep
+from test_jobs import fakes, submitted  # noqa: F401  (fakes: the fixture)
 import train_baseline
 import train_gan
 
