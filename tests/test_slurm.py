@@ -91,15 +91,19 @@ def epoch_line_while_running(job, log):
     return job_state(job) == "RUNNING" and EPOCH_LINE.search(read(log)) is not None
 
 
+LIBRARY = ("training", "metrics", "reporting", "torch_utils")  # the packages the scripts import
+
+
 @pytest.fixture
 def workdir(tmp_path, capsys):
-    """A submit directory with the repository's scripts and a small image-folder data set; afterwards every
+    """A submit directory with the repository's scripts, their packages and a small image-folder data set; afterwards every
     job still alive from it is cancelled."""
     repo = tmp_path / "repo"
     repo.mkdir()
     for path in glob.glob(os.path.join(REPO, "*.py")):
         shutil.copy(path, repo)
-    shutil.copytree(os.path.join(REPO, "jobs"), repo / "jobs")
+    for folder in ("jobs", *LIBRARY):
+        shutil.copytree(os.path.join(REPO, folder), repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
     write_image_folder(tmp_path / "data", train_per_class=30, test_per_class=10)
     yield repo
     for line in run("squeue", "-h", "-o", "%i %Z").splitlines():
